@@ -1,0 +1,409 @@
+"""The `binner` command line: run, once, eval, status, explain, rebin, config, bench, fetch-weights."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import anyio
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from app import __version__
+from app.config import BinnerConfig, ConfigError, dump_config, load_config
+from app.logs import configure_logging
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="binner: sort images into bins A (clean content), B (everything else), C (text-dominant).")
+config_cli = typer.Typer(no_args_is_help=True, help="Show or check the effective configuration.")
+cli.add_typer(config_cli, name="config")
+err = Console(stderr=True)
+out = Console()
+
+ConfigOption = typer.Option(None, "--config", "-c", help="YAML configuration file (BINNER_CONFIG also works)")
+StateOption = typer.Option(None, "--state", help="state directory holding the ledger (key state_dir)")
+
+
+def run_async(fn: Any, *args: Any) -> Any:
+    """Run on asyncio, on uvloop where it is installed."""
+    try:
+        import uvloop  # noqa: F401
+
+        options = {"use_uvloop": True}
+    except ImportError:
+        options = {}
+    return anyio.run(fn, *args, backend="asyncio", backend_options=options)
+
+
+def load(config_file: Optional[Path], **overrides: Any) -> BinnerConfig:
+    try:
+        return load_config(config_file, overrides)
+    except ConfigError as error:
+        err.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+async def watch_interrupts(pipeline: Any, scope: anyio.CancelScope, drain_timeout_s: float) -> None:
+    """First Ctrl-C/SIGTERM drains (stop intake, finish in flight); a second, or the timeout, stops at once."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            if pipeline._stopping:
+                scope.cancel()
+                return
+            err.print(f"stopping: finishing what is in flight (up to {drain_timeout_s:.0f} s; again to stop now)")
+            pipeline.request_stop()
+
+            async def deadline() -> None:
+                await anyio.sleep(drain_timeout_s)
+                scope.cancel()
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(deadline)
+                async for _ in signals:
+                    scope.cancel()
+                    return
+
+
+async def run_pipeline_once(runtime: Any, progress_total: int | None, show_progress: bool) -> Any:
+    from app.runtime import Runtime  # noqa: F401  (type only)
+
+    pipeline = runtime.pipeline
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=err, disable=not show_progress)
+    with progress:
+        task = progress.add_task("loading models", total=progress_total, rate=0.0)
+        await pipeline.setup()
+        progress.update(task, description="binning")
+        previous = pipeline.on_finished
+
+        def advance(row: Any, outcome: Any) -> None:
+            if outcome.status in ("done", "quarantined", "vanished"):
+                progress.update(task, advance=1, rate=pipeline.stats.rate())
+            if previous is not None:
+                previous(row, outcome)
+
+        pipeline.on_finished = advance
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(watch_interrupts, pipeline, group.cancel_scope, runtime.config.drain_timeout_s)
+                await pipeline.run(until_idle=True)
+                group.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pipeline.teardown()
+    return pipeline.stats
+
+
+@cli.command()
+def once(
+    input: Path = typer.Argument(..., help="directory of images to bin", exists=True, file_okay=False),
+    output: Path = typer.Option(..., "--output", "-o", help="where the bins A/B/C and _quarantine go"),
+    config: Optional[Path] = ConfigOption,
+    state: Optional[Path] = StateOption,
+    placement: Optional[str] = typer.Option(None, help="move (default), copy or hardlink"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Bin every image under INPUT once (backfills), then print a summary and exit."""
+    from app.runtime import build_runtime, intake_all
+
+    cfg = load(config, input=input, output=output, state_dir=state, placement=placement)
+    configure_logging(cfg.log.format, "warning" if cfg.log.level == "info" else cfg.log.level, sys.stderr)
+    try:
+        from app.runtime import preflight_weights
+
+        preflight_weights(cfg)
+        runtime = build_runtime(cfg)
+    except ConfigError as error:
+        fail(str(error))
+    intake = intake_all(runtime)
+    backlog, _ = runtime.ledger.backlog()
+    started = time.monotonic()
+    stats = run_async(run_pipeline_once, runtime, backlog, progress)
+    elapsed = time.monotonic() - started
+    remaining, _ = runtime.ledger.backlog()
+    table = Table(title=f"binner once: {cfg.input} -> {cfg.output}")
+    table.add_column("outcome")
+    table.add_column("files", justify="right")
+    for name in ("A", "B", "C"):
+        table.add_row(f"bin {name}", str(stats.bins.get(name, 0)))
+    for reason, count in sorted(stats.quarantined.items()):
+        table.add_row(f"quarantined: {reason}", str(count))
+    if stats.vanished:
+        table.add_row("vanished before placement", str(stats.vanished))
+    table.add_row("not finished", str(remaining))
+    out.print(table)
+    out.print(f"{stats.finished} files in {elapsed:.1f} s = {stats.finished / max(elapsed, 1e-9):.2f} images/s "
+              f"(new {intake['new']}, already done {intake['seen'] - intake['new'] - intake['requeued']})")
+    runtime.ledger.close()
+    if remaining:
+        fail(f"{remaining} files are not finished (interrupted); run the same command again to finish them", 1)
+
+
+@cli.command("eval")
+def evaluate(
+    images: Path = typer.Option(..., "--images", help="directory of labelled images", exists=True, file_okay=False),
+    labels: Path = typer.Option(..., "--labels", help="CSV with columns file,expected_bin (and category)",
+                                exists=True, dir_okay=False),
+    config: Optional[Path] = ConfigOption,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    state: Optional[Path] = typer.Option(None, "--state", help="keep the evaluation ledger here (default: temporary)"),
+) -> None:
+    """Run the pipeline on a labelled set without placing files; print the confusion matrix and accuracy."""
+    from app.runtime import build_runtime, intake_all, preflight_weights
+
+    with labels.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "file" not in rows[0] or "expected_bin" not in rows[0]:
+        fail(f"{labels}: needs a header with at least the columns file,expected_bin")
+    with tempfile.TemporaryDirectory(prefix="binner-eval-") as scratch:
+        state_dir = state or Path(scratch) / "state"
+        cfg = load(config, input=images, output=Path(scratch) / "out", state_dir=state_dir)
+        configure_logging(cfg.log.format, "error", sys.stderr)
+        try:
+            preflight_weights(cfg)
+            runtime = build_runtime(cfg, dry_run=True)
+        except ConfigError as error:
+            fail(str(error))
+        intake_all(runtime)
+        backlog, _ = runtime.ledger.backlog()
+        started = time.monotonic()
+        stats = run_async(run_pipeline_once, runtime, backlog, not as_json)
+        elapsed = time.monotonic() - started
+        result = score(runtime.ledger, rows)
+        result["images_per_second"] = round(stats.finished / max(elapsed, 1e-9), 3)
+        runtime.ledger.close()
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    table = Table(title="binner eval: confusion (rows: category, columns: bin)")
+    for column in ("category", "n", "A", "B", "C", "quarantined", "missing", "correct", "accuracy"):
+        table.add_column(column, justify="left" if column == "category" else "right")
+    for category, line in result["per_category"].items():
+        c = result["confusion"][category]
+        table.add_row(category, str(line["n"]), *(str(c[k]) for k in ("A", "B", "C", "quarantined", "missing")),
+                      str(line["correct"]), f"{line['accuracy']:.0%}")
+    out.print(table)
+    overall = result["overall"]
+    out.print(f"overall: {overall['correct']}/{overall['n']} = {overall['accuracy']:.0%} "
+              f"({result['images_per_second']:.2f} images/s)")
+
+
+def score(ledger: Any, labels: list[dict[str, str]]) -> dict[str, Any]:
+    """Per-category accuracy and confusion of the ledger's decisions against ``labels``."""
+    confusion: dict[str, dict[str, int]] = {}
+    per_category: dict[str, dict[str, Any]] = {}
+    for label in labels:
+        rel = label["file"].strip()
+        category = (label.get("category") or rel.split("/", 1)[0]).strip()
+        expected = label["expected_bin"].strip().upper()
+        found = ledger.find(rel)
+        row = found[0] if found else None
+        got = "missing"
+        if row is not None:
+            got = row.bin if row.status == "done" and row.bin else ("quarantined" if row.status == "quarantined" else "missing")
+        cell = confusion.setdefault(category, {"A": 0, "B": 0, "C": 0, "quarantined": 0, "missing": 0})
+        cell[got] += 1
+        line = per_category.setdefault(category, {"n": 0, "correct": 0, "expected_bin": expected})
+        line["n"] += 1
+        line["correct"] += int(got == expected)
+    for line in per_category.values():
+        line["accuracy"] = line["correct"] / line["n"] if line["n"] else 0.0
+    total = sum(line["n"] for line in per_category.values())
+    correct = sum(line["correct"] for line in per_category.values())
+    return {"per_category": per_category, "confusion": confusion,
+            "overall": {"n": total, "correct": correct, "accuracy": correct / total if total else 0.0}}
+
+
+@cli.command()
+def run(
+    config: Optional[Path] = ConfigOption,
+    input: Optional[Path] = typer.Option(None, "--input", help="watched input directory (key input)"),
+    output: Optional[Path] = typer.Option(None, "--output", help="bins directory (key output)"),
+    state: Optional[Path] = StateOption,
+) -> None:
+    """The daemon: watch INPUT, bin every complete file, serve /metrics, notify systemd."""
+    from app.daemon import serve
+
+    cfg = load(config, input=input, output=output, state_dir=state)
+    configure_logging(cfg.log.format, cfg.log.level, sys.stdout)
+    code = serve(cfg, config)
+    raise typer.Exit(code)
+
+
+def open_ledger(config: Optional[Path], state: Optional[Path]) -> tuple[BinnerConfig, Any]:
+    from app.ledger import Ledger
+
+    cfg = load(config, state_dir=state)
+    if not cfg.ledger_path.exists():
+        fail(f"no ledger at {cfg.ledger_path}: point --state (or state_dir in --config) at the service's state directory")
+    return cfg, Ledger(cfg.ledger_path)
+
+
+@cli.command()
+def status(config: Optional[Path] = ConfigOption, state: Optional[Path] = StateOption,
+           as_json: bool = typer.Option(False, "--json")) -> None:
+    """Counts from the ledger: files by status, by bin, quarantined by reason, backlog."""
+    cfg, ledger = open_ledger(config, state)
+    counts = ledger.counts()
+    backlog, oldest = ledger.backlog()
+    counts["backlog"] = backlog
+    counts["oldest_pending_age_s"] = round(time.time() - oldest, 1) if oldest else 0.0
+    if as_json:
+        out.print_json(json.dumps(counts))
+        return
+    out.print(f"ledger {cfg.ledger_path}")
+    for title, key in (("status", "status"), ("bins", "bins"), ("quarantined", "quarantined")):
+        values = counts[key]
+        out.print(f"{title}: " + (", ".join(f"{k}={v}" for k, v in sorted(values.items(), key=lambda kv: str(kv[0])))
+                                  or "none"))
+    out.print(f"backlog: {backlog} (oldest {counts['oldest_pending_age_s']} s)")
+
+
+@cli.command()
+def explain(file: str = typer.Argument(..., help="input path, output path, relative path or file name"),
+            config: Optional[Path] = ConfigOption, state: Optional[Path] = StateOption,
+            as_json: bool = typer.Option(False, "--json")) -> None:
+    """Why a file went where it went: bin, rule, the values it compared, and the signals."""
+    _, ledger = open_ledger(config, state)
+    rows = ledger.find(str(Path(file).absolute())) or ledger.find(file)
+    if not rows:
+        fail(f"{file}: not in the ledger; `binner status` shows what is there")
+    for row in rows:
+        record = {
+            "input": row.path, "status": row.status, "bin": row.bin, "rule": row.rule,
+            "quarantine_reason": row.reason, "output": row.output_path, "attempts": row.attempts,
+            "decision": row.decision, "last_error": row.last_error, "timings": row.timings,
+            "signals": _signal_summary(row.signals or {}),
+        }
+        if as_json:
+            record["signals"] = row.signals
+            out.print_json(json.dumps(record, ensure_ascii=False))
+            continue
+        out.print(f"[bold]{row.path}[/bold]: {row.status}", highlight=False)
+        if row.decision:
+            out.print(f"  bin {row.bin} by rule '{row.rule}': {row.decision.get('reason')}", highlight=False)
+        if row.reason:
+            out.print(f"  quarantined: {row.reason}: {row.last_error}", highlight=False)
+        for key, value in record["signals"].items():
+            out.print(f"  {key}: {value}", highlight=False)
+        if row.output_path:
+            out.print(f"  placed at {row.output_path}", highlight=False)
+
+
+def _signal_summary(signals: dict[str, Any]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    ocr = signals.get("ocr")
+    if ocr:
+        text = " ".join(ocr.get("text", "").split())
+        summary["ocr"] = {k: ocr.get(k) for k in ("char_count", "line_count", "text_area_ratio", "mean_confidence")}
+        summary["ocr_text"] = text[:200] + ("…" if len(text) > 200 else "")
+    if "detections" in signals:
+        best = sorted(signals["detections"], key=lambda d: -d["confidence"])[:5]
+        summary["detections"] = [f"{d['label']} {d['confidence']:.2f}" for d in best]
+    for key in ("caption", "clip_similarity", "vision_skipped"):
+        if key in signals:
+            summary[key] = signals[key]
+    return summary
+
+
+@cli.command()
+def rebin(config: Optional[Path] = ConfigOption, state: Optional[Path] = StateOption,
+          dry_run: bool = typer.Option(False, "--dry-run", help="only show what would move")) -> None:
+    """Re-apply the current thresholds to stored signals and move files between bins (no model runs)."""
+    from app.rebin import rebin_all
+
+    cfg, ledger = open_ledger(config, state)
+    report = rebin_all(cfg, ledger, dry_run=dry_run)
+    for move in report.moves:
+        out.print(f"{move.old} -> {move.new} ({move.rule}): {move.path}", highlight=False)
+    out.print(f"{len(report.moves)} files {'would move' if dry_run else 'moved'}, {report.unchanged} unchanged, "
+              f"{len(report.need_models)} need the vision models (their vision stage was skipped as text-dominant)")
+    for path in report.need_models[:20]:
+        out.print(f"  needs reprocessing: {path}", highlight=False)
+
+
+@config_cli.command("show")
+def config_show(config: Optional[Path] = ConfigOption) -> None:
+    """Print the effective configuration (file < BINNER_* environment < flags)."""
+    out.print(dump_config(load(config)), highlight=False, markup=False)
+
+
+@config_cli.command("check")
+def config_check(config: Optional[Path] = ConfigOption) -> None:
+    """Validate the configuration, its devices and its model weights."""
+    from app.runtime import preflight_weights
+    from app.wiring import build_stages
+
+    cfg = load(config)
+    try:
+        stages = build_stages(cfg)
+        preflight_weights(cfg)
+    except ConfigError as error:
+        fail(str(error))
+    for stage in stages:
+        out.print(f"{stage.name}: devices {', '.join(stage.devices)}, batch {stage.batch_policy.max_batch_size or 'auto'}")
+    out.print("configuration OK")
+
+
+@cli.command()
+def bench(
+    images: int = typer.Option(2000, help="number of generated images"),
+    ocr_ms: str = typer.Option("20,10", help="synthetic OCR cost: base ms, ms per item"),
+    vision_ms: str = typer.Option("15,6", help="synthetic vision cost: base ms, ms per item"),
+    batch: int = typer.Option(16, help="batch size of both model stages"),
+    queue: int = typer.Option(32, help="capacity of the model-stage queues"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="bench the real models of this configuration instead of synthetic ones"),
+    source: Optional[Path] = typer.Option(None, help="with --config: directory of images to repeat"),
+    repeat: int = typer.Option(3, help="with --config: how many copies of --source"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Measure throughput, latency, stage utilisation and peak memory (results: docs/benchmarks.md)."""
+    from app.bench import run_bench
+
+    report = run_bench(images=images, ocr_ms=ocr_ms, vision_ms=vision_ms, batch=batch, queue=queue,
+                       config_file=config, source=source, repeat=repeat, show_progress=not as_json)
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        for key, value in report.items():
+            out.print(f"{key}: {value}", highlight=False)
+
+
+@cli.command("fetch-weights")
+def fetch_weights_command(config: Optional[Path] = ConfigOption) -> None:
+    """Download the configured public weights (needs internet), with progress bars."""
+    from app.weights import fetch_weights
+
+    cfg = load(config)
+    v = cfg.vision
+    fetch_weights(v.detector.weights if v.detector.enabled else None, v.captioner.model if v.captioner.enabled else None,
+                  v.clip.model if v.clip.enabled else None)
+
+
+@cli.command()
+def version() -> None:
+    """Print the version."""
+    out.print(__version__)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

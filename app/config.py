@@ -1,0 +1,219 @@
+"""Configuration: YAML file < ``BINNER_*`` environment < CLI flags, validated once at start-up.
+
+Errors name the key (``vision.detector.weights``) and the problem, so a user can fix the file they wrote.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from stages.rules import RuleThresholds
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+_yaml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("binner_yaml_path", default=None)
+
+Devices = Literal["auto"] | list[str]
+BatchSize = Literal["auto"] | int
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _split_devices(value: Any) -> Any:
+    if isinstance(value, str) and value != "auto":
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class HttpConfig(Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9108, ge=0, le=65535)
+
+
+class LogConfig(Section):
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class QueueConfig(Section):
+    """Capacities of the bounded queues; about two batches each keeps latency low (see docs/benchmarks.md)."""
+
+    load: int = Field(32, ge=1)
+    ocr: int = Field(16, ge=1)
+    vision: int = Field(32, ge=1)
+    sink: int = Field(64, ge=1)
+
+
+class LimitsConfig(Section):
+    max_file_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(120_000_000, ge=1)
+    max_side: int = Field(1600, ge=64, description="longest side of the decoded image handed to the models")
+
+
+class LoaderConfig(Section):
+    workers: int = Field(2, ge=1, le=64)
+    batch_size: int = Field(16, ge=1)
+    max_wait_ms: float = Field(10.0, ge=0)
+
+
+class OcrConfig(Section):
+    enabled: bool = True
+    backend: Literal["rapidocr", "paddleocr", "synthetic"] = "rapidocr"
+    devices: Devices = "auto"
+    batch_size: BatchSize = 8
+    max_wait_ms: float = Field(50.0, ge=0)
+    min_confidence: float = Field(0.5, ge=0, le=1)
+    max_side: int = Field(1280, ge=64)
+    paddle_model_dir: str | None = None
+    synthetic_ms: tuple[float, float] = (20.0, 10.0)
+
+    _split = field_validator("devices", mode="before")(_split_devices)
+
+
+class DetectorConfig(Section):
+    enabled: bool = True
+    weights: str = "yolo11n.pt"
+    confidence: float = Field(0.25, ge=0, le=1)
+    image_size: int = Field(640, ge=32)
+
+
+class CaptionerConfig(Section):
+    enabled: bool = True
+    model: str = "Salesforce/blip-image-captioning-base"
+    max_new_tokens: int = Field(30, ge=1)
+    prompt: str | None = None
+
+
+class ClipConfig(Section):
+    enabled: bool = True
+    model: str = "openai/clip-vit-base-patch32"
+
+
+class VisionConfig(Section):
+    devices: Devices = "auto"
+    batch_size: BatchSize = 16
+    max_wait_ms: float = Field(50.0, ge=0)
+    precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    backend: Literal["models", "synthetic"] = "models"
+    synthetic_ms: tuple[float, float] = (15.0, 6.0)
+    detector: DetectorConfig = DetectorConfig()
+    captioner: CaptionerConfig = CaptionerConfig()
+    clip: ClipConfig = ClipConfig()
+
+    _split = field_validator("devices", mode="before")(_split_devices)
+
+
+class BinnerConfig(BaseSettings):
+    """The whole effective configuration; ``binner config show`` prints it."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BINNER_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    input: Path = Path("./inbox")
+    output: Path = Path("./bins")
+    state_dir: Path = Path("./.binner")
+    placement: Literal["move", "copy", "hardlink"] = "move"
+    settle_ms: int = Field(1000, ge=0)
+    rescan_interval_s: float = Field(60.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    drain_timeout_s: float = Field(60.0, gt=0)
+    stall_timeout_s: float = Field(300.0, gt=0)
+    feeder_page_size: int = Field(64, ge=1)
+    http: HttpConfig = HttpConfig()
+    log: LogConfig = LogConfig()
+    queues: QueueConfig = QueueConfig()
+    limits: LimitsConfig = LimitsConfig()
+    loader: LoaderConfig = LoaderConfig()
+    ocr: OcrConfig = OcrConfig()
+    vision: VisionConfig = VisionConfig()
+    rules: RuleThresholds = RuleThresholds()
+
+    @model_validator(mode="after")
+    def _input_output_disjoint(self) -> "BinnerConfig":
+        inp, out = self.input.absolute(), self.output.absolute()
+        if inp == out or out.is_relative_to(inp):
+            raise ValueError(f"output ({self.output}) must not be inside input ({self.input}): pick a sibling folder")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite3"
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _yaml_path.get()
+        return read_yaml(path) if path else {}
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the user: which file or key, what is wrong, what to do."""
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist: check the path given to --config") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys at the top level")
+    return data
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key; `binner config show` lists the valid keys"
+        given = problem.get("input")
+        shown = "" if isinstance(given, dict) or problem["type"] == "extra_forbidden" else f" (got {given!r})"
+        lines.append(f"  {key}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> BinnerConfig:
+    """Build the effective configuration; ``overrides`` are CLI flags as a nested mapping."""
+    yaml_path = Path(path) if path else None
+    if yaml_path is None and os.environ.get("BINNER_CONFIG"):
+        yaml_path = Path(os.environ["BINNER_CONFIG"])
+    token = _yaml_path.set(yaml_path)
+    try:
+        clean = {key: value for key, value in (overrides or {}).items() if value is not None}
+        return BinnerConfig(**clean)
+    except ValidationError as error:
+        source = f"{yaml_path}, BINNER_* environment and flags" if yaml_path else "BINNER_* environment and flags"
+        raise ConfigError(_describe(error, source)) from None
+    finally:
+        _yaml_path.reset(token)
+
+
+def dump_config(config: BinnerConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

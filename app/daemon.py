@@ -1,0 +1,229 @@
+"""`binner run`: the long-running service.
+
+Start: load and warm the models, recover interrupted rows, scan the input, then READY=1. Run: watch the
+input (events are hints), rescan periodically, feed the pipeline from the ledger, ping the watchdog while
+the pipeline makes progress. SIGTERM/SIGINT: STOPPING=1, stop intake, drain in-flight work, exit 0 within
+``drain_timeout_s``. SIGHUP: reload the rules from the configuration file without reloading models.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from app.config import BinnerConfig, ConfigError, load_config
+from app.http import StatusServer
+from app.intake import SettleTracker, finish_leftovers, scan
+from app.notify import SystemdNotifier
+from app.runtime import Runtime, build_runtime, preflight_weights
+
+log = structlog.get_logger("binner.daemon")
+
+
+class Daemon:
+    def __init__(self, config: BinnerConfig, config_file: Path | None) -> None:
+        self.config = config
+        self.config_file = config_file
+        self.notifier = SystemdNotifier()
+        self.runtime: Runtime | None = None
+        self.stop_intake = anyio.Event()
+        self.settle = SettleTracker(config.input, config.settle_ms / 1000.0)
+        self.http: StatusServer | None = None
+        self.last_rescan = 0.0
+
+    # --- health -----------------------------------------------------------------------------------
+    def healthy(self) -> tuple[bool, str]:
+        if self.runtime is None:
+            return True, "starting"
+        pipeline = self.runtime.pipeline
+        stalled = pipeline.stalled_for()
+        if stalled > self.config.stall_timeout_s:
+            return False, f"a model call has been running for {stalled:.0f} s (stall_timeout_s={self.config.stall_timeout_s:.0f})"
+        if pipeline.placement_paused:
+            return True, "ok (placement paused: output disk refused writes)"
+        return True, "ok"
+
+    def ready(self) -> bool:
+        return self.runtime is not None and self.runtime.pipeline.ready
+
+    # --- intake -----------------------------------------------------------------------------------
+    def _intake(self, discovered: list[Any]) -> None:
+        assert self.runtime is not None
+        if not discovered:
+            return
+        runtime = self.runtime
+        result = runtime.ledger.intake(discovered)
+        finish_leftovers(runtime.ledger, result.already_finished, self.config.placement == "move",
+                         runtime.placer.remove_source if runtime.placer else (lambda *args: False))
+        if result.new or result.requeued:
+            log.info("files taken", new=result.new, requeued=result.requeued)
+
+    async def _rescan(self) -> None:
+        observations = await anyio.to_thread.run_sync(scan, self.config.input)
+        ready = self.settle.offer(observations)
+        await anyio.to_thread.run_sync(self._intake, ready)
+        self.last_rescan = time.monotonic()
+        if ready and self.runtime:
+            self.runtime.pipeline.wake()
+
+    async def _watch(self) -> None:
+        from watchfiles import Change, awatch
+
+        try:
+            async for changes in awatch(self.config.input, stop_event=self.stop_intake, recursive=True,
+                                        watch_filter=None, debounce=200, step=25, rust_timeout=1000):
+                paths = [Path(path) for change, path in changes if change != Change.deleted]
+                ready: list[Any] = []
+                for path in paths:
+                    ready.extend(self.settle.hint(path))
+                if ready:
+                    await anyio.to_thread.run_sync(self._intake, ready)
+                    assert self.runtime is not None
+                    self.runtime.pipeline.wake()
+        except Exception as error:  # the rescans still find everything; say so and carry on
+            log.error("watching the input failed; relying on periodic rescans", error=str(error),
+                      input=str(self.config.input))
+
+    async def _intake_loop(self) -> None:
+        settle_s = max(self.config.settle_ms / 1000.0, 0.05)
+        while not self.stop_intake.is_set():
+            with anyio.move_on_after(min(settle_s / 2, 1.0)):
+                await self.stop_intake.wait()
+            if self.stop_intake.is_set():
+                return
+            if time.monotonic() - self.last_rescan >= self.config.rescan_interval_s:
+                await self._rescan()
+            elif len(self.settle):
+                ready = self.settle.poll()
+                if ready:
+                    await anyio.to_thread.run_sync(self._intake, ready)
+                    assert self.runtime is not None
+                    self.runtime.pipeline.wake()
+
+    # --- housekeeping -------------------------------------------------------------------------------
+    async def _housekeeping(self) -> None:
+        assert self.runtime is not None
+        runtime = self.runtime
+        interval = self.notifier.watchdog_interval_s()
+        ping_every = interval / 2 if interval else None
+        last_ping = last_status = 0.0
+        while True:
+            now = time.monotonic()
+            backlog, oldest = await anyio.to_thread.run_sync(runtime.ledger.backlog)
+            runtime.metrics.backlog.set(backlog)
+            runtime.metrics.oldest_pending_age.set(max(0.0, time.time() - oldest) if oldest else 0.0)
+            ok, detail = self.healthy()
+            if ping_every and ok and now - last_ping >= ping_every:
+                self.notifier.watchdog()
+                last_ping = now
+            elif not ok:
+                log.error("pipeline unhealthy: not pinging the watchdog", detail=detail)
+            if now - last_status >= 5.0:
+                stats = runtime.pipeline.stats
+                self.notifier.status(f"backlog {backlog}, in flight {runtime.pipeline.in_flight}, "
+                                     f"binned {stats.finished}, {stats.rate():.2f} img/s")
+                last_status = now
+            await anyio.sleep(min(1.0, ping_every or 1.0))
+
+    async def _signals(self, scope: anyio.CancelScope) -> None:
+        assert self.runtime is not None
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self._reload_rules()
+                    continue
+                if self.stop_intake.is_set():
+                    log.warning("second stop signal: stopping now; interrupted files resume at the next start")
+                    scope.cancel()
+                    return
+                self.begin_drain(scope, signal.Signals(signum).name)
+
+    def begin_drain(self, scope: anyio.CancelScope, why: str) -> None:
+        assert self.runtime is not None
+        log.info("stopping: draining in-flight work", signal=why, in_flight=self.runtime.pipeline.in_flight,
+                 timeout_s=self.config.drain_timeout_s)
+        self.notifier.stopping()
+        self.stop_intake.set()
+        self.runtime.pipeline.request_stop()
+        scope.deadline = min(scope.deadline, anyio.current_time() + self.config.drain_timeout_s)
+
+    def _reload_rules(self) -> None:
+        assert self.runtime is not None
+        self.notifier.reloading()
+        try:
+            fresh = load_config(self.config_file)
+        except ConfigError as error:
+            log.error("reload refused: the configuration is invalid; keeping the current rules", error=str(error))
+        else:
+            self.runtime.pipeline.thresholds = fresh.rules
+            log.info("rules reloaded", rules=fresh.rules.model_dump())
+        self.notifier.ready()
+
+    # --- main -------------------------------------------------------------------------------------
+    async def main(self) -> int:
+        config = self.config
+        preflight_weights(config)
+        self.runtime = runtime = build_runtime(config)
+        if config.http.enabled:
+            self.http = StatusServer(config.http.host, config.http.port, runtime.metrics.registry,
+                                     self.healthy, self.ready).start()
+            log.info("serving /metrics, /healthz, /readyz", address=f"http://{config.http.host}:{self.http.port}")
+        self.notifier.status("loading models")
+        log.info("loading models", stages=[r.stage.name for r in runtime.pipeline.runners])
+        with anyio.CancelScope(shield=False) as cancel_during_setup:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._signals_during_setup, cancel_during_setup)
+                await runtime.pipeline.setup()
+                group.cancel_scope.cancel()
+        if cancel_during_setup.cancelled_caught:
+            log.info("stopped while loading models")
+            await runtime.pipeline.teardown()
+            return 0
+        recovered = runtime.ledger.recover_interrupted()
+        if recovered:
+            log.info("resuming files interrupted by the last stop", files=recovered)
+        await self._rescan()
+        self.notifier.ready()
+        backlog, _ = runtime.ledger.backlog()
+        log.info("ready", input=str(config.input), output=str(config.output), backlog=backlog)
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._signals, group.cancel_scope)
+                group.start_soon(self._watch)
+                group.start_soon(self._intake_loop)
+                group.start_soon(self._housekeeping)
+                await runtime.pipeline.run(until_idle=False)
+                group.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await runtime.pipeline.teardown()
+                if self.http:
+                    self.http.stop()
+                runtime.ledger.close()
+        left = runtime.pipeline.in_flight
+        log.info("stopped", drained=left == 0, left_for_next_start=left)
+        return 0
+
+    async def _signals_during_setup(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                self.notifier.stopping()
+                scope.cancel()
+                return
+
+
+def serve(config: BinnerConfig, config_file: Path | None) -> int:
+    from app.cli import run_async
+
+    daemon = Daemon(config, config_file)
+    try:
+        return int(run_async(daemon.main))
+    except ConfigError as error:
+        log.error("cannot start", error=str(error))
+        print(f"error: {error}", flush=True)
+        return 2

@@ -1,0 +1,476 @@
+"""The engine: feeder -> [load] -> loader -> [ocr] -> OCR -> [vision] -> vision -> [sink] -> rules + writer.
+
+Every arrow is a bounded queue; a full queue blocks its producer, and that backpressure reaches the
+feeder, which then stops claiming ledger rows. Each stage runs one worker task and one dedicated thread
+per device; the worker gathers micro-batches and runs the model call on its thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import anyio
+import structlog
+
+from app.ledger import Ledger, Outcome, Row
+from app.metrics import Metrics
+from queues import BoundedQueue, DedicatedThread, EndOfStream, next_batch
+from stages.base import ImageItem, Stage, is_out_of_memory
+from stages.rules import RuleThresholds, decide, text_dominant
+
+log = structlog.get_logger("binner.engine")
+
+AUTO_BATCH_CEILING = 64
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM, errno.EIO}
+
+
+class MetricsObserver:
+    """Feeds queue events into the Prometheus instruments."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def on_depth(self, queue: str, depth: int) -> None:
+        self.metrics.queue_depth.labels(queue=queue).set(depth)
+
+    def on_wait(self, queue: str, seconds: float) -> None:
+        self.metrics.queue_wait.labels(queue=queue).observe(seconds)
+
+    def on_blocked(self, queue: str, seconds: float) -> None:
+        self.metrics.backpressure.labels(queue=queue).inc(seconds)
+
+
+@dataclass
+class Replica:
+    """One model copy on one device, owned by one thread."""
+
+    stage: Stage
+    device: str
+    thread: DedicatedThread
+    batch_cap: int
+    busy_since: float | None = None
+
+
+class StageRunner:
+    """Runs one stage's replicas: micro-batches in, items routed out, failures contained to their item."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        inbound: BoundedQueue[ImageItem],
+        route: Callable[[ImageItem], Awaitable[None]],
+        metrics: Metrics,
+    ) -> None:
+        self.stage = stage
+        self.inbound = inbound
+        self.route = route
+        self.metrics = metrics
+        self.replicas: list[Replica] = []
+
+    async def setup(self) -> None:
+        """Load one model copy per device, each on its own thread, all devices in parallel."""
+
+        async def set_up(device: str, index: int) -> None:
+            replica_stage = self.stage.replicate()
+            thread = DedicatedThread(f"{self.stage.name}-{device}-{index}")
+            await thread.run(replica_stage.setup, device)
+            policy = replica_stage.batch_policy
+            cap = policy.max_batch_size
+            if cap is None:
+                cap = await thread.run(replica_stage.probe_batch_size, device, AUTO_BATCH_CEILING)
+            await thread.run(replica_stage.warmup)
+            replica = Replica(replica_stage, device, thread, max(1, int(cap)))
+            self.metrics.batch_limit.labels(stage=self.stage.name, device=device).set(replica.batch_cap)
+            self.replicas.append(replica)
+            log.info("stage ready", stage=self.stage.name, device=device, batch_cap=replica.batch_cap)
+
+        async with anyio.create_task_group() as group:
+            for index, device in enumerate(self.stage.devices):
+                group.start_soon(set_up, device, index)
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as group:
+            for replica in self.replicas:
+                group.start_soon(self._work, replica)
+
+    async def teardown(self) -> None:
+        for replica in self.replicas:
+            try:
+                await replica.thread.run(replica.stage.teardown)
+            except Exception as error:  # teardown must not hide the real outcome
+                log.warning("teardown failed", stage=self.stage.name, device=replica.device, error=str(error))
+            replica.thread.shutdown(wait=False)
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds the longest-running current model call has been going (0 when idle)."""
+        return max((now - r.busy_since for r in self.replicas if r.busy_since is not None), default=0.0)
+
+    async def _work(self, replica: Replica) -> None:
+        wait_s = self.stage.batch_policy.max_wait_ms / 1000.0
+        while True:
+            try:
+                batch = await next_batch(self.inbound, replica.batch_cap, wait_s)
+            except EndOfStream:
+                return
+            done = await self._process(replica, batch)
+            for item in done:
+                outcome = "failed" if item.failure else "ok"
+                self.metrics.items.labels(stage=self.stage.name, outcome=outcome).inc()
+                await self.route(item)
+
+    async def _process(self, replica: Replica, items: list[ImageItem]) -> list[ImageItem]:
+        """Run ``items``; OOM halves the cap and retries the same items, other errors bisect to the culprit."""
+        name, device = self.stage.name, replica.device
+        if len(items) > replica.batch_cap:
+            chunk = replica.batch_cap  # fixed here: recursion below may shrink the cap again
+            out: list[ImageItem] = []
+            for start in range(0, len(items), chunk):
+                out.extend(await self._process(replica, items[start : start + chunk]))
+            return out
+        started = time.monotonic()
+        replica.busy_since = started
+        try:
+            result = await replica.thread.run(replica.stage.process_batch, items)
+            if len(result) != len(items):
+                raise RuntimeError(f"stage {name} returned {len(result)} items for a batch of {len(items)}")
+            return result
+        except Exception as error:
+            if is_out_of_memory(error):
+                self.metrics.oom.labels(stage=name, device=device).inc()
+                if len(items) == 1:
+                    items[0].fail("out_of_memory", f"{name} on {device}: out of memory for a single image", name, True)
+                    return items
+                replica.batch_cap = max(1, min(replica.batch_cap, len(items)) // 2)
+                self.metrics.batch_limit.labels(stage=name, device=device).set(replica.batch_cap)
+                log.warning("out of device memory: halving batch cap", stage=name, device=device,
+                            batch=len(items), new_cap=replica.batch_cap)
+                return await self._process(replica, items)
+            if len(items) == 1:
+                item = items[0]
+                log.warning("stage failed on an item", stage=name, device=device, file=item.source,
+                            error=f"{type(error).__name__}: {error}")
+                item.fail(f"{name}_error", f"{name} on {device}: {type(error).__name__}: {error}", name, True)
+                return items
+            middle = len(items) // 2
+            return await self._process(replica, items[:middle]) + await self._process(replica, items[middle:])
+        finally:
+            elapsed = time.monotonic() - started
+            replica.busy_since = None
+            self.metrics.batch_seconds.labels(stage=name, device=device).observe(elapsed)
+            self.metrics.busy_seconds.labels(stage=name, device=device).inc(elapsed)
+            self.metrics.batch_size.labels(stage=name).observe(len(items))
+            for item in items:
+                item.timings[name] = item.timings.get(name, 0.0) + elapsed
+
+
+class PlacementBlocked(Exception):
+    """The output disk refused a write (full, read-only, no permission): placement pauses and retries."""
+
+    def __init__(self, error: OSError, remaining: list[ImageItem]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.remaining = remaining
+
+
+@dataclass
+class RunStats:
+    started: float = field(default_factory=time.monotonic)
+    finished: int = 0
+    bins: dict[str, int] = field(default_factory=dict)
+    quarantined: dict[str, int] = field(default_factory=dict)
+    retried: int = 0
+    vanished: int = 0
+    requeued: int = 0
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.finished / elapsed if elapsed > 0 else 0.0
+
+
+class Pipeline:
+    """The whole flow from ledger rows to placed files, with clean drain on stop."""
+
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        metrics: Metrics,
+        stages: list[Stage],
+        thresholds: RuleThresholds,
+        placer: Any | None,
+        queue_capacities: dict[str, int],
+        max_attempts: int,
+        feeder_page_size: int = 64,
+        placement_mode: str = "move",
+        on_finished: Callable[[Row, Outcome], None] | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.metrics = metrics
+        self.thresholds = thresholds
+        self.placer = placer
+        self.max_attempts = max_attempts
+        self.page_size = feeder_page_size
+        self.move_mode = placement_mode == "move"
+        self.on_finished = on_finished
+        self.stats = RunStats()
+        observer = MetricsObserver(metrics)
+        self.queues: dict[str, BoundedQueue[ImageItem]] = {}
+        for stage in stages:
+            capacity = queue_capacities.get(stage.name, 32)
+            self.queues[stage.name] = BoundedQueue(stage.name, capacity, observer)
+        self.sink_queue: BoundedQueue[ImageItem] = BoundedQueue("sink", queue_capacities.get("sink", 64), observer)
+        for queue in [*self.queues.values(), self.sink_queue]:
+            metrics.queue_capacity.labels(queue=queue.name).set(queue.capacity)
+        self.stage_order = [stage.name for stage in stages]
+        self.runners = [StageRunner(stage, self.queues[stage.name], self._router(stage.name), metrics) for stage in stages]
+        self.ledger_thread = DedicatedThread("ledger")
+        self.sink_thread = DedicatedThread("sink")
+        self._in_flight: dict[int, Row] = {}
+        self._stopping = False
+        self._wake = anyio.Event()
+        self.last_progress = time.monotonic()
+        self.placement_paused = False
+        self.ready = False
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def setup(self) -> None:
+        for runner in self.runners:
+            await runner.setup()
+        self.ready = True
+
+    async def teardown(self) -> None:
+        for runner in self.runners:
+            await runner.teardown()
+        self.ledger_thread.shutdown(wait=True)
+        self.sink_thread.shutdown(wait=True)
+
+    def request_stop(self) -> None:
+        """Stop intake; what is in flight drains through the stages and the sink."""
+        self._stopping = True
+        self.wake()
+
+    def wake(self) -> None:
+        """New pending rows may exist (intake, requeue): let the feeder look now."""
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def stalled_for(self) -> float:
+        now = time.monotonic()
+        return max((runner.stalled_for(now) for runner in self.runners), default=0.0)
+
+    async def run(self, until_idle: bool) -> RunStats:
+        """Run until stopped (daemon) or, with ``until_idle``, until no row is pending or in flight."""
+        self.stats = RunStats()
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._feed, until_idle)
+            for index, runner in enumerate(self.runners):
+                group.start_soon(self._run_then_close, runner, index)
+            group.start_soon(self._sink)
+        return self.stats
+
+    async def _run_then_close(self, runner: StageRunner, index: int) -> None:
+        try:
+            await runner.run()
+        finally:
+            names = self.stage_order
+            downstream = self.queues[names[index + 1]] if index + 1 < len(names) else self.sink_queue
+            await downstream.close()
+
+    # --- routing --------------------------------------------------------------------------------
+    def _next_queue(self, after: str, item: ImageItem) -> BoundedQueue[ImageItem]:
+        if item.failure is not None:
+            return self.sink_queue
+        order = self.stage_order
+        for name in order[order.index(after) + 1 :]:
+            if name == "vision" and item.skip_vision:
+                continue
+            return self.queues[name]
+        return self.sink_queue
+
+    def _router(self, stage_name: str) -> Callable[[ImageItem], Awaitable[None]]:
+        async def route(item: ImageItem) -> None:
+            if stage_name == "ocr" and item.failure is None and self.thresholds.short_circuit_text:
+                if text_dominant(item.signals, self.thresholds) is not None:
+                    item.skip_vision = True
+            await self._next_queue(stage_name, item).put(item)
+
+        return route
+
+    # --- feeder ---------------------------------------------------------------------------------
+    async def _feed(self, until_idle: bool) -> None:
+        first = self.queues[self.stage_order[0]] if self.stage_order else self.sink_queue
+        after_id = 0
+        try:
+            while not self._stopping:
+                self._wake = anyio.Event()
+                limit = max(1, min(self.page_size, first.free))
+                rows = await self.ledger_thread.run(self.ledger.claim_pending, limit, after_id)
+                if rows:
+                    after_id = rows[-1].id
+                    for row in rows:
+                        await self._admit(row, first)
+                    continue
+                if after_id:
+                    after_id = 0  # requeued rows may sit behind the cursor
+                    continue
+                if until_idle and not self._in_flight:
+                    if not await self.ledger_thread.run(self.ledger.has_pending):
+                        return
+                with anyio.move_on_after(1.0):
+                    await self._wake.wait()
+        finally:
+            await first.close()
+
+    async def _admit(self, row: Row, first: BoundedQueue[ImageItem]) -> None:
+        self._in_flight[row.id] = row
+        item = ImageItem(key=row.id, source=row.path, seen_at=row.seen_at)
+        if row.attempts > self.max_attempts:
+            item.fail("crashed_repeatedly",
+                      f"interrupted {row.attempts - 1} times while being processed (the process died each time)")
+            await self.sink_queue.put(item)
+            return
+        await first.put(item)
+
+    # --- sink -----------------------------------------------------------------------------------
+    async def _sink(self) -> None:
+        backoff = 1.0
+        while True:
+            try:
+                batch = await next_batch(self.sink_queue, 64, 0.05)
+            except EndOfStream:
+                return
+            while batch:
+                finished, blocked = await self.sink_thread.run(self._finish_batch, batch)
+                for row, outcome in finished:
+                    self._account(row, outcome)
+                if blocked is None:
+                    batch = []
+                    if self.placement_paused:
+                        log.info("placement resumed")
+                        self.placement_paused = False
+                        self.metrics.placement_paused.set(0)
+                    backoff = 1.0
+                    continue
+                batch = blocked.remaining
+                self.placement_paused = True
+                self.metrics.placement_paused.set(1)
+                code = errno.errorcode.get(blocked.error.errno or 0, "EIO")
+                self.metrics.placement_errors.labels(error=code).inc()
+                log.error("placement paused: the output directory refused a write; will retry",
+                          error=str(blocked.error), errno=code, retry_in_s=backoff, waiting=len(batch))
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def _finish_batch(self, items: list[ImageItem]) -> tuple[list[tuple[Row, Outcome]], PlacementBlocked | None]:
+        """Place each item, record the batch durably, and only then remove inputs (move mode).
+
+        Runs on the sink thread. Stops at the first disk-level refusal and returns what is left.
+        """
+        finished: list[tuple[Row, Outcome]] = []
+        removable: list[tuple[str, str | None, str | None]] = []
+        blocked: PlacementBlocked | None = None
+        for index, item in enumerate(items):
+            row = self._in_flight[item.key]
+            try:
+                outcome = self._finish_one(row, item)
+            except OSError as error:
+                if error.errno in DISK_ERRNOS:
+                    blocked = PlacementBlocked(error, items[index:])
+                    break
+                outcome = Outcome(row.id, "pending", last_error=f"placement failed: {error}")
+            finished.append((row, outcome))
+            if outcome.status in ("done", "quarantined") and self.move_mode and self.placer is not None:
+                removable.append((row.path, outcome.output_path, outcome.sha256))
+        self.ledger.record([outcome for _, outcome in finished])
+        for path, placed, digest in removable:
+            try:
+                self.placer.remove_source(Path(path), Path(placed) if placed else None, digest)
+            except FileNotFoundError:
+                pass
+        return finished, blocked
+
+    def _finish_one(self, row: Row, item: ImageItem) -> Outcome:
+        timings = dict(item.timings)
+        failure = item.failure
+        if failure is not None:
+            if failure.reason == "vanished":
+                return Outcome(row.id, "vanished", last_error=failure.message, timings=timings)
+            if failure.retryable and row.attempts < self.max_attempts:
+                return Outcome(row.id, "pending", last_error=failure.message, timings=timings)
+            return self._quarantine(row, item, failure.reason, failure.message, timings)
+        if item.skip_vision:
+            item.signals["vision_skipped"] = "text_dominant"
+        decision = decide(item.signals, self.thresholds)
+        current = self._stat(row.path)
+        if current is None:
+            return Outcome(row.id, "vanished", last_error="the input file disappeared before it could be placed")
+        if row.size is not None and current != (row.size, row.mtime_ns):
+            return Outcome(row.id, "pending", size=current[0], mtime_ns=current[1],
+                           last_error="the input file changed while it was processed; it will be processed again")
+        output = None
+        if self.placer is not None:
+            try:
+                output = str(self.placer.place(Path(row.path), row.rel_path, decision.bin, item.sha256))
+            except FileNotFoundError:
+                return Outcome(row.id, "vanished", last_error="the input file disappeared before it could be placed")
+        return Outcome(
+            row.id, "done", sha256=item.sha256, bin=decision.bin, rule=decision.rule, decision=decision.to_dict(),
+            signals=item.signals, output_path=output, timings=timings,
+        )
+
+    def _quarantine(self, row: Row, item: ImageItem, reason: str, message: str, timings: dict[str, Any]) -> Outcome:
+        output = None
+        if self.placer is not None:
+            try:
+                output = str(self.placer.quarantine(Path(row.path), row.rel_path, reason, item.sha256))
+            except FileNotFoundError:
+                return Outcome(row.id, "vanished", last_error=message)
+        log.warning("quarantined", file=row.path, reason=reason, detail=message)
+        return Outcome(row.id, "quarantined", sha256=item.sha256, reason=reason, last_error=message,
+                       output_path=output, signals=item.signals or None, timings=timings)
+
+    @staticmethod
+    def _stat(path: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def _account(self, row: Row, outcome: Outcome) -> None:
+        """Metrics, counters and the in-flight set for one finished item (on the event loop)."""
+        self._in_flight.pop(row.id, None)
+        self.last_progress = time.monotonic()
+        stats, m = self.stats, self.metrics
+        if outcome.status == "done":
+            stats.finished += 1
+            stats.bins[outcome.bin or "?"] = stats.bins.get(outcome.bin or "?", 0) + 1
+            m.binned.labels(bin=outcome.bin).inc()
+            m.end_to_end.observe(max(0.0, time.time() - row.seen_at))
+            m.items.labels(stage="sink", outcome="binned").inc()
+        elif outcome.status == "quarantined":
+            stats.finished += 1
+            reason = outcome.reason or "unknown"
+            stats.quarantined[reason] = stats.quarantined.get(reason, 0) + 1
+            m.quarantined.labels(reason=reason).inc()
+            m.end_to_end.observe(max(0.0, time.time() - row.seen_at))
+            m.items.labels(stage="sink", outcome="quarantined").inc()
+        elif outcome.status == "vanished":
+            stats.vanished += 1
+            m.items.labels(stage="sink", outcome="vanished").inc()
+        else:
+            stats.retried += 1
+            m.items.labels(stage="sink", outcome="retry").inc()
+            self.wake()
+        if self.on_finished is not None:
+            self.on_finished(row, outcome)
+
+

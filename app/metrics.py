@@ -1,0 +1,113 @@
+"""Every Prometheus metric binner exports, in one registry owned by the one process (no multiprocess mode)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info  # noqa: F401
+from prometheus_client.core import GaugeMetricFamily
+
+from app import __version__
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    """The registry and its instruments; the engine, queues and daemon write to it, /metrics reads it."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.items = Counter("binner_items", "Items leaving a stage, by outcome", ["stage", "outcome"], registry=r)
+        self.batch_seconds = Histogram(
+            "binner_stage_batch_seconds", "Time of one model call on a micro-batch", ["stage", "device"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "binner_stage_batch_size", "Items per micro-batch", ["stage"], buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.busy_seconds = Counter(
+            "binner_stage_busy_seconds", "Seconds a stage worker spent in model calls (rate = utilisation)",
+            ["stage", "device"], registry=r,
+        )
+        self.queue_depth = Gauge("binner_queue_depth", "Items waiting in a queue", ["queue"], registry=r)
+        self.queue_capacity = Gauge("binner_queue_capacity", "Capacity of a bounded queue", ["queue"], registry=r)
+        self.queue_wait = Histogram(
+            "binner_queue_wait_seconds", "Time an item waited in a queue", ["queue"], buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.backpressure = Counter(
+            "binner_backpressure_seconds", "Seconds producers spent blocked on a full queue", ["queue"], registry=r
+        )
+        self.binned = Counter("binner_binned", "Files placed in a bin", ["bin"], registry=r)
+        self.quarantined = Counter("binner_quarantined", "Files quarantined, by reason", ["reason"], registry=r)
+        self.end_to_end = Histogram(
+            "binner_end_to_end_seconds", "File seen -> file placed", buckets=_E2E_BUCKETS, registry=r
+        )
+        self.backlog = Gauge("binner_backlog_files", "Files known to the ledger and not finished", registry=r)
+        self.oldest_pending_age = Gauge(
+            "binner_oldest_pending_age_seconds", "Age of the oldest unfinished file", registry=r
+        )
+        self.batch_limit = Gauge(
+            "binner_batch_size_limit", "Current batch cap of a stage worker (halved on OOM)", ["stage", "device"],
+            registry=r,
+        )
+        self.oom = Counter("binner_oom", "Out-of-memory events on a device", ["stage", "device"], registry=r)
+        self.placement_paused = Gauge(
+            "binner_placement_paused", "1 while placement waits for the output disk (full or unwritable)", registry=r
+        )
+        self.placement_errors = Counter(
+            "binner_placement_errors", "Failed placement attempts, by errno name", ["error"], registry=r
+        )
+        self.build_info = Gauge("binner_build_info", "Build of the running binner", ["version"], registry=r)
+        self.build_info.labels(version=__version__).set(1)
+        self.registry.register(_GpuCollector())
+
+
+class _GpuCollector:
+    """NVML gauges, read at scrape time; absent where there is no NVIDIA GPU or no pynvml."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._nvml: Any = None
+        self._initialised = False
+
+    def _handle(self) -> Any:
+        with self._lock:
+            if not self._initialised:
+                self._initialised = True
+                try:
+                    import pynvml  # type: ignore[import-not-found]
+
+                    pynvml.nvmlInit()
+                    self._nvml = pynvml
+                except Exception:
+                    self._nvml = None
+            return self._nvml
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        nvml = self._handle()
+        if nvml is None:
+            return
+        util = GaugeMetricFamily("binner_gpu_utilization_ratio", "GPU busy ratio from NVML", labels=["gpu"])
+        used = GaugeMetricFamily("binner_gpu_memory_used_bytes", "GPU memory in use from NVML", labels=["gpu"])
+        total = GaugeMetricFamily("binner_gpu_memory_total_bytes", "GPU memory size from NVML", labels=["gpu"])
+        try:
+            for index in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                rates = nvml.nvmlDeviceGetUtilizationRates(handle)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                util.add_metric([str(index)], rates.gpu / 100.0)
+                used.add_metric([str(index)], float(memory.used))
+                total.add_metric([str(index)], float(memory.total))
+        except Exception:
+            return
+        yield util
+        yield used
+        yield total

@@ -1,0 +1,115 @@
+"""The stage contract shared by every model stage and by the engine that runs them.
+
+A stage is a small class in the style of LitServe's ``LitAPI`` and NeMo Curator's ``ProcessingStage``:
+it names itself, lists the devices it runs on and its batch policy, loads its models in
+``setup(device)``, maps a micro-batch in ``process_batch(items)`` and frees everything in ``teardown()``.
+Nothing here depends on the local engine, so the same classes can later run as Ray Data actors.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How a worker gathers a micro-batch: up to ``max_batch_size`` items or ``max_wait_ms`` after the first.
+
+    ``max_batch_size=None`` means "auto": the stage probes for the largest batch that fits its device.
+    """
+
+    max_batch_size: int | None = 8
+    max_wait_ms: float = 20.0
+
+
+@dataclass(frozen=True)
+class ItemFailure:
+    """A per-item failure. Not ``retryable``: quarantine under ``reason`` at once (bad input). ``retryable``:
+    the item goes back to pending until it has used its attempts (a stage error that may be transient)."""
+
+    reason: str
+    message: str
+    stage: str = ""
+    retryable: bool = False
+
+
+@dataclass
+class ImageItem:
+    """One input image on its way through the pipeline.
+
+    ``key`` is the caller's identifier (the ledger row id); stages never interpret it. ``source`` is the
+    path the loader reads; placement happens outside the stages.
+    """
+
+    key: int
+    source: str
+    seen_at: float = field(default_factory=time.time)
+    size: int | None = None
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    image: Any | None = None  # PIL.Image.Image in RGB once loaded; dropped at the sink
+    signals: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    failure: ItemFailure | None = None
+    skip_vision: bool = False
+
+    def fail(self, reason: str, message: str, stage: str = "", retryable: bool = False) -> None:
+        self.failure = ItemFailure(reason=reason, message=message, stage=stage, retryable=retryable)
+        self.image = None
+
+
+class OutOfDeviceMemory(RuntimeError):
+    """Raised (or translated) by a stage when its device ran out of memory for the current batch."""
+
+
+class Stage(ABC):
+    """One step of the pipeline; one instance (one model copy) per device, owned by one thread."""
+
+    name: str = "stage"
+
+    def __init__(self, devices: list[str] | None = None, batch_policy: BatchPolicy | None = None) -> None:
+        self.devices: list[str] = list(devices or ["cpu"])
+        self.batch_policy: BatchPolicy = batch_policy or BatchPolicy()
+        self.device: str | None = None
+
+    def replicate(self) -> "Stage":
+        """A fresh, not yet set-up copy for another device (configuration is shared, models are not)."""
+        clone = copy.copy(self)
+        clone.device = None
+        return clone
+
+    def setup(self, device: str) -> None:
+        """Load models onto ``device``. Called once, on the thread that will call ``process_batch``."""
+        self.device = device
+
+    @abstractmethod
+    def process_batch(self, items: list[ImageItem]) -> list[ImageItem]:
+        """Process a micro-batch and return the same items (same order), updated in place.
+
+        Expected per-item problems set ``item.fail(...)``; an exception fails the whole call and the
+        engine bisects the batch to find the item that causes it. Raise ``OutOfDeviceMemory`` (or let a
+        CUDA OOM through) to make the engine halve the batch cap and retry.
+        """
+
+    def probe_batch_size(self, device: str, ceiling: int) -> int:
+        """Largest batch that fits ``device`` (for ``batch_size: auto``); CPU and unknowns use ``ceiling``."""
+        return ceiling
+
+    def warmup(self) -> None:
+        """Run the models once so that the first real batch is not slow (READY waits for this)."""
+
+    def teardown(self) -> None:
+        """Release the models and device memory."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for our OOM and for torch's CUDA OOM, without importing torch."""
+    if isinstance(error, (OutOfDeviceMemory, MemoryError)):
+        return True
+    name = type(error).__name__
+    return name in {"OutOfMemoryError", "CUDAOutOfMemoryError"} or "CUDA out of memory" in str(error)

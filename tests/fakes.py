@@ -1,0 +1,66 @@
+"""Fake stages for engine tests: deterministic, fast, and honest about what they do (sleep, record, fail)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable
+
+from stages.base import BatchPolicy, ImageItem, OutOfDeviceMemory, Stage
+
+
+class RecordingStage(Stage):
+    """Sleeps ``base_s + per_item_s * n`` per batch (releases the GIL like a GPU call) and records every batch."""
+
+    def __init__(self, name: str, devices: list[str] | None = None, batch_size: int = 4, max_wait_ms: float = 5.0,
+                 base_s: float = 0.0, per_item_s: float = 0.0, jitter_s: float = 0.0,
+                 poison: set[str] | None = None, oom_above: int | None = None,
+                 signals: Callable[[ImageItem], dict[str, Any]] | None = None) -> None:
+        super().__init__(devices or ["cpu"], BatchPolicy(batch_size, max_wait_ms))
+        self.name = name
+        self.base_s, self.per_item_s, self.jitter_s = base_s, per_item_s, jitter_s
+        self.poison = poison or set()
+        self.oom_above = oom_above
+        self.signals = signals
+        self.log = SharedLog()
+
+    def setup(self, device: str) -> None:
+        super().setup(device)
+        self.thread = threading.get_ident()
+
+    def process_batch(self, items: list[ImageItem]) -> list[ImageItem]:
+        assert threading.get_ident() == self.thread, "a replica must only ever run on its own thread"
+        if self.oom_above is not None and len(items) > self.oom_above:
+            self.log.add("oom", self.device, [i.key for i in items])
+            raise OutOfDeviceMemory(f"fake OOM for a batch of {len(items)}")
+        if any(i.source.rsplit("/", 1)[-1] in self.poison for i in items):
+            raise ValueError("poisoned item in batch")
+        delay = self.base_s + self.per_item_s * len(items) + random.uniform(0, self.jitter_s)
+        if delay:
+            time.sleep(delay)
+        for item in items:
+            if self.signals is not None:
+                item.signals.update(self.signals(item))
+            item.image = item.image or "decoded"
+        self.log.add("ok", f"{self.device}@{self.thread}", [i.key for i in items])
+        return items
+
+
+class SharedLog:
+    """Thread-safe record of batches across replicas (replicate() copies share it on purpose)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.batches: list[tuple[str, str | None, list[int]]] = []
+
+    def add(self, kind: str, device: str | None, keys: list[int]) -> None:
+        with self._lock:
+            self.batches.append((kind, device, keys))
+
+    def processed(self) -> Counter[int]:
+        return Counter(key for kind, _, keys in self.batches if kind == "ok" for key in keys)
+
+    def sizes(self) -> list[int]:
+        return [len(keys) for kind, _, keys in self.batches if kind == "ok"]

@@ -1,0 +1,225 @@
+"""The real daemon as a process: files in at random moments, bins out, metrics scraped, signals,
+crash safety under SIGKILL, and a 20,000-file backlog in bounded memory."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.daemon_harness import DaemonProcess, NotifyListener, files_under, sha256, wait_for
+
+pytestmark = pytest.mark.system
+OFFLINE = REPO / "deploy" / "examples" / "offline-cpu.yaml"
+SYNTHETIC = {
+    "ocr": {"backend": "synthetic", "devices": ["cpu"], "batch_size": 8, "synthetic_ms": [2.0, 0.5]},
+    "vision": {"backend": "synthetic", "devices": ["cpu"], "batch_size": 8, "synthetic_ms": [2.0, 0.5]},
+}
+
+
+def drop(source: Path, target: Path, how: str) -> None:
+    """Deliver a file the ways real writers do: copy, write-then-rename, or slow partial writes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    data = source.read_bytes()
+    if how == "rename":
+        temp = target.with_name(target.name + ".part")
+        temp.write_bytes(data)
+        os.rename(temp, target)
+    elif how == "slow":
+        with target.open("wb") as handle:
+            step = max(1, len(data) // 4)
+            for start in range(0, len(data), step):
+                handle.write(data[start : start + step])
+                handle.flush()
+                time.sleep(0.15)
+    else:
+        shutil.copyfile(source, target)
+
+
+def ledger_rows(state: Path) -> list[sqlite3.Row]:
+    db = sqlite3.connect(state / "ledger.sqlite3")
+    db.row_factory = sqlite3.Row
+    try:
+        return db.execute("SELECT * FROM files").fetchall()
+    finally:
+        db.close()
+
+
+@pytest.mark.models
+def test_daemon_bins_files_dropped_at_random_moments(tmp_path: Path, shared_images: Path,
+                                                      labels: list[dict[str, str]]) -> None:
+    notify = NotifyListener(tmp_path / "notify.sock")
+    daemon = DaemonProcess(tmp_path, OFFLINE, {"settle_ms": 800, "rescan_interval_s": 5}, notify,
+                           watchdog_usec=2_000_000)
+    try:
+        daemon.start()
+        wait_for(lambda: notify.saw("READY=1"), 240, "READY=1 on the notify socket")
+        assert daemon.get("/readyz")[0] == 200 and daemon.get("/healthz")[0] == 200
+        rng = random.Random(7)
+        order = list(labels)
+        rng.shuffle(order)
+        expected: dict[str, tuple[str, str]] = {}
+        for index, label in enumerate(order):
+            how = ("copy", "rename", "slow")[index % 3]
+            rel = label["file"] if index % 4 else f"nested/deeper/{label['file']}"
+            drop(shared_images / label["file"], daemon.input / rel, how)
+            expected[Path(rel).name] = (label["category"], sha256(shared_images / label["file"]))
+            time.sleep(rng.uniform(0, 0.3))
+        wait_for(lambda: len(files_under(daemon.output)) >= len(labels) and not files_under(daemon.input),
+                 300, "every dropped file to be placed", interval=0.5)
+        placed = files_under(daemon.output)
+        assert len(placed) == len(labels), [str(p) for p in placed]
+        by_category: dict[str, Counter[str]] = {}
+        for path in placed:
+            bin_name = path.relative_to(daemon.output).parts[0]
+            assert bin_name in {"A", "B", "C"}, f"{path} should not be quarantined"
+            category, digest = expected[path.name]
+            assert sha256(path) == digest, f"{path} content differs from what was dropped"
+            by_category.setdefault(category, Counter())[bin_name] += 1
+        text, photo, mixed = by_category["text"], by_category["photo"], by_category["mixed"]
+        assert text["C"] / sum(text.values()) >= 0.9, by_category
+        assert photo["A"] / sum(photo.values()) >= 0.8, by_category
+        assert (mixed["B"] + mixed["C"]) / sum(mixed.values()) >= 0.7, by_category
+        rows = ledger_rows(daemon.state)
+        assert len(rows) == len(labels) and {r["status"] for r in rows} == {"done"}
+        assert all(Path(r["output_path"]).exists() for r in rows)
+        wait_for(lambda: daemon.metric("binner_binned_total") == len(labels), 10, "binned_total in /metrics")
+        assert daemon.metric("binner_queue_capacity", queue="ocr") is not None
+        assert daemon.metric("binner_stage_busy_seconds_total", stage="ocr") > 0
+        assert daemon.metric("binner_build_info") == 1
+        wait_for(lambda: notify.saw("WATCHDOG=1"), 5, "WATCHDOG=1 pings")
+        assert any(m.startswith("STATUS=") for m in notify.messages)
+        assert daemon.stop(signal.SIGTERM, timeout=60) == 0
+        assert notify.saw("STOPPING=1")
+    finally:
+        daemon.kill()
+        notify.close()
+
+
+def make_images(directory: Path, count: int, start: int = 0) -> None:
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for index in range(start, start + count):
+        colour = (index % 256, (index // 256) % 256, (index * 31) % 256)
+        Image.new("RGB", (32 + index % 7, 32), colour).save(directory / f"img_{index:05d}.png")
+
+
+def test_sighup_reloads_rules_without_restarting(tmp_path: Path) -> None:
+    daemon = DaemonProcess(tmp_path, None, {**SYNTHETIC, "settle_ms": 100, "rescan_interval_s": 1})
+    try:
+        daemon.start().wait_ready(60)
+        make_images(daemon.input, 3)
+        wait_for(lambda: len(files_under(daemon.output / "B")) == 3, 30, "three files in B")
+        pid = daemon.process.pid if daemon.process else None
+        daemon.write_config({**daemon.config, "rules": {"c_text_area_ratio": 0.0}})  # everything is text now
+        daemon.send(signal.SIGHUP)
+        wait_for(lambda: "rules reloaded" in daemon.log_path.read_text(), 10, "the reload to be logged")
+        make_images(daemon.input, 3, start=100)
+        wait_for(lambda: len(files_under(daemon.output / "C")) == 3, 30, "three new files in C")
+        assert daemon.process is not None and daemon.process.pid == pid and daemon.process.poll() is None
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+
+
+def test_crash_safety_under_repeated_sigkill(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    make_images(source, 240)
+    (source / "empty.png").write_bytes(b"")
+    (source / "notes.jpg").write_text("not an image at all")
+    (source / "cut.png").write_bytes((source / "img_00001.png").read_bytes()[:60])
+    originals = {p.name: sha256(p) for p in files_under(source)}
+    daemon = DaemonProcess(tmp_path / "run", None, {**SYNTHETIC, "settle_ms": 200, "rescan_interval_s": 1})
+    pending = sorted(files_under(source))
+    rng = random.Random(11)
+    stop_feeding = threading.Event()
+
+    def feed() -> None:
+        for path in pending:
+            if stop_feeding.is_set():
+                return
+            drop(path, daemon.input / path.name, "rename" if rng.random() < 0.5 else "copy")
+            time.sleep(rng.uniform(0, 0.02))
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    kills = 0
+    try:
+        feeder.start()
+        while kills < 12:
+            daemon.start()
+            daemon.wait_ready(60)
+            time.sleep(rng.uniform(0.05, 0.8))
+            daemon.kill()
+            kills += 1
+        feeder.join(60)
+        daemon.start()
+        daemon.wait_ready(60)
+        wait_for(lambda: not files_under(daemon.input) and daemon.metric("binner_backlog_files") == 0,
+                 120, "the backlog to drain after the last restart", interval=0.3)
+        assert daemon.stop() == 0
+    finally:
+        stop_feeding.set()
+        daemon.kill()
+    placed = files_under(daemon.output)
+    names = Counter(p.name for p in placed)
+    assert not [p for p in placed if ".binner-tmp" in p.name], "temporary files left behind"
+    assert set(names) == set(originals) and set(names.values()) == {1}, f"duplicates or losses: {names}"
+    for path in placed:
+        assert sha256(path) == originals[path.name]
+    quarantined = {p.name: p.parent.name for p in placed if p.relative_to(daemon.output).parts[0] == "_quarantine"}
+    assert quarantined == {"empty.png": "empty_file", "notes.jpg": "not_an_image", "cut.png": "truncated"}
+    rows = ledger_rows(daemon.state)
+    assert len(rows) == len(originals)
+    assert {r["status"] for r in rows} <= {"done", "quarantined"}
+    for row in rows:
+        assert row["output_path"] and Path(row["output_path"]).is_file(), dict(row)
+    assert kills >= 10
+
+
+def test_backlog_of_20000_files_stays_in_bounded_memory(tmp_path: Path) -> None:
+    daemon = DaemonProcess(tmp_path, None, {
+        **SYNTHETIC, "settle_ms": 0, "rescan_interval_s": 600,
+        "ocr": {**SYNTHETIC["ocr"], "synthetic_ms": [1.0, 0.05], "batch_size": 32},
+        "vision": {**SYNTHETIC["vision"], "synthetic_ms": [1.0, 0.05], "batch_size": 32},
+        "loader": {"workers": 2, "batch_size": 32},
+        "queues": {"load": 64, "ocr": 64, "vision": 64, "sink": 128},
+    })
+    total = 20_000
+    make_images(daemon.input, total)
+    capacities: dict[str, float] = {}
+    deepest: dict[str, float] = {}
+    try:
+        daemon.start().wait_ready(120)
+        started = time.monotonic()
+
+        def drained() -> bool:
+            for labels, value in daemon.samples("binner_queue_capacity"):
+                capacities[labels["queue"]] = value
+            for labels, value in daemon.samples("binner_queue_depth"):
+                deepest[labels["queue"]] = max(deepest.get(labels["queue"], 0), value)
+            binned = daemon.metric("binner_binned_total") or 0
+            return binned >= total
+
+        wait_for(drained, 600, "20,000 files to be binned", interval=0.25)
+        elapsed = time.monotonic() - started
+        peak = daemon.peak_rss_mib()
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    print(f"\nbacklog {total}: {elapsed:.1f} s, {total / elapsed:.0f} files/s, peak RSS {peak:.0f} MiB, "
+          f"deepest queues {deepest} of {capacities}")
+    assert set(capacities) == {"load", "ocr", "vision", "sink"}
+    for queue, depth in deepest.items():
+        assert depth <= capacities[queue]
+    assert peak is not None and peak < 1024, f"peak RSS {peak} MiB: memory should not grow with the backlog"
+    assert len(files_under(daemon.output)) == total
