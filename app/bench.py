@@ -61,11 +61,12 @@ def _quantile(metrics: Metrics, quantile: float) -> float | None:
 
 def run_bench(*, images: int, ocr_ms: str, vision_ms: str, batch: int, queue: int, config_file: Path | None,
               source: Path | None, repeat: int, show_progress: bool) -> dict[str, Any]:
+    import sys
+
     from app.cli import run_async, run_pipeline_once
     from app.config import load_config
     from app.logs import configure_logging
     from app.runtime import build_runtime, intake_all
-    import sys
 
     configure_logging("console", "error", sys.stderr)
     with tempfile.TemporaryDirectory(prefix="binner-bench-") as scratch:

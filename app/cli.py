@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import signal
@@ -9,7 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import anyio
 import typer
@@ -43,7 +44,7 @@ def run_async(fn: Any, *args: Any) -> Any:
     return anyio.run(fn, *args, backend="asyncio", backend_options=options)
 
 
-def load(config_file: Optional[Path], **overrides: Any) -> BinnerConfig:
+def load(config_file: Path | None, **overrides: Any) -> BinnerConfig:
     try:
         return load_config(config_file, overrides)
     except ConfigError as error:
@@ -108,13 +109,23 @@ async def run_pipeline_once(runtime: Any, progress_total: int | None, show_progr
     return pipeline.stats
 
 
+def run_guarded(runtime: Any, total: int, show_progress: bool) -> Any:
+    """Run the pipeline to idle; model start-up errors become a clear message and exit code 2."""
+    from app.engine import StageSetupError
+
+    try:
+        return run_async(run_pipeline_once, runtime, total, show_progress)
+    except StageSetupError as error:
+        fail(str(error))
+
+
 @cli.command()
 def once(
     input: Path = typer.Argument(..., help="directory of images to bin", exists=True, file_okay=False),
     output: Path = typer.Option(..., "--output", "-o", help="where the bins A/B/C and _quarantine go"),
-    config: Optional[Path] = ConfigOption,
-    state: Optional[Path] = StateOption,
-    placement: Optional[str] = typer.Option(None, help="move (default), copy or hardlink"),
+    config: Path | None = ConfigOption,
+    state: Path | None = StateOption,
+    placement: str | None = typer.Option(None, help="move (default), copy or hardlink"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     """Bin every image under INPUT once (backfills), then print a summary and exit."""
@@ -132,7 +143,7 @@ def once(
     intake = intake_all(runtime)
     backlog, _ = runtime.ledger.backlog()
     started = time.monotonic()
-    stats = run_async(run_pipeline_once, runtime, backlog, progress)
+    stats = run_guarded(runtime, backlog, progress)
     elapsed = time.monotonic() - started
     remaining, _ = runtime.ledger.backlog()
     table = Table(title=f"binner once: {cfg.input} -> {cfg.output}")
@@ -158,9 +169,9 @@ def evaluate(
     images: Path = typer.Option(..., "--images", help="directory of labelled images", exists=True, file_okay=False),
     labels: Path = typer.Option(..., "--labels", help="CSV with columns file,expected_bin (and category)",
                                 exists=True, dir_okay=False),
-    config: Optional[Path] = ConfigOption,
+    config: Path | None = ConfigOption,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
-    state: Optional[Path] = typer.Option(None, "--state", help="keep the evaluation ledger here (default: temporary)"),
+    state: Path | None = typer.Option(None, "--state", help="keep the evaluation ledger here (default: temporary)"),
 ) -> None:
     """Run the pipeline on a labelled set without placing files; print the confusion matrix and accuracy."""
     from app.runtime import build_runtime, intake_all, preflight_weights
@@ -181,7 +192,8 @@ def evaluate(
         intake_all(runtime)
         backlog, _ = runtime.ledger.backlog()
         started = time.monotonic()
-        stats = run_async(run_pipeline_once, runtime, backlog, not as_json)
+        with contextlib.redirect_stdout(sys.stderr):  # model libraries print; keep stdout for the result
+            stats = run_guarded(runtime, backlog, not as_json)
         elapsed = time.monotonic() - started
         result = score(runtime.ledger, rows)
         result["images_per_second"] = round(stats.finished / max(elapsed, 1e-9), 3)
@@ -230,10 +242,10 @@ def score(ledger: Any, labels: list[dict[str, str]]) -> dict[str, Any]:
 
 @cli.command()
 def run(
-    config: Optional[Path] = ConfigOption,
-    input: Optional[Path] = typer.Option(None, "--input", help="watched input directory (key input)"),
-    output: Optional[Path] = typer.Option(None, "--output", help="bins directory (key output)"),
-    state: Optional[Path] = StateOption,
+    config: Path | None = ConfigOption,
+    input: Path | None = typer.Option(None, "--input", help="watched input directory (key input)"),
+    output: Path | None = typer.Option(None, "--output", help="bins directory (key output)"),
+    state: Path | None = StateOption,
 ) -> None:
     """The daemon: watch INPUT, bin every complete file, serve /metrics, notify systemd."""
     from app.daemon import serve
@@ -244,7 +256,7 @@ def run(
     raise typer.Exit(code)
 
 
-def open_ledger(config: Optional[Path], state: Optional[Path]) -> tuple[BinnerConfig, Any]:
+def open_ledger(config: Path | None, state: Path | None) -> tuple[BinnerConfig, Any]:
     from app.ledger import Ledger
 
     cfg = load(config, state_dir=state)
@@ -254,7 +266,7 @@ def open_ledger(config: Optional[Path], state: Optional[Path]) -> tuple[BinnerCo
 
 
 @cli.command()
-def status(config: Optional[Path] = ConfigOption, state: Optional[Path] = StateOption,
+def status(config: Path | None = ConfigOption, state: Path | None = StateOption,
            as_json: bool = typer.Option(False, "--json")) -> None:
     """Counts from the ledger: files by status, by bin, quarantined by reason, backlog."""
     cfg, ledger = open_ledger(config, state)
@@ -275,7 +287,7 @@ def status(config: Optional[Path] = ConfigOption, state: Optional[Path] = StateO
 
 @cli.command()
 def explain(file: str = typer.Argument(..., help="input path, output path, relative path or file name"),
-            config: Optional[Path] = ConfigOption, state: Optional[Path] = StateOption,
+            config: Path | None = ConfigOption, state: Path | None = StateOption,
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Why a file went where it went: bin, rule, the values it compared, and the signals."""
     _, ledger = open_ledger(config, state)
@@ -321,7 +333,7 @@ def _signal_summary(signals: dict[str, Any]) -> dict[str, Any]:
 
 
 @cli.command()
-def rebin(config: Optional[Path] = ConfigOption, state: Optional[Path] = StateOption,
+def rebin(config: Path | None = ConfigOption, state: Path | None = StateOption,
           dry_run: bool = typer.Option(False, "--dry-run", help="only show what would move")) -> None:
     """Re-apply the current thresholds to stored signals and move files between bins (no model runs)."""
     from app.rebin import rebin_all
@@ -337,13 +349,13 @@ def rebin(config: Optional[Path] = ConfigOption, state: Optional[Path] = StateOp
 
 
 @config_cli.command("show")
-def config_show(config: Optional[Path] = ConfigOption) -> None:
+def config_show(config: Path | None = ConfigOption) -> None:
     """Print the effective configuration (file < BINNER_* environment < flags)."""
     out.print(dump_config(load(config)), highlight=False, markup=False)
 
 
 @config_cli.command("check")
-def config_check(config: Optional[Path] = ConfigOption) -> None:
+def config_check(config: Path | None = ConfigOption) -> None:
     """Validate the configuration, its devices and its model weights."""
     from app.runtime import preflight_weights
     from app.wiring import build_stages
@@ -366,17 +378,18 @@ def bench(
     vision_ms: str = typer.Option("15,6", help="synthetic vision cost: base ms, ms per item"),
     batch: int = typer.Option(16, help="batch size of both model stages"),
     queue: int = typer.Option(32, help="capacity of the model-stage queues"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c",
+    config: Path | None = typer.Option(None, "--config", "-c",
                                           help="bench the real models of this configuration instead of synthetic ones"),
-    source: Optional[Path] = typer.Option(None, help="with --config: directory of images to repeat"),
+    source: Path | None = typer.Option(None, help="with --config: directory of images to repeat"),
     repeat: int = typer.Option(3, help="with --config: how many copies of --source"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Measure throughput, latency, stage utilisation and peak memory (results: docs/benchmarks.md)."""
     from app.bench import run_bench
 
-    report = run_bench(images=images, ocr_ms=ocr_ms, vision_ms=vision_ms, batch=batch, queue=queue,
-                       config_file=config, source=source, repeat=repeat, show_progress=not as_json)
+    with contextlib.redirect_stdout(sys.stderr):  # model libraries print; keep stdout for the result
+        report = run_bench(images=images, ocr_ms=ocr_ms, vision_ms=vision_ms, batch=batch, queue=queue,
+                           config_file=config, source=source, repeat=repeat, show_progress=not as_json)
     if as_json:
         out.print_json(json.dumps(report))
     else:
@@ -385,7 +398,7 @@ def bench(
 
 
 @cli.command("fetch-weights")
-def fetch_weights_command(config: Optional[Path] = ConfigOption) -> None:
+def fetch_weights_command(config: Path | None = ConfigOption) -> None:
     """Download the configured public weights (needs internet), with progress bars."""
     from app.weights import fetch_weights
 

@@ -12,8 +12,9 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from stages.rules import RuleThresholds
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from stages.rules import RuleThresholds
 
 _yaml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("binner_yaml_path", default=None)
 
@@ -137,7 +138,7 @@ class BinnerConfig(BaseSettings):
     rules: RuleThresholds = RuleThresholds()
 
     @model_validator(mode="after")
-    def _input_output_disjoint(self) -> "BinnerConfig":
+    def _input_output_disjoint(self) -> BinnerConfig:
         inp, out = self.input.absolute(), self.output.absolute()
         if inp == out or out.is_relative_to(inp):
             raise ValueError(f"output ({self.output}) must not be inside input ({self.input}): pick a sibling folder")

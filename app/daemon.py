@@ -174,6 +174,7 @@ class Daemon:
                                      self.healthy, self.ready).start()
             log.info("serving /metrics, /healthz, /readyz", address=f"http://{config.http.host}:{self.http.port}")
         self.notifier.status("loading models")
+        _quiet_model_progress_bars()
         log.info("loading models", stages=[r.stage.name for r in runtime.pipeline.runners])
         with anyio.CancelScope(shield=False) as cancel_during_setup:
             async with anyio.create_task_group() as group:
@@ -219,11 +220,22 @@ class Daemon:
 
 def serve(config: BinnerConfig, config_file: Path | None) -> int:
     from app.cli import run_async
+    from app.engine import StageSetupError
 
     daemon = Daemon(config, config_file)
     try:
         return int(run_async(daemon.main))
-    except ConfigError as error:
+    except (ConfigError, StageSetupError) as error:
         log.error("cannot start", error=str(error))
         print(f"error: {error}", flush=True)
         return 2
+
+
+def _quiet_model_progress_bars() -> None:
+    """Progress bars are for terminals; under journald they are noise."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:
+        pass

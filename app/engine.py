@@ -7,18 +7,21 @@ per device; the worker gathers micro-batches and runs the model call on its thre
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import anyio
 import structlog
 
 from app.ledger import Ledger, Outcome, Row
 from app.metrics import Metrics
+from app.placement import SourceError
 from queues import BoundedQueue, DedicatedThread, EndOfStream, next_batch
 from stages.base import ImageItem, Stage, is_out_of_memory
 from stages.rules import RuleThresholds, decide, text_dominant
@@ -165,7 +168,11 @@ class StageRunner:
             self.metrics.busy_seconds.labels(stage=name, device=device).inc(elapsed)
             self.metrics.batch_size.labels(stage=name).observe(len(items))
             for item in items:
-                item.timings[name] = item.timings.get(name, 0.0) + elapsed
+                item.timings[f"{name}_batch"] = item.timings.get(f"{name}_batch", 0.0) + elapsed
+
+
+class StageSetupError(Exception):
+    """A stage could not load its models (missing weights, unknown device, bad configuration)."""
 
 
 class PlacementBlocked(Exception):
@@ -239,8 +246,17 @@ class Pipeline:
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def setup(self) -> None:
+        """Load and warm every model copy; a failure names the stage and device and what went wrong."""
         for runner in self.runners:
-            await runner.setup()
+            try:
+                await runner.setup()
+            except BaseExceptionGroup as group:
+                first = group.exceptions[0]
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                raise StageSetupError(f"stage {runner.stage.name} could not start: {first}") from first
+            except Exception as error:
+                raise StageSetupError(f"stage {runner.stage.name} could not start: {error}") from error
         self.ready = True
 
     async def teardown(self) -> None:
@@ -333,8 +349,11 @@ class Pipeline:
         self._in_flight[row.id] = row
         item = ImageItem(key=row.id, source=row.path, seen_at=row.seen_at)
         if row.attempts > self.max_attempts:
-            item.fail("crashed_repeatedly",
-                      f"interrupted {row.attempts - 1} times while being processed (the process died each time)")
+            if row.last_error:
+                item.fail("retries_exhausted", f"gave up after {row.attempts - 1} attempts: {row.last_error}")
+            else:
+                item.fail("crashed_repeatedly",
+                          f"interrupted {row.attempts - 1} times while being processed (the process died each time)")
             await self.sink_queue.put(item)
             return
         await first.put(item)
@@ -377,18 +396,21 @@ class Pipeline:
         finished: list[tuple[Row, Outcome]] = []
         removable: list[tuple[str, str | None, str | None]] = []
         blocked: PlacementBlocked | None = None
-        for index, item in enumerate(items):
-            row = self._in_flight[item.key]
-            try:
-                outcome = self._finish_one(row, item)
-            except OSError as error:
-                if error.errno in DISK_ERRNOS:
-                    blocked = PlacementBlocked(error, items[index:])
-                    break
-                outcome = Outcome(row.id, "pending", last_error=f"placement failed: {error}")
-            finished.append((row, outcome))
-            if outcome.status in ("done", "quarantined") and self.move_mode and self.placer is not None:
-                removable.append((row.path, outcome.output_path, outcome.sha256))
+        with self.placer.batch() if self.placer is not None else contextlib.nullcontext():
+            for index, item in enumerate(items):
+                row = self._in_flight[item.key]
+                try:
+                    outcome = self._finish_one(row, item)
+                except SourceError as error:  # the input, not the output disk: retry this file alone
+                    outcome = Outcome(row.id, "pending", last_error=f"reading the input failed: {error}")
+                except OSError as error:
+                    if error.errno in DISK_ERRNOS:
+                        blocked = PlacementBlocked(error, items[index:])
+                        break
+                    outcome = Outcome(row.id, "pending", last_error=f"placement failed: {error}")
+                finished.append((row, outcome))
+                if outcome.status in ("done", "quarantined") and self.move_mode and self.placer is not None:
+                    removable.append((row.path, outcome.output_path, outcome.sha256))
         self.ledger.record([outcome for _, outcome in finished])
         for path, placed, digest in removable:
             try:

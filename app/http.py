@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -15,7 +15,7 @@ class StatusServer:
         registry_ref, healthy_ref, ready_ref = registry, healthy, ready
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+            def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     self._send(200, generate_latest(registry_ref), CONTENT_TYPE_LATEST)
@@ -50,7 +50,7 @@ class StatusServer:
     def port(self) -> int:
         return int(self.server.server_address[1])
 
-    def start(self) -> "StatusServer":
+    def start(self) -> StatusServer:
         self.thread.start()
         return self
 

@@ -11,9 +11,10 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Literal
 
 Status = Literal["pending", "processing", "done", "quarantined", "vanished"]
 FINISHED: tuple[str, ...] = ("done", "quarantined", "vanished")
@@ -80,7 +81,7 @@ class Row:
     finished_at: float | None
 
     @classmethod
-    def from_sql(cls, row: sqlite3.Row) -> "Row":
+    def from_sql(cls, row: sqlite3.Row) -> Row:
         data = dict(row)
         for key in ("decision", "signals", "timings"):
             data[key] = json.loads(data[key]) if data[key] else None
@@ -141,7 +142,7 @@ class Ledger:
             db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
 
     class _Tx:
-        def __init__(self, ledger: "Ledger") -> None:
+        def __init__(self, ledger: Ledger) -> None:
             self.ledger = ledger
 
         def __enter__(self) -> sqlite3.Connection:
@@ -155,7 +156,7 @@ class Ledger:
             finally:
                 self.ledger._lock.release()
 
-    def _tx(self) -> "Ledger._Tx":
+    def _tx(self) -> Ledger._Tx:
         return Ledger._Tx(self)
 
     def close(self) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 
@@ -30,18 +31,27 @@ def prepare_dirs(config: BinnerConfig, need_output: bool = True) -> None:
             raise ConfigError(f"{key}: cannot create {path}: {error.strerror}; fix the path or its permissions") from None
 
 
-def preflight_weights(config: BinnerConfig) -> None:
-    """Stop at once, listing every missing weight and how to provide it, before loading anything."""
+def preflight_weights(config: BinnerConfig, fetch: bool = True) -> None:
+    """Make sure every configured weight is here before loading anything.
+
+    With internet, a first start fetches the missing public weights (with progress bars); offline, it
+    stops at once listing every missing weight, the command that provides it, and the offline example.
+    """
     if config.vision.backend != "models" or not vision_enabled(config):
         return
-    from app.weights import missing_weights
+    from app.weights import can_download, fetch_weights, missing_weights
 
     v = config.vision
-    missing = missing_weights(
+    wanted = (
         v.detector.weights if v.detector.enabled else None,
         v.captioner.model if v.captioner.enabled else None,
         v.clip.model if v.clip.enabled else None,
     )
+    missing = missing_weights(*wanted)
+    if missing and fetch and can_download(missing):
+        log.info("fetching missing model weights (first start)", weights=[m.value for m in missing])
+        fetch_weights(*wanted, progress=True)
+        missing = missing_weights(*wanted)
     if missing:
         lines = ["model weights are missing and cannot be fetched here:"]
         lines += [f"  - {m}" for m in missing]
@@ -73,6 +83,10 @@ def build_runtime(config: BinnerConfig, *, dry_run: bool = False, metrics: Metri
         if swept:
             log.info("removed temporary files left by an interrupted placement", files=swept)
     stages = build_stages(config)
+    if config.vision.backend == "models" and vision_enabled(config):
+        from stages.ultralytics_env import prepare_ultralytics
+
+        prepare_ultralytics(config.state_dir / "ultralytics")
     q = config.queues
     pipeline = Pipeline(
         ledger=ledger, metrics=metrics, stages=stages, thresholds=config.rules, placer=placer,

@@ -77,7 +77,7 @@ class Stage(ABC):
         self.batch_policy: BatchPolicy = batch_policy or BatchPolicy()
         self.device: str | None = None
 
-    def replicate(self) -> "Stage":
+    def replicate(self) -> Stage:
         """A fresh, not yet set-up copy for another device (configuration is shared, models are not)."""
         clone = copy.copy(self)
         clone.device = None

@@ -25,11 +25,11 @@ class RuleThresholds(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
     short_circuit_text: bool = Field(True, description="send text-dominant images straight to the sink, skipping vision")
-    c_text_area_ratio: float = Field(0.12, ge=0, le=1, description="C when text boxes cover at least this share of the image")
+    c_text_area_ratio: float = Field(0.10, ge=0, le=1, description="C when text boxes cover at least this share of the image")
     c_char_count: int = Field(200, ge=0, description="C when OCR reads at least this many characters")
     c_line_count: int = Field(12, ge=0, description="C when OCR reads at least this many text lines")
-    a_max_text_area_ratio: float = Field(0.01, ge=0, le=1, description="A needs text area at most this")
-    a_max_char_count: int = Field(12, ge=0, description="A needs at most this many characters")
+    a_max_text_area_ratio: float = Field(0.02, ge=0, le=1, description="A needs text area at most this")
+    a_max_char_count: int = Field(25, ge=0, description="A needs at most this many characters")
     a_min_detection_confidence: float = Field(0.5, ge=0, le=1, description="a detection this confident confirms content")
     a_min_clip_similarity: float = Field(0.28, ge=-1, le=1, description="image-caption similarity this high confirms content")
 

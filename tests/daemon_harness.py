@@ -12,8 +12,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -68,7 +69,7 @@ class NotifyListener:
         while not self._stop.is_set():
             try:
                 data = self.sock.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -108,7 +109,7 @@ class DaemonProcess:
         self.config = config
         self.config_path.write_text(yaml.safe_dump(config))
 
-    def start(self) -> "DaemonProcess":
+    def start(self) -> DaemonProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BINNER_")}
         env["PYTHONUNBUFFERED"] = "1"
         if self.notify is not None:

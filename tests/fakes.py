@@ -6,7 +6,8 @@ import random
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from stages.base import BatchPolicy, ImageItem, OutOfDeviceMemory, Stage
 

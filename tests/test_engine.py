@@ -205,3 +205,42 @@ def test_files_deleted_or_changed_during_processing(tmp_path: Path, vanish: bool
     else:
         assert row.status == "done" and row.size == len(b"changed content, longer than before")
         assert row.attempts == 2, "a changed file is processed again"
+
+
+def test_full_output_disk_pauses_placement_and_loses_nothing(tmp_path: Path) -> None:
+    import errno
+
+    from app.placement import Placer
+
+    refusals = {"left": 3}
+
+    class FullDiskOnce(Placer):
+        def place(self, source: Path, rel_path: str, bin: str, sha256: str) -> Path:
+            if refusals["left"]:
+                refusals["left"] -= 1
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.output_root / bin / rel_path))
+            return super().place(source, rel_path, bin, sha256)
+
+    pipeline, ledger, metrics = build(tmp_path, [RecordingStage("load")], count=12)
+    pipeline.placer = FullDiskOnce(tmp_path / "out", "move")
+    pipeline.move_mode = True
+    paused_seen: list[bool] = []
+
+    async def main() -> None:
+        with anyio.fail_after(60):
+            await pipeline.setup()
+            async with anyio.create_task_group() as group:
+                group.start_soon(pipeline.run, True)
+                while pipeline.stats.finished < 12:
+                    paused_seen.append(pipeline.placement_paused)
+                    await anyio.sleep(0.05)
+            await pipeline.teardown()
+
+    anyio.run(main)
+    assert any(paused_seen), "placement should have paused while the disk was full"
+    assert sample(metrics, "binner_placement_errors_total", error="ENOSPC") == 3
+    assert sample(metrics, "binner_placement_paused") == 0
+    placed = sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert placed == sorted(f"f{i:04d}.png" for i in range(12))
+    assert not list((tmp_path / "in").iterdir()), "inputs are removed only after durable placement"
+    assert {row.status for row in ledger.rows()} == {"done"}

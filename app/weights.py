@@ -1,0 +1,246 @@
+"""Which configured model weights are on this machine, and fetching the public ones.
+
+``missing_weights`` never touches the network: it looks at local paths, the Hugging Face cache and the
+folder binner downloads Ultralytics assets into, so start-up can stop at once with a list of what is
+missing and the command that provides each. ``fetch_weights`` downloads them with progress bars; it
+first checks, with short timeouts, that the hosts are reachable, so that it fails fast offline instead
+of hanging in retries.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from app.config import ConfigError
+from stages.ultralytics_env import default_weights_dir, resolve_detector_weights
+from stages.vision import FETCH_COMMAND
+
+_HF_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+_CONNECT_TIMEOUT_S = 4.0
+
+
+class WeightsError(ConfigError):
+    """Weights cannot be provided (offline, unknown name, failed download); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class MissingWeight:
+    """One configured model that is not on this machine."""
+
+    key: str  # configuration key, e.g. "vision.captioner.model"
+    value: str  # what it is set to
+    command: str  # what provides it
+    reason: str = ""
+    fetchable: bool = True  # whether `binner fetch-weights` can download it
+
+    def __str__(self) -> str:
+        why = f" ({self.reason})" if self.reason else ""
+        return f"{self.key} = {self.value!r}{why}: {self.command}"
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or value.endswith("/")
+
+
+def _hf_cached(repo_id: str) -> bool:
+    """True when the HF cache holds the repo's config and a weights file (no network access)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return False
+    return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in _HF_WEIGHT_FILES)
+
+
+def _check_transformers_model(key: str, value: str) -> MissingWeight | None:
+    local = Path(value).expanduser()
+    if local.is_dir():
+        if (local / "config.json").is_file():
+            return None
+        return MissingWeight(
+            key,
+            value,
+            f"save a complete checkpoint there (save_pretrained) or set {key} to a model id",
+            reason="folder has no config.json",
+            fetchable=False,
+        )
+    if _looks_like_path(value) or not _REPO_ID.match(value):
+        return MissingWeight(
+            key,
+            value,
+            f"copy the checkpoint folder to {value} or set {key} to a Hugging Face model id",
+            reason="no such folder",
+            fetchable=False,
+        )
+    if _hf_cached(value):
+        return None
+    return MissingWeight(
+        key,
+        value,
+        f"run `{FETCH_COMMAND}` with internet (or `hf download {value}`)",
+        reason="not in the Hugging Face cache",
+    )
+
+
+def _check_detector(value: str, weights_dir: Path | None) -> MissingWeight | None:
+    key = "vision.detector.weights"
+    if resolve_detector_weights(value, weights_dir) is not None:
+        return None
+    if Path(value).name == value and value.endswith(".pt"):
+        where = weights_dir or default_weights_dir()
+        return MissingWeight(
+            key,
+            value,
+            f"run `{FETCH_COMMAND}` with internet (downloads into {where})",
+            reason="not a file here nor in the weights folder",
+        )
+    return MissingWeight(
+        key,
+        value,
+        f"copy the weights file to {value}, or set {key} to a file that exists",
+        reason="no such file",
+        fetchable=False,
+    )
+
+
+def missing_weights(
+    detector_weights: str | None,
+    captioner_model: str | None,
+    clip_model: str | None,
+    *,
+    weights_dir: Path | None = None,
+) -> list[MissingWeight]:
+    """The configured models that are not on this machine (None = that model is disabled). No network."""
+    missing: list[MissingWeight] = []
+    if detector_weights:
+        found = _check_detector(detector_weights, weights_dir)
+        if found:
+            missing.append(found)
+    for key, value in (("vision.captioner.model", captioner_model), ("vision.clip.model", clip_model)):
+        if value:
+            found = _check_transformers_model(key, value)
+            if found:
+                missing.append(found)
+    return missing
+
+
+def hub_offline() -> bool:
+    """The user has declared this machine offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    truthy = {"1", "true", "yes", "on"}
+    return any(
+        os.environ.get(name, "").strip().lower() in truthy for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def reachable(host: str, port: int = 443, timeout: float = _CONNECT_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to ``host`` opens within ``timeout`` seconds, DNS included.
+
+    Name resolution has no timeout of its own, so the attempt runs in a daemon thread that is abandoned
+    when the time is up: an offline machine answers False in ``timeout`` seconds, never hangs.
+    """
+    result: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=attempt, name=f"reachable-{host}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return bool(result and result[0])
+
+
+def _hf_host() -> str:
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+
+
+def can_download(missing: list[MissingWeight]) -> bool:
+    """True when every missing weight is fetchable and its host answers (quick, bounded check)."""
+    if not missing or not all(m.fetchable for m in missing):
+        return False
+    hosts = {"github.com" if m.key == "vision.detector.weights" else _hf_host() for m in missing}
+    if hub_offline() and any(host != "github.com" for host in hosts):
+        return False
+    return all(reachable(host) for host in hosts)
+
+
+def _fetch_detector(name: str, weights_dir: Path, progress: bool) -> Path:
+    from stages.ultralytics_env import prepare_ultralytics
+
+    prepare_ultralytics()
+    from ultralytics.utils.downloads import attempt_download_asset
+
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    target = weights_dir / name
+    attempt_download_asset(str(target), progress=progress)
+    if not target.is_file():
+        raise WeightsError(
+            f"vision.detector.weights = {name!r}: Ultralytics has no downloadable asset of that name; "
+            "use e.g. yolo11n.pt or set the key to a local file"
+        )
+    return target
+
+
+def _fetch_transformers_model(key: str, repo_id: str) -> Path:
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        files = HfApi().list_repo_files(repo_id)
+    except Exception as error:  # noqa: BLE001 - any hub error means the same thing to the user
+        raise WeightsError(f"{key} = {repo_id!r}: cannot list that model on the Hugging Face Hub ({error})") from None
+    weights = "*.safetensors" if any(name.endswith(".safetensors") for name in files) else "*.bin"
+    # Only what transformers loads: configs, tokenizer files and one weights format (not TF/Flax copies).
+    path = snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.model", weights], etag_timeout=10)
+    return Path(path)
+
+
+def fetch_weights(
+    detector_weights: str | None,
+    captioner_model: str | None,
+    clip_model: str | None,
+    *,
+    weights_dir: Path | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Download the configured public weights that are missing; returns what was downloaded.
+
+    Fails fast with a ``WeightsError`` (listing what is missing) when a weight is not downloadable or
+    the machine is offline.
+    """
+    missing = missing_weights(detector_weights, captioner_model, clip_model, weights_dir=weights_dir)
+    if not missing:
+        return []
+    unfetchable = [m for m in missing if not m.fetchable]
+    if unfetchable:
+        raise WeightsError("these weights cannot be downloaded:\n" + "\n".join(f"  - {m}" for m in unfetchable))
+    if not can_download(missing):
+        raise WeightsError(
+            "cannot download model weights: no connection to the model hosts (or HF_HUB_OFFLINE is set). "
+            "Missing:\n"
+            + "\n".join(f"  - {m}" for m in missing)
+            + "\nRun this with internet, or point the keys at local copies."
+        )
+    fetched: list[Path] = []
+    for item in missing:
+        if item.key == "vision.detector.weights":
+            fetched.append(_fetch_detector(item.value, weights_dir or default_weights_dir(), progress))
+        else:
+            fetched.append(_fetch_transformers_model(item.key, item.value))
+    still = missing_weights(detector_weights, captioner_model, clip_model, weights_dir=weights_dir)
+    if still:
+        raise WeightsError("downloads finished but these are still missing:\n" + "\n".join(f"  - {m}" for m in still))
+    return fetched

@@ -1,0 +1,370 @@
+"""OCR stage: finds text lines in each image and summarises them into ``signals["ocr"]``.
+
+The OCR engine sits behind a small interface (``OcrBackend``) so that the stage, its signals and the rules
+do not care which engine runs: RapidOCR (PP-OCRv4 in ONNX, shipped inside its wheel, so it works offline
+and on CPU) is the default; PaddleOCR is an optional extra for sites that already run Paddle on GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from stages.base import BatchPolicy, ImageItem, Stage
+
+_MASK_SIDE = 1024  # longest side of the raster on which the union of text boxes is measured
+
+
+@dataclass(frozen=True)
+class OcrOptions:
+    """What the OCR stage runs; ``min_confidence`` drops lines before any signal is computed."""
+
+    backend: str = "rapidocr"  # "rapidocr" | "paddleocr"
+    min_confidence: float = 0.5
+    max_side: int = 1280  # images are downscaled to this longest side for OCR (the ratios are scale-free)
+    paddle_model_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class OcrLine:
+    """One recognised text line; ``box`` is four ``[x, y]`` corners in the coordinates of the input image."""
+
+    text: str
+    confidence: float
+    box: list[list[float]]
+
+
+@runtime_checkable
+class OcrBackend(Protocol):
+    """An OCR engine loaded on one device and used by one thread."""
+
+    def load(self, device: str) -> None:
+        """Load the models onto ``device`` (``"cpu"`` or ``"cuda:N"``); raise with the device named if impossible."""
+
+    def recognize(self, images: list[np.ndarray | Image.Image]) -> list[list[OcrLine]]:
+        """All text lines of each image (RGB arrays or PIL images), one list per image, in input order."""
+
+    def close(self) -> None:
+        """Release the models."""
+
+
+def _cuda_index(device: str) -> int | None:
+    """``"cuda:N"`` -> N, ``"cuda"`` -> 0, ``"cpu"`` -> None; anything else is a configuration error."""
+    if device == "cpu":
+        return None
+    if device == "cuda":
+        return 0
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    raise ValueError(f"unsupported OCR device {device!r}: use 'cpu' or 'cuda:N'")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (respects taskset, cgroups cpusets and systemd CPUAffinity=)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _to_bgr(image: np.ndarray | Image.Image) -> np.ndarray:
+    """RGB array or PIL image -> contiguous BGR uint8 array, which both OCR engines expect."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    return np.ascontiguousarray(image[:, :, 2::-1])
+
+
+class RapidOcrBackend:
+    """RapidOCR (``rapidocr_onnxruntime``): PP-OCRv4 detection, angle classification and recognition on ONNX Runtime.
+
+    RapidOCR itself only knows "GPU 0"; on ``cuda:N`` this backend re-creates the three ONNX sessions with
+    the CUDA execution provider pinned to device N, and refuses to fall back to the CPU silently.
+    """
+
+    def __init__(self, cpu_threads: int | None = None) -> None:
+        self.cpu_threads = cpu_threads
+        self._engine: Any = None
+        self.device: str | None = None
+
+    def load(self, device: str) -> None:
+        try:
+            from rapidocr_onnxruntime import RapidOCR
+        except ImportError as error:
+            raise RuntimeError(
+                "ocr.backend 'rapidocr' needs the package rapidocr_onnxruntime: pip install 'rapidocr_onnxruntime==1.4.4'"
+            ) from error
+        index = _cuda_index(device)
+        threads = self.cpu_threads or min(usable_cpus(), 8)
+        # text_score=0: keep every line here; the stage applies ocr.min_confidence itself.
+        engine = RapidOCR(text_score=0.0, intra_op_num_threads=threads, inter_op_num_threads=1)
+        if index is not None:
+            self._move_to_cuda(engine, index, device)
+        self._engine = engine
+        self.device = device
+
+    @staticmethod
+    def _move_to_cuda(engine: Any, index: int, device: str) -> None:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError(
+                f"OCR device {device}: onnxruntime has no CUDAExecutionProvider (available: "
+                f"{', '.join(ort.get_available_providers())}). Install onnxruntime-gpu matching your CUDA, "
+                "or set ocr.devices to cpu."
+            )
+        holders = (engine.text_det.infer, engine.text_cls.infer, engine.text_rec.session)
+        for holder in holders:
+            old = holder.session
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            providers = [
+                ("CUDAExecutionProvider", {"device_id": index, "arena_extend_strategy": "kSameAsRequested"}),
+                "CPUExecutionProvider",
+            ]
+            model_path = getattr(old, "_model_path", None) or _rapidocr_model_path(holder, engine)
+            session = ort.InferenceSession(model_path, sess_options=options, providers=providers)
+            if session.get_providers()[0] != "CUDAExecutionProvider":
+                raise RuntimeError(
+                    f"OCR device {device}: onnxruntime could not start its CUDA provider on device {index} "
+                    "(check the driver, CUDA/cuDNN libraries and that the GPU exists), or set ocr.devices to cpu"
+                )
+            holder.session = session
+
+    def recognize(self, images: list[np.ndarray | Image.Image]) -> list[list[OcrLine]]:
+        if self._engine is None:
+            raise RuntimeError("RapidOcrBackend.recognize() called before load()")
+        results: list[list[OcrLine]] = []
+        for image in images:
+            found, _elapsed = self._engine(_to_bgr(image))
+            lines = [
+                OcrLine(text=str(text), confidence=float(score), box=[[float(x), float(y)] for x, y in box])
+                for box, text, score in (found or [])
+            ]
+            results.append(lines)
+        return results
+
+    def close(self) -> None:
+        self._engine = None
+
+
+def _rapidocr_model_path(holder: Any, engine: Any) -> str:
+    """The ONNX file behind one of RapidOCR's sessions (it does not keep the path itself)."""
+    from rapidocr_onnxruntime.main import DEFAULT_CFG_PATH
+    from rapidocr_onnxruntime.utils import read_yaml, update_model_path
+
+    config = update_model_path(read_yaml(str(DEFAULT_CFG_PATH)))
+    section = {id(engine.text_det.infer): "Det", id(engine.text_cls.infer): "Cls", id(engine.text_rec.session): "Rec"}
+    return str(config[section[id(holder)]]["model_path"])
+
+
+class PaddleOcrBackend:
+    """PaddleOCR, optional (``pip install 'binner[paddle]'``); imported only when selected.
+
+    ``model_dir`` points at local inference models so that no download is attempted: subfolders ``det``
+    and ``rec`` (and optionally ``cls`` for text-line orientation), as exported by PaddleOCR.
+    Supports PaddleOCR 3.x (``predict``) and 2.x (``ocr``).
+    """
+
+    def __init__(self, model_dir: str | None = None, lang: str | None = None) -> None:
+        self.model_dir = Path(model_dir).expanduser() if model_dir else None
+        self.lang = lang
+        self._engine: Any = None
+        self._major = 0
+        self.device: str | None = None
+
+    def load(self, device: str) -> None:
+        try:
+            import paddleocr
+        except ImportError as error:
+            raise RuntimeError(
+                "ocr.backend 'paddleocr' needs PaddleOCR and PaddlePaddle: pip install 'binner[paddle]' "
+                "(or set ocr.backend to rapidocr)"
+            ) from error
+        index = _cuda_index(device)
+        self._major = int(str(getattr(paddleocr, "__version__", "3")).split(".")[0] or 3)
+        dirs = self._model_dirs()
+        if self._major >= 3:
+            kwargs: dict[str, Any] = {
+                "use_doc_orientation_classify": False,
+                "use_doc_unwarping": False,
+                "use_textline_orientation": "cls" in dirs,
+                "device": "cpu" if index is None else f"gpu:{index}",
+            }
+            if "det" in dirs:
+                kwargs["text_detection_model_dir"] = str(dirs["det"])
+            if "rec" in dirs:
+                kwargs["text_recognition_model_dir"] = str(dirs["rec"])
+            if "cls" in dirs:
+                kwargs["textline_orientation_model_dir"] = str(dirs["cls"])
+        else:
+            kwargs = {
+                "use_angle_cls": "cls" in dirs,
+                "use_gpu": index is not None,
+                "gpu_id": index or 0,
+                "show_log": False,
+            }
+            kwargs.update({f"{name}_model_dir": str(path) for name, path in dirs.items()})
+        if self.lang:
+            kwargs["lang"] = self.lang
+        self._engine = paddleocr.PaddleOCR(**kwargs)
+        self.device = device
+
+    def _model_dirs(self) -> dict[str, Path]:
+        if self.model_dir is None:
+            return {}
+        if not self.model_dir.is_dir():
+            raise FileNotFoundError(
+                f"ocr.paddle_model_dir {self.model_dir} does not exist: point it at a folder with det/ and rec/ "
+                "inference models, or leave it empty to let PaddleOCR use its own cache"
+            )
+        found = {name: self.model_dir / name for name in ("det", "rec", "cls") if (self.model_dir / name).is_dir()}
+        if not {"det", "rec"} <= found.keys():
+            raise FileNotFoundError(f"ocr.paddle_model_dir {self.model_dir} must contain det/ and rec/ model folders")
+        return found
+
+    def recognize(self, images: list[np.ndarray | Image.Image]) -> list[list[OcrLine]]:
+        if self._engine is None:
+            raise RuntimeError("PaddleOcrBackend.recognize() called before load()")
+        results: list[list[OcrLine]] = []
+        for image in images:
+            bgr = _to_bgr(image)
+            lines: list[OcrLine] = []
+            if self._major >= 3:
+                for page in self._engine.predict(bgr):
+                    data = page.json.get("res", page) if hasattr(page, "json") else page
+                    polys = data.get("rec_polys", data.get("dt_polys", []))
+                    for text, score, poly in zip(data.get("rec_texts", []), data.get("rec_scores", []), polys):
+                        box = [[float(x), float(y)] for x, y in np.asarray(poly).reshape(-1, 2)[:4]]
+                        lines.append(OcrLine(text=str(text), confidence=float(score), box=box))
+            else:
+                for page in self._engine.ocr(bgr, cls=True) or []:
+                    for box, (text, score) in page or []:
+                        lines.append(
+                            OcrLine(text=str(text), confidence=float(score), box=[[float(x), float(y)] for x, y in box])
+                        )
+            results.append(lines)
+        return results
+
+    def close(self) -> None:
+        self._engine = None
+
+
+def make_backend(options: OcrOptions) -> OcrBackend:
+    """The backend named by ``ocr.backend``."""
+    if options.backend == "rapidocr":
+        return RapidOcrBackend()
+    if options.backend == "paddleocr":
+        return PaddleOcrBackend(model_dir=options.paddle_model_dir)
+    raise ValueError(f"ocr.backend {options.backend!r} is not a model backend: use rapidocr or paddleocr")
+
+
+def text_area_ratio(boxes: list[list[list[float]]], width: int, height: int) -> float:
+    """Union of the text polygons over the image area, in [0, 1], measured on a raster of at most 1024 px.
+
+    Overlapping boxes count once: the polygons are filled onto one mask and its set pixels are counted.
+    """
+    if not boxes or width <= 0 or height <= 0:
+        return 0.0
+    scale = min(1.0, _MASK_SIDE / max(width, height))
+    mask_w, mask_h = max(1, round(width * scale)), max(1, round(height * scale))
+    mask = Image.new("1", (mask_w, mask_h), 0)
+    draw = ImageDraw.Draw(mask)
+    for box in boxes:
+        points = [(x * scale, y * scale) for x, y in box]
+        draw.polygon(points, fill=1, outline=1)
+    covered = np.count_nonzero(np.asarray(mask))
+    return float(min(1.0, covered / (mask_w * mask_h)))
+
+
+def summarize(lines: list[OcrLine], width: int, height: int, min_confidence: float) -> dict[str, Any]:
+    """The ``signals["ocr"]`` record for one image (see the signals contract in the brief)."""
+    kept = [line for line in lines if line.confidence >= min_confidence]
+    return {
+        "text": "\n".join(line.text for line in kept),
+        "lines": [{"text": line.text, "confidence": line.confidence, "box": line.box} for line in kept],
+        "char_count": sum(len("".join(line.text.split())) for line in kept),
+        "line_count": len(kept),
+        "text_area_ratio": text_area_ratio([line.box for line in kept], width, height),
+        "mean_confidence": float(sum(line.confidence for line in kept) / len(kept)) if kept else 0.0,
+    }
+
+
+def _warmup_image() -> Image.Image:
+    """A small white card with a few words, so that detection, classification and recognition all run."""
+    image = Image.new("RGB", (320, 96), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((12, 16), "binner warmup 0123", fill="black", font_size=28)
+    return image
+
+
+class OcrStage(Stage):
+    """Runs the OCR backend on a micro-batch and fills ``signals["ocr"]``; boxes are in ``item.image`` pixels."""
+
+    name = "ocr"
+
+    def __init__(self, options: OcrOptions, devices: list[str], batch_policy: BatchPolicy) -> None:
+        super().__init__(devices=devices, batch_policy=batch_policy)
+        if options.backend not in {"rapidocr", "paddleocr"}:
+            raise ValueError(f"ocr.backend {options.backend!r} is not a model backend: use rapidocr or paddleocr")
+        if options.max_side < 32:
+            raise ValueError(f"ocr.max_side must be at least 32 pixels (got {options.max_side})")
+        self.options = options
+        self.backend: OcrBackend | None = None
+
+    def replicate(self) -> OcrStage:
+        clone = super().replicate()
+        assert isinstance(clone, OcrStage)
+        clone.backend = None
+        return clone
+
+    def setup(self, device: str) -> None:
+        backend = make_backend(self.options)
+        backend.load(device)
+        self.backend = backend
+        super().setup(device)
+
+    def _prepare(self, image: Image.Image) -> tuple[Image.Image, float]:
+        """Downscale to ``max_side``; returns the image and the factor that maps its pixels back."""
+        longest = max(image.size)
+        if longest <= self.options.max_side:
+            return image, 1.0
+        scale = self.options.max_side / longest
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0), 1.0 / scale
+
+    def process_batch(self, items: list[ImageItem]) -> list[ImageItem]:
+        if self.backend is None:
+            raise RuntimeError("OcrStage.process_batch() called before setup(device)")
+        active = [item for item in items if item.failure is None and item.image is not None]
+        if not active:
+            return items
+        prepared = [self._prepare(item.image) for item in active]
+        found = self.backend.recognize([image for image, _ in prepared])
+        if len(found) != len(active):
+            raise RuntimeError(f"OCR backend returned {len(found)} results for {len(active)} images")
+        for item, (image, back), lines in zip(active, prepared, found):
+            if back != 1.0:
+                lines = [
+                    OcrLine(line.text, line.confidence, [[x * back, y * back] for x, y in line.box]) for line in lines
+                ]
+            width, height = item.image.size
+            item.signals["ocr"] = summarize(lines, width, height, self.options.min_confidence)
+        return items
+
+    def warmup(self) -> None:
+        if self.backend is None:
+            raise RuntimeError("OcrStage.warmup() called before setup(device)")
+        self.backend.recognize([_warmup_image()])
+
+    def teardown(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None

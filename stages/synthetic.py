@@ -1,0 +1,76 @@
+"""Synthetic OCR and vision stages: FOR BENCHMARKS AND BACKLOG TESTS ONLY, NEVER FOR BINNING REAL DATA.
+
+They run no model. Each batch sleeps ``base_ms + per_item_ms * len(items)``, which stands in for a GPU
+call: like a CUDA kernel launch or an ONNX Runtime run, ``time.sleep`` releases the GIL, so these stages
+let the engine's queues, batching, threads, backpressure and metrics be measured at GPU-like speeds on a
+machine without a GPU. The signals they write are well formed but empty (no text, no detections), so
+every image they touch ends up in the "weak content" bin: that is the point, and why they must never be
+configured for real input.
+"""
+
+from __future__ import annotations
+
+import time
+
+from stages.base import BatchPolicy, ImageItem, Stage
+
+
+class _SleepStage(Stage):
+    """A stage whose batch costs ``base_ms + per_item_ms * n`` of GIL-free waiting."""
+
+    def __init__(self, base_ms: float, per_item_ms: float, devices: list[str], batch_policy: BatchPolicy) -> None:
+        super().__init__(devices=devices, batch_policy=batch_policy)
+        if base_ms < 0 or per_item_ms < 0:
+            raise ValueError(f"synthetic stage costs must be >= 0 ms (got {base_ms}, {per_item_ms})")
+        self.base_ms = float(base_ms)
+        self.per_item_ms = float(per_item_ms)
+
+    def _active(self, items: list[ImageItem]) -> list[ImageItem]:
+        return [item for item in items if item.failure is None and item.image is not None]
+
+    def _simulate(self, count: int) -> None:
+        time.sleep((self.base_ms + self.per_item_ms * count) / 1000.0)
+
+
+class SyntheticOcrStage(_SleepStage):
+    """Benchmark stand-in for ``OcrStage`` (never for real data): sleeps, then writes empty OCR signals."""
+
+    name = "ocr"
+
+    def process_batch(self, items: list[ImageItem]) -> list[ImageItem]:
+        active = self._active(items)
+        if not active:
+            return items
+        self._simulate(len(active))
+        for item in active:
+            item.signals["ocr"] = {
+                "text": "",
+                "lines": [],
+                "char_count": 0,
+                "line_count": 0,
+                "text_area_ratio": 0.0,
+                "mean_confidence": 0.0,
+            }
+        return items
+
+
+class SyntheticVisionStage(_SleepStage):
+    """Benchmark stand-in for ``VisionStage`` (never for real data): sleeps, then writes no detections.
+
+    Only ``detections`` is written (empty); ``caption`` and ``clip_similarity`` stay absent, as for
+    disabled models, so the rules skip those criteria.
+    """
+
+    name = "vision"
+
+    def _active(self, items: list[ImageItem]) -> list[ImageItem]:
+        return [item for item in super()._active(items) if not item.skip_vision]
+
+    def process_batch(self, items: list[ImageItem]) -> list[ImageItem]:
+        active = self._active(items)
+        if not active:
+            return items
+        self._simulate(len(active))
+        for item in active:
+            item.signals["detections"] = []
+        return items

@@ -1,0 +1,387 @@
+"""Vision stage: YOLO detection, BLIP captioning and CLIP image-caption similarity, batched, on one device.
+
+One instance owns one copy of each enabled model on one device and is used by one thread (Ultralytics
+predictors are not thread-safe). A micro-batch costs one YOLO predict, one BLIP ``generate`` and one CLIP
+forward. ``torch``, ``transformers`` and ``ultralytics`` are imported in ``setup`` only, so importing this
+module is cheap and works on machines that only run the synthetic stages.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from stages.base import BatchPolicy, ImageItem, OutOfDeviceMemory, Stage, is_out_of_memory
+
+logger = logging.getLogger(__name__)
+
+FETCH_COMMAND = "binner fetch-weights"  # the CLI command that downloads the configured weights
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+_PROBE_HEADROOM = 0.9  # a probed batch may use at most this share of the memory available to the stage
+
+
+@dataclass(frozen=True)
+class DetectorOptions:
+    """Ultralytics YOLO: a ``.pt`` file, an export (``.onnx``, ``.tflite``, ...) or a bare asset name."""
+
+    weights: str
+    confidence: float = 0.25
+    image_size: int = 640
+
+
+@dataclass(frozen=True)
+class CaptionerOptions:
+    """BLIP captioning: a Hugging Face model id (from the local cache) or a saved checkpoint folder."""
+
+    model: str
+    max_new_tokens: int = 30
+    prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class ClipOptions:
+    """CLIP similarity between the image and its caption: model id (from the local cache) or folder."""
+
+    model: str
+
+
+class VisionConfigError(ValueError):
+    """The vision options contradict each other; the message names the keys."""
+
+
+class ModelUnavailableError(RuntimeError):
+    """A configured model cannot be loaded from this machine; the message names the key and the fix."""
+
+
+def check_device(device: str) -> Any:
+    """``"cpu"`` / ``"cuda:N"`` -> ``torch.device``, or a clear error when that device does not exist."""
+    import torch
+
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda":
+        device = "cuda:0"
+    if not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ValueError(f"unsupported vision device {device!r}: use 'cpu' or 'cuda:N'")
+    index = int(device[5:])
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        raise RuntimeError(
+            f"vision device {device} does not exist: this machine has {count} CUDA device(s) visible"
+            f"{' (check CUDA_VISIBLE_DEVICES and the driver)' if count == 0 else ''}; fix vision.devices"
+        )
+    return torch.device(device)
+
+
+def resolve_dtype(precision: str, device: str) -> Any:
+    """The torch dtype for ``vision.precision`` on ``device``: auto is fp16 on CUDA and fp32 on CPU.
+
+    fp16 on CPU falls back to fp32 (half-precision kernels on CPU are slow or missing); bf16 is honoured
+    on CPU, and on CUDA only where the GPU supports it.
+    """
+    import torch
+
+    if precision not in PRECISIONS:
+        raise VisionConfigError(f"vision.precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    on_cuda = device.startswith("cuda")
+    if precision == "fp32":
+        return torch.float32
+    if precision == "auto":
+        return torch.float16 if on_cuda else torch.float32
+    if precision == "fp16":
+        if not on_cuda:
+            logger.warning("vision.precision fp16 is not used on %s; running fp32 there", device)
+            return torch.float32
+        return torch.float16
+    if on_cuda:
+        with torch.cuda.device(torch.device(device)):
+            if not torch.cuda.is_bf16_supported():
+                raise VisionConfigError(f"vision.precision bf16 is not supported by {device}: use fp16 or auto")
+    return torch.bfloat16
+
+
+def _load_pretrained(loader: Any, name: str, key: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(name)`` from local files only; a missing model becomes a clear error."""
+    try:
+        return loader.from_pretrained(name, local_files_only=True, **kwargs)
+    except OSError as error:
+        raise ModelUnavailableError(
+            f"{key} = {name!r} cannot be loaded from this machine ({error.__class__.__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'not found'}). With internet, run `{FETCH_COMMAND}` "
+            f"once to download it into the Hugging Face cache; offline, copy a saved checkpoint folder here and "
+            f"set {key} to its path, or disable that model."
+        ) from error
+
+
+class VisionStage(Stage):
+    """YOLO -> BLIP caption -> CLIP(image, caption) on a micro-batch; fills ``detections``, ``caption``,
+    ``clip_similarity`` (a disabled model's key stays absent). Boxes are in ``item.image`` pixels."""
+
+    name = "vision"
+
+    def __init__(
+        self,
+        detector: DetectorOptions | None,
+        captioner: CaptionerOptions | None,
+        clip: ClipOptions | None,
+        precision: str,
+        devices: list[str],
+        batch_policy: BatchPolicy,
+    ) -> None:
+        super().__init__(devices=devices, batch_policy=batch_policy)
+        if clip is not None and captioner is None:
+            raise VisionConfigError(
+                "vision.clip is enabled but vision.captioner is disabled: CLIP compares the image with its "
+                "caption, so enable vision.captioner or disable vision.clip"
+            )
+        if precision not in PRECISIONS:
+            raise VisionConfigError(f"vision.precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        if detector is None and captioner is None:
+            raise VisionConfigError("vision has no model enabled: enable vision.detector or vision.captioner")
+        self.detector_options = detector
+        self.captioner_options = captioner
+        self.clip_options = clip
+        self.precision = precision
+        self._clear_models()
+
+    def _clear_models(self) -> None:
+        self.torch_device: Any = None
+        self.dtype: Any = None
+        self.yolo: Any = None
+        self._yolo_precision: dict[str, Any] = {}
+        self.blip: Any = None
+        self.blip_processor: Any = None
+        self.clip: Any = None
+        self.clip_processor: Any = None
+        self._clip_max_tokens = 77
+
+    def replicate(self) -> VisionStage:
+        clone = super().replicate()
+        assert isinstance(clone, VisionStage)
+        clone._clear_models()
+        return clone
+
+    # -- set-up -------------------------------------------------------------------------------------------
+
+    def setup(self, device: str) -> None:
+        from stages.torch_compat import ensure_torchvision
+        from stages.ultralytics_env import prepare_ultralytics
+
+        ensure_torchvision()
+        torch_device = check_device(device)
+        dtype = resolve_dtype(self.precision, device)
+        self.torch_device, self.dtype = torch_device, dtype
+        if self.detector_options is not None:
+            prepare_ultralytics()
+            self.yolo = self._load_detector(self.detector_options)
+            self._yolo_precision = self._detector_precision()
+        if self.captioner_options is not None:
+            from transformers import AutoProcessor, BlipForConditionalGeneration
+
+            key = "vision.captioner.model"
+            name = self.captioner_options.model
+            self.blip_processor = _load_pretrained(AutoProcessor, name, key)
+            model = _load_pretrained(BlipForConditionalGeneration, name, key, dtype=dtype)
+            self.blip = model.to(torch_device).eval()
+        if self.clip_options is not None:
+            from transformers import AutoProcessor, CLIPModel
+
+            key = "vision.clip.model"
+            name = self.clip_options.model
+            self.clip_processor = _load_pretrained(AutoProcessor, name, key)
+            model = _load_pretrained(CLIPModel, name, key, dtype=dtype)
+            self.clip = model.to(torch_device).eval()
+            self._clip_max_tokens = int(getattr(model.config.text_config, "max_position_embeddings", 77))
+        super().setup(device)
+
+    @staticmethod
+    def _load_detector(options: DetectorOptions) -> Any:
+        from stages.ultralytics_env import default_weights_dir, resolve_detector_weights
+
+        path = resolve_detector_weights(options.weights)
+        if path is None:
+            raise ModelUnavailableError(
+                f"vision.detector.weights = {options.weights!r} is not on this machine (looked at that path and in "
+                f"{default_weights_dir()}). With internet, run `{FETCH_COMMAND}` once; offline, copy the file here "
+                "and set vision.detector.weights to its path, or disable vision.detector."
+            )
+        from ultralytics import YOLO
+
+        return YOLO(str(path), task="detect")
+
+    def _detector_precision(self) -> dict[str, Any]:
+        """fp16 for ``.pt`` weights on CUDA when the stage runs fp16 (Ultralytics has no bf16); exports
+        (ONNX, TFLite, TensorRT, ...) keep the precision they were exported with."""
+        import torch
+
+        if self.torch_device.type != "cuda" or self.dtype != torch.float16:
+            return {}
+        from ultralytics.cfg import DEFAULT_CFG_DICT
+
+        return {"quantize": 16} if "quantize" in DEFAULT_CFG_DICT else {"half": True}  # 8.4 renamed half
+
+    # -- inference ----------------------------------------------------------------------------------------
+
+    def _detect(self, images: list[Image.Image]) -> list[list[dict[str, Any]]]:
+        from stages.ultralytics_env import preserve_torch_threads
+
+        options = self.detector_options
+        assert options is not None and self.yolo is not None
+        on_cuda = self.torch_device.type == "cuda"
+        with preserve_torch_threads():
+            results = self.yolo.predict(
+                source=images,
+                conf=options.confidence,
+                imgsz=options.image_size,
+                device=str(self.torch_device.index) if on_cuda else "cpu",
+                verbose=False,
+                **self._yolo_precision,
+            )
+        detections = []
+        for result in results:
+            boxes = result.boxes
+            found = []
+            if boxes is not None and len(boxes):
+                for xyxy, conf, cls in zip(boxes.xyxy.tolist(), boxes.conf.tolist(), boxes.cls.tolist()):
+                    found.append(
+                        {
+                            "label": str(result.names[int(cls)]),
+                            "confidence": float(conf),
+                            "box": [float(v) for v in xyxy],
+                        }
+                    )
+            detections.append(found)
+        return detections
+
+    def _caption(self, images: list[Image.Image], min_new_tokens: int | None = None) -> list[str]:
+        options = self.captioner_options
+        assert options is not None and self.blip is not None
+        if options.prompt:
+            inputs = self.blip_processor(images=images, text=[options.prompt] * len(images), return_tensors="pt")
+        else:
+            inputs = self.blip_processor(images=images, return_tensors="pt")
+        inputs = {key: value.to(self.torch_device) for key, value in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        extra = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
+        output = self.blip.generate(**inputs, max_new_tokens=options.max_new_tokens, **extra)
+        return [text.strip() for text in self.blip_processor.batch_decode(output, skip_special_tokens=True)]
+
+    def _similarity(self, images: list[Image.Image], captions: list[str]) -> list[float]:
+        assert self.clip is not None
+        import torch
+
+        inputs = self.clip_processor(
+            images=images,
+            text=captions,
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self._clip_max_tokens,
+        )
+        inputs = {key: value.to(self.torch_device) for key, value in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        output = self.clip(**inputs)
+        image = torch.nn.functional.normalize(output.image_embeds.float(), dim=-1)
+        text = torch.nn.functional.normalize(output.text_embeds.float(), dim=-1)
+        return [float(value) for value in (image * text).sum(dim=-1).clamp(-1.0, 1.0).tolist()]
+
+    def run_models(self, images: list[Image.Image], worst_case: bool = False) -> list[dict[str, Any]]:
+        """The signals for each image (keys of disabled models absent); ``worst_case`` forces full-length
+        captions, which is what a memory probe must measure."""
+        import torch
+
+        signals: list[dict[str, Any]] = [{} for _ in images]
+        with torch.inference_mode():
+            if self.yolo is not None:
+                for record, found in zip(signals, self._detect(images)):
+                    record["detections"] = found
+            if self.blip is not None:
+                minimum = self.captioner_options.max_new_tokens if worst_case and self.captioner_options else None
+                captions = self._caption(images, min_new_tokens=minimum)
+                for record, caption in zip(signals, captions):
+                    record["caption"] = caption
+                if self.clip is not None:
+                    for record, similarity in zip(signals, self._similarity(images, captions)):
+                        record["clip_similarity"] = similarity
+        return signals
+
+    def _out_of_memory(self, error: BaseException, size: int) -> OutOfDeviceMemory:
+        if self.torch_device is not None and self.torch_device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+        return OutOfDeviceMemory(f"vision ran out of memory on {self.device} with a batch of {size}: {error}")
+
+    def process_batch(self, items: list[ImageItem]) -> list[ImageItem]:
+        if self.device is None:
+            raise RuntimeError("VisionStage.process_batch() called before setup(device)")
+        active = [item for item in items if item.failure is None and item.image is not None and not item.skip_vision]
+        if not active:
+            return items
+        try:
+            results = self.run_models([item.image for item in active])
+        except OutOfDeviceMemory:
+            raise
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise self._out_of_memory(error, len(active)) from error
+            raise
+        for item, record in zip(active, results):
+            item.signals.update(record)
+        return items
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _dummy_images(count: int) -> list[Image.Image]:
+        return [Image.effect_noise((640, 480), 64).convert("RGB") for _ in range(count)]
+
+    def warmup(self) -> None:
+        if self.device is None:
+            raise RuntimeError("VisionStage.warmup() called before setup(device)")
+        self.run_models(self._dummy_images(1))
+
+    def probe_batch_size(self, device: str, ceiling: int) -> int:
+        """Largest batch (``ceiling``, halved until it fits) that runs on ``device`` with full-length
+        captions and peaks under 90% of the memory available to this stage; CPU returns ``ceiling``."""
+        if not device.startswith("cuda"):
+            return ceiling
+        import torch
+
+        if self.device != device:
+            self.setup(device)
+        index = self.torch_device.index
+        size = max(1, ceiling)
+        while True:
+            torch.cuda.empty_cache()
+            free, _total = torch.cuda.mem_get_info(index)
+            available = free + torch.cuda.memory_reserved(index)
+            torch.cuda.reset_peak_memory_stats(index)
+            try:
+                self.run_models(self._dummy_images(size), worst_case=True)
+                fits = torch.cuda.max_memory_reserved(index) <= _PROBE_HEADROOM * available
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                fits = False
+            if fits:
+                torch.cuda.empty_cache()
+                return size
+            if size == 1:
+                torch.cuda.empty_cache()
+                raise OutOfDeviceMemory(f"the vision models do not fit on {device} even with a batch of 1")
+            size //= 2
+
+    def teardown(self) -> None:
+        on_cuda = self.torch_device is not None and self.torch_device.type == "cuda"
+        self._clear_models()
+        self.device = None
+        gc.collect()
+        if on_cuda:
+            import torch
+
+            torch.cuda.empty_cache()

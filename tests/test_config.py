@@ -1,0 +1,80 @@
+"""Configuration cascade (file < environment < flags) and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from app.cli import cli
+from app.config import ConfigError, load_config
+from app.wiring import resolve_devices
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid_and_name_the_public_weights() -> None:
+    config = load_config(None)
+    assert config.vision.detector.weights.startswith("yolo")
+    assert config.vision.captioner.model == "Salesforce/blip-image-captioning-base"
+    assert config.vision.clip.model == "openai/clip-vit-base-patch32"
+    assert config.http.host == "127.0.0.1"
+
+
+def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    file = write(tmp_path / "c.yaml", "settle_ms: 111\nocr:\n  batch_size: 3\n  max_wait_ms: 7\nhttp:\n  port: 9999\n")
+    assert load_config(file).settle_ms == 111
+    monkeypatch.setenv("BINNER_SETTLE_MS", "222")
+    monkeypatch.setenv("BINNER_OCR__BATCH_SIZE", "5")
+    config = load_config(file)
+    assert (config.settle_ms, config.ocr.batch_size, config.ocr.max_wait_ms, config.http.port) == (222, 5, 7, 9999)
+    config = load_config(file, {"settle_ms": 333, "ocr": {"batch_size": 9}})
+    assert (config.settle_ms, config.ocr.batch_size, config.ocr.max_wait_ms) == (333, 9, 7)
+
+
+def test_unknown_and_invalid_keys_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"vision\.detector\.wieghts: unknown key"):
+        load_config(write(tmp_path / "a.yaml", "vision:\n  detector:\n    wieghts: x.pt\n"))
+    with pytest.raises(ConfigError, match=r"rules\.c_text_area_ratio: .*less than or equal to 1.*got 3"):
+        load_config(write(tmp_path / "b.yaml", "rules:\n  c_text_area_ratio: 3\n"))
+    with pytest.raises(ConfigError, match=r"placement: .*'move', 'copy' or 'hardlink'"):
+        load_config(write(tmp_path / "c.yaml", "placement: teleport\n"))
+    with pytest.raises(ConfigError, match="must not be inside input"):
+        load_config(None, {"input": tmp_path, "output": tmp_path / "bins"})
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path / "d.yaml", "ocr: [unclosed\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_devices_auto_and_missing_devices() -> None:
+    assert resolve_devices("auto", "ocr", gpu_count=0) == ["cpu"]
+    assert resolve_devices("auto", "vision", gpu_count=1) == ["cuda:0"]
+    assert resolve_devices("auto", "ocr", gpu_count=3) == ["cuda:0"]
+    assert resolve_devices("auto", "vision", gpu_count=3) == ["cuda:1", "cuda:2"]
+    assert resolve_devices(["cuda:1", "cuda:2"], "vision", gpu_count=3) == ["cuda:1", "cuda:2"]
+    with pytest.raises(ConfigError, match=r"vision\.devices: cuda:2 does not exist: this machine shows 2"):
+        resolve_devices(["cuda:0", "cuda:2"], "vision", gpu_count=2)
+    with pytest.raises(ConfigError, match=r"ocr\.devices: 'gpu0' is not a device"):
+        resolve_devices(["gpu0"], "ocr", gpu_count=1)
+
+
+def test_device_list_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BINNER_VISION__DEVICES", "cuda:1,cuda:2")
+    assert load_config(None).vision.devices == ["cuda:1", "cuda:2"]
+
+
+def test_config_show_and_check_commands(tmp_path: Path) -> None:
+    runner = CliRunner()
+    shown = runner.invoke(cli, ["config", "show", "--config", "deploy/examples/offline-cpu.yaml"])
+    assert shown.exit_code == 0, shown.output
+    assert "yolov8n_int8.tflite" in shown.output and "c_text_area_ratio" in shown.output
+    bad = runner.invoke(cli, ["config", "show", "--config", str(write(tmp_path / "x.yaml", "nope: 1\n"))])
+    assert bad.exit_code == 2 and "nope: unknown key" in bad.output
+    devices = runner.invoke(cli, ["config", "check"], env={"BINNER_OCR__DEVICES": "cuda:7",
+                                                           "BINNER_VISION__BACKEND": "synthetic"})
+    assert devices.exit_code == 2 and "ocr.devices: cuda:7 does not exist" in devices.output
