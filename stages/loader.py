@@ -41,11 +41,23 @@ log = structlog.get_logger(__name__)
 
 Image.init()  # register every plugin once, at import, not lazily from a worker thread
 
+def _register_heif() -> None:
+    """HEIC/HEIF (phone photos) through pi-heif. Registering it ourselves also keeps Ultralytics, which
+    registers an opener that imports pi_heif lazily, from turning every undecodable file into an ImportError."""
+    try:
+        from pi_heif import register_heif_opener
+    except ImportError:
+        return
+    register_heif_opener()
+
+
+_register_heif()
+
 #: Formats the loader will decode. Deliberately excludes EPS/PDF (they shell out to Ghostscript) and the
 #: exotic scientific and legacy formats whose parsers see little hardening.
 DEFAULT_FORMATS: tuple[str, ...] = tuple(
     fmt
-    for fmt in ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP", "AVIF", "JPEG2000", "PPM", "QOI")
+    for fmt in ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP", "AVIF", "HEIF", "JPEG2000", "PPM", "QOI")
     if fmt in Image.OPEN
 )
 

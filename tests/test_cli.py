@@ -1,0 +1,135 @@
+"""The CLI end to end with real models: `binner once` over a bad-input corpus, `eval`, `status`,
+`explain`, `rebin`, and the offline start-up error for the default public weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.corpus import CORPUS_LIMITS, make_bad_corpus
+from tests.daemon_harness import files_under, sha256
+
+OFFLINE = REPO / "deploy" / "examples" / "offline-cpu.yaml"
+pytestmark = pytest.mark.models
+
+
+def binner(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=_env())
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BINNER_")}
+    env["COLUMNS"] = "200"
+    return env
+
+
+def config_with(tmp_path: Path, extra: dict) -> Path:
+    config = yaml.safe_load(OFFLINE.read_text())
+    for key, value in extra.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_once_accounts_for_every_file_of_a_bad_corpus(tmp_path: Path, shared_images: Path) -> None:
+    inbox, out, state = tmp_path / "in", tmp_path / "out", tmp_path / "state"
+    expected = make_bad_corpus(inbox)
+    (inbox / "nested").mkdir(exist_ok=True)
+    shutil.copyfile(shared_images / "text" / "skimage_page.png", inbox / "nested" / "page.png")
+    expected["nested/page.png"] = None
+    digests = {rel: sha256(inbox / rel) for rel in expected}
+    config = config_with(tmp_path, {"limits": CORPUS_LIMITS})
+    result = binner("once", str(inbox), "--output", str(out), "--config", str(config), "--state", str(state),
+                    "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "images/s" in result.stdout and "not finished" in result.stdout
+    placed = {p.relative_to(out).as_posix(): p for p in files_under(out)}
+    assert len(placed) == len(expected), sorted(placed)
+    assert not files_under(inbox), "move mode leaves nothing behind in the input"
+    for rel, reason in expected.items():
+        where = [key for key in placed if key.endswith("/" + rel)]
+        assert len(where) == 1, f"{rel}: expected exactly one placement, found {where}"
+        parts = where[0].split("/")
+        if reason is None:
+            assert parts[0] in {"A", "B", "C"}, f"{rel} should decode and be binned, went to {where[0]}"
+        else:
+            assert parts[:2] == ["_quarantine", reason], f"{rel}: expected {reason}, got {where[0]}"
+        assert sha256(placed[where[0]]) == digests[rel], f"{rel} was altered"
+    assert placed["C/nested/page.png"]
+    status = binner("status", "--state", str(state), "--json")
+    counts = json.loads(status.stdout)
+    assert sum(counts["status"].values()) == len(expected)
+    assert counts["status"].get("done", 0) == sum(1 for r in expected.values() if r is None)
+    assert counts["backlog"] == 0
+
+
+def test_explain_rebin_and_a_second_run_without_model_work(tmp_path: Path, shared_images: Path) -> None:
+    inbox, out, state = tmp_path / "in", tmp_path / "out", tmp_path / "state"
+    for rel in ("photo/darknet_dog.jpg", "photo/yolov5_zidane.jpg", "text/skimage_page.png"):
+        (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shared_images / rel, inbox / rel)
+    config = config_with(tmp_path, {"placement": "copy"})
+    first = binner("once", str(inbox), "--output", str(out), "--config", str(config), "--state", str(state),
+                   "--no-progress")
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.relative_to(out).as_posix() for p in files_under(out)) == [
+        "A/photo/darknet_dog.jpg", "A/photo/yolov5_zidane.jpg", "C/text/skimage_page.png"]
+    second = binner("once", str(inbox), "--output", str(out), "--config", str(config), "--state", str(state),
+                    "--no-progress")
+    assert second.returncode == 0 and "0 files in" in second.stdout and "already done 3" in second.stdout
+    explained = binner("explain", "photo/darknet_dog.jpg", "--state", str(state), "--json")
+    record = json.loads(explained.stdout)
+    assert record["bin"] == "A" and record["rule"] == "confident_detection"
+    assert any(d["label"] == "dog" for d in record["signals"]["detections"])
+    text = binner("explain", "skimage_page.png", "--state", str(state))
+    assert "bin C by rule 'text_area'" in text.stdout
+
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "output": str(out),
+                                      "rules": {"a_min_detection_confidence": 0.99}}))
+    probe = ("import sys; from app.cli import main; sys.argv=['binner','rebin','--config',%r,'--state',%r];\n"
+             "try:\n    main()\nexcept SystemExit:\n    pass\n"
+             "print('MODELS_IMPORTED', [m for m in ('ultralytics','rapidocr_onnxruntime','transformers') if m in sys.modules])")
+    rebinned = subprocess.run([sys.executable, "-c", probe % (str(strict), str(state))], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+    assert "2 files moved" in rebinned.stdout, rebinned.stdout + rebinned.stderr
+    assert "MODELS_IMPORTED []" in rebinned.stdout, "rebin must not load any model"
+    assert sorted(p.relative_to(out).as_posix() for p in files_under(out)) == [
+        "B/photo/darknet_dog.jpg", "B/photo/yolov5_zidane.jpg", "C/text/skimage_page.png"]
+    after = json.loads(binner("explain", "photo/darknet_dog.jpg", "--state", str(state), "--json").stdout)
+    assert after["bin"] == "B" and after["output"].endswith("B/photo/darknet_dog.jpg")
+
+
+def test_eval_reports_per_category_accuracy_meeting_the_targets(shared_images: Path) -> None:
+    result = binner("eval", "--images", str(shared_images), "--labels", str(shared_images / "labels.csv"),
+                    "--config", str(OFFLINE), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    per, confusion = report["per_category"], report["confusion"]
+    assert {k: v["n"] for k, v in per.items()} == {"photo": 11, "text": 10, "mixed": 9}
+    assert per["text"]["accuracy"] >= 0.9
+    assert per["photo"]["accuracy"] >= 0.8
+    mixed = confusion["mixed"]
+    assert (mixed["B"] + mixed["C"]) / per["mixed"]["n"] >= 0.7
+    assert all(c["missing"] == 0 and c["quarantined"] == 0 for c in confusion.values())
+
+
+def test_default_public_weights_offline_stop_at_once_with_what_to_do(tmp_path: Path) -> None:
+    result = binner("once", str(tmp_path), "--output", str(tmp_path.parent / "out-default"), "--state",
+                    str(tmp_path.parent / "state-default"), "--no-progress", timeout=120)
+    assert result.returncode == 2
+    message = result.stderr
+    for needle in ("vision.detector.weights", "vision.captioner.model", "vision.clip.model",
+                   "binner fetch-weights", "deploy/examples/offline-cpu.yaml"):
+        assert needle in message, f"{needle!r} missing from:\n{message}"
