@@ -20,12 +20,12 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 # Debian packages the tests need: Prometheus and promtool (dashboards, alerts), systemd (unit checks, boot test),
-# libgs-common (a CMYK ICC profile for the loader's colour test).
+# libgs-common (a CMYK ICC profile for the loader's colour test), shellcheck (install.sh lint).
 system-deps:
 	@if ! command -v promtool >/dev/null 2>&1 || ! command -v systemd-analyze >/dev/null 2>&1 \
-	    || ! dpkg -s libgs-common >/dev/null 2>&1; then \
+	    || ! dpkg -s libgs-common >/dev/null 2>&1 || ! command -v shellcheck >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = "0" ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus systemd libgs-common >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus systemd libgs-common shellcheck >/dev/null; \
 	  else echo "note: not root; install prometheus and systemd with apt-get for the full suite (tests skip otherwise)"; fi; \
 	fi
 
