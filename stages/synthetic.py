@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 from stages.base import BatchPolicy, ImageItem, Stage
+from stages.ocr import summarize
 
 
 class _SleepStage(Stage):
@@ -28,8 +29,16 @@ class _SleepStage(Stage):
     def _active(self, items: list[ImageItem]) -> list[ImageItem]:
         return [item for item in items if item.failure is None and item.image is not None]
 
-    def _simulate(self, count: int) -> None:
-        time.sleep((self.base_ms + self.per_item_ms * count) / 1000.0)
+    def process_batch(self, items: list[ImageItem]) -> list[ImageItem]:
+        active = self._active(items)
+        if active:
+            time.sleep((self.base_ms + self.per_item_ms * len(active)) / 1000.0)
+            for item in active:
+                self._annotate(item)
+        return items
+
+    def _annotate(self, item: ImageItem) -> None:
+        raise NotImplementedError
 
 
 class SyntheticOcrStage(_SleepStage):
@@ -37,21 +46,8 @@ class SyntheticOcrStage(_SleepStage):
 
     name = "ocr"
 
-    def process_batch(self, items: list[ImageItem]) -> list[ImageItem]:
-        active = self._active(items)
-        if not active:
-            return items
-        self._simulate(len(active))
-        for item in active:
-            item.signals["ocr"] = {
-                "text": "",
-                "lines": [],
-                "char_count": 0,
-                "line_count": 0,
-                "text_area_ratio": 0.0,
-                "mean_confidence": 0.0,
-            }
-        return items
+    def _annotate(self, item: ImageItem) -> None:
+        item.signals["ocr"] = summarize([], 1, 1, min_confidence=0.0)
 
 
 class SyntheticVisionStage(_SleepStage):
@@ -66,11 +62,5 @@ class SyntheticVisionStage(_SleepStage):
     def _active(self, items: list[ImageItem]) -> list[ImageItem]:
         return [item for item in super()._active(items) if not item.skip_vision]
 
-    def process_batch(self, items: list[ImageItem]) -> list[ImageItem]:
-        active = self._active(items)
-        if not active:
-            return items
-        self._simulate(len(active))
-        for item in active:
-            item.signals["detections"] = []
-        return items
+    def _annotate(self, item: ImageItem) -> None:
+        item.signals["detections"] = []

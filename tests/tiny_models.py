@@ -83,23 +83,13 @@ def build_tiny_clip(directory: Path) -> Path:
     config = CLIPConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": HIDDEN,
-            "intermediate_size": 2 * HIDDEN,
-            "num_hidden_layers": LAYERS,
-            "num_attention_heads": HEADS,
+            **_tiny_encoder(),
             "max_position_embeddings": 77,
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         },
-        vision_config={
-            "image_size": IMAGE_SIZE,
-            "patch_size": 8,
-            "hidden_size": HIDDEN,
-            "intermediate_size": 2 * HIDDEN,
-            "num_hidden_layers": LAYERS,
-            "num_attention_heads": HEADS,
-        },
+        vision_config=_tiny_encoder(image_size=IMAGE_SIZE, patch_size=8),
         projection_dim=16,
     )
     torch.manual_seed(0)
@@ -111,6 +101,12 @@ def build_tiny_clip(directory: Path) -> Path:
     processor.save_pretrained(directory)
     model.save_pretrained(directory)
     return directory
+
+
+def _tiny_encoder(**extra: int) -> dict[str, int]:
+    """The transformer size shared by every tiny text and vision tower."""
+    return {"hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN, "num_hidden_layers": LAYERS,
+            "num_attention_heads": HEADS, **extra}
 
 
 def build_tiny_blip(directory: Path) -> Path:
@@ -128,24 +124,14 @@ def build_tiny_blip(directory: Path) -> Path:
     config = BlipConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": HIDDEN,
-            "intermediate_size": 2 * HIDDEN,
-            "num_hidden_layers": LAYERS,
-            "num_attention_heads": HEADS,
+            **_tiny_encoder(),
             "max_position_embeddings": 64,
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.sep_token_id,
             "sep_token_id": tokenizer.sep_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         },
-        vision_config={
-            "image_size": IMAGE_SIZE,
-            "patch_size": 8,
-            "hidden_size": HIDDEN,
-            "intermediate_size": 2 * HIDDEN,
-            "num_hidden_layers": LAYERS,
-            "num_attention_heads": HEADS,
-        },
+        vision_config=_tiny_encoder(image_size=IMAGE_SIZE, patch_size=8),
         projection_dim=16,
     )
     torch.manual_seed(0)
