@@ -223,3 +223,28 @@ def test_backlog_of_20000_files_stays_in_bounded_memory(tmp_path: Path) -> None:
         assert depth <= capacities[queue]
     assert peak is not None and peak < 1024, f"peak RSS {peak} MiB: memory should not grow with the backlog"
     assert len(files_under(daemon.output)) == total
+
+
+def test_watchdog_stops_while_a_model_call_is_stuck(tmp_path: Path) -> None:
+    notify = NotifyListener(tmp_path / "notify.sock")
+    stuck_ms = 4000.0
+    daemon = DaemonProcess(tmp_path, None, {
+        **SYNTHETIC, "settle_ms": 0, "rescan_interval_s": 1, "stall_timeout_s": 1.0,
+        "ocr": {**SYNTHETIC["ocr"], "synthetic_ms": [stuck_ms, 0.0]},
+    }, notify, watchdog_usec=400_000)
+    try:
+        daemon.start().wait_ready(60)
+        wait_for(lambda: notify.messages.count("WATCHDOG=1") >= 2, 10, "watchdog pings while idle")
+        make_images(daemon.input, 1)
+        wait_for(lambda: daemon.get("/healthz")[0] == 503, 15, "/healthz to report the stuck call")
+        assert "model call has been running" in daemon.get("/healthz")[1]
+        pings = notify.messages.count("WATCHDOG=1")
+        time.sleep(0.8)  # two ping intervals (0.2 s each) without a ping
+        assert notify.messages.count("WATCHDOG=1") == pings, "no WATCHDOG=1 while a stage is stuck"
+        wait_for(lambda: len(files_under(daemon.output)) == 1, 15, "the slow call to finish and the file to land")
+        wait_for(lambda: notify.messages.count("WATCHDOG=1") > pings, 5, "pings to resume")
+        assert daemon.get("/healthz")[0] == 200
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+        notify.close()
