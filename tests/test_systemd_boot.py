@@ -57,11 +57,15 @@ _BOOT_SCRIPT = """\
 set -eu
 [ "$$" = 1 ] || { echo "refusing: not PID 1 of a new PID namespace" >&2; exit 97; }
 W="$1"
+# K: the folder holding the checkout and ../shared; kept visible wherever it is (a CI clone may live in /tmp).
+K="$4"
 mount -t tmpfs -o mode=0755 harness-run /run
 mkdir -p /run/harness
 mount --bind "$W" /run/harness
+if [ "$K" != / ]; then mkdir -p /run/harness-keep && mount --rbind "$K" /run/harness-keep; fi
 for d in /tmp /var/tmp; do mount -t tmpfs -o mode=1777 harness-tmp "$d"; done
 for d in /var/lib /var/cache /var/log /srv; do mount -t tmpfs -o mode=0755 harness-var "$d"; done
+if [ "$K" != / ]; then mkdir -p "$K" && mount --rbind /run/harness-keep "$K"; fi
 mkdir -p /srv/binner
 mount --bind /run/harness/srv /srv/binner
 mount --bind /run/harness/etc/passwd /etc/passwd
@@ -169,7 +173,7 @@ class BootedSystemd:
         self.process = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc", "--cgroup", "--mount-proc",
              "--propagation", "private", "/bin/sh", str(self.work / "boot.sh"), str(self.work), str(SYSTEMD),
-             os.ttyname(self._console_slave)],
+             os.ttyname(self._console_slave), str(REPO.resolve().parent)],
             stdin=subprocess.DEVNULL, stdout=(self.work / "unshare.log").open("wb"), stderr=subprocess.STDOUT,
             preexec_fn=join_cgroup, start_new_session=True,
         )
@@ -387,7 +391,7 @@ def test_harness_runs_the_shipped_unit_with_a_notify_stand_in(booted: BootedSyst
             ExecStart=/usr/bin/python3 /run/harness/hello.py {REPO}
             StandardOutput=append:/run/harness/logs/binner.log
             StandardError=inherit
-            """),
+            """) + _checkout_binds(),
     )
     booted.systemctl("start", "binner.service", timeout=120)  # returns only after READY=1 (Type=notify)
     state = booted.show("binner.service", "ActiveState", "SubState", "StatusText", "MainPID", "User", "NRestarts")
@@ -460,7 +464,15 @@ def _venv_dropin(exec_start: str, log_name: str) -> tuple[str, bool]:
         # The venv's interpreter lives where an unprivileged user cannot go (e.g. pyenv under /root): run the
         # same sandbox as root with no capabilities, and with home directories visible.
         text += "User=root\nGroup=root\nProtectHome=no\n"
-    return text, confined
+    return text + _checkout_binds(), confined
+
+
+def _checkout_binds() -> str:
+    """The unit's PrivateTmp= gives the service an empty /tmp; a checkout there (a CI clone) is bound back."""
+    keep = REPO.resolve().parent
+    if any(keep.is_relative_to(p) for p in (Path("/tmp"), Path("/var/tmp"))):
+        return f"BindReadOnlyPaths={keep}\n"
+    return ""
 
 
 _TORCH_PROBE = """\
