@@ -137,6 +137,12 @@ class BinnerConfig(BaseSettings):
     vision: VisionConfig = VisionConfig()
     rules: RuleThresholds = RuleThresholds()
 
+    @field_validator("input", "output", "state_dir", mode="after")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        """Relative paths are taken from the working directory once, at start-up (watch events are absolute)."""
+        return path.expanduser().absolute()
+
     @model_validator(mode="after")
     def _input_output_disjoint(self) -> BinnerConfig:
         inp, out = self.input.absolute(), self.output.absolute()

@@ -94,7 +94,7 @@ class SettleTracker:
     """Holds files that are still being written until their size and mtime stop changing."""
 
     def __init__(self, root: Path, settle_s: float) -> None:
-        self.root = root
+        self.root = root.absolute()  # watch events name absolute paths
         self.root_real = root.resolve()
         self.settle_s = settle_s
         self._watching: dict[Path, tuple[int, int, float]] = {}

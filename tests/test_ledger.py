@@ -98,3 +98,26 @@ def test_settle_waits_for_size_and_mtime_to_stop_changing(tmp_path: Path) -> Non
     old.write_bytes(b"x")
     os.utime(old, (time.time() - 60, time.time() - 60))
     assert [d.rel_path for d in tracker.hint(old)] == ["renamed.png"], "an old mtime means it arrived complete"
+
+
+def test_watch_events_with_absolute_paths_match_a_relative_input(tmp_path: Path, monkeypatch) -> None:
+    import os
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    Path("inbox").mkdir()
+    dropped = Path("inbox/photo.jpg")
+    dropped.write_bytes(b"jpeg")
+    os.utime(dropped, (time.time() - 60, time.time() - 60))
+    tracker = SettleTracker(Path("inbox"), settle_s=1.0)
+    taken = tracker.hint(dropped.absolute())  # watchfiles reports absolute paths
+    assert [d.rel_path for d in taken] == ["photo.jpg"] and taken[0].path == str(dropped.absolute())
+
+
+def test_config_directories_are_absolute(tmp_path: Path, monkeypatch) -> None:
+    from app.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, {"input": Path("inbox")})
+    assert config.input == tmp_path / "inbox" and config.output == tmp_path / "bins"
+    assert config.state_dir.is_absolute()
