@@ -8,7 +8,10 @@ the pipeline makes progress. SIGTERM/SIGINT: STOPPING=1, stop intake, drain in-f
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -224,11 +227,23 @@ def serve(config: BinnerConfig, config_file: Path | None) -> int:
 
     daemon = Daemon(config, config_file)
     try:
-        return int(run_async(daemon.main))
+        code = int(run_async(daemon.main))
     except (ConfigError, StageSetupError) as error:
         log.error("cannot start", error=str(error))
         print(f"error: {error}", flush=True)
         return 2
+    deadline = time.monotonic() + 2.0
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    busy = [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if busy:
+        # A model call that outlived the drain cannot be interrupted, and Python would wait for its thread at
+        # exit. The ledger already holds everything durable; its rows resume at the next start.
+        log.warning("exiting while model threads are still busy", threads=busy)
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 def _quiet_model_progress_bars() -> None:

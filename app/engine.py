@@ -103,6 +103,11 @@ class StageRunner:
 
     async def teardown(self) -> None:
         for replica in self.replicas:
+            if replica.busy_since is not None:  # its thread is inside a model call that outlived the drain
+                log.warning("model call still running at teardown; leaving its thread", stage=self.stage.name,
+                            device=replica.device, running_s=round(time.monotonic() - replica.busy_since, 1))
+                replica.thread.shutdown(wait=False)
+                continue
             try:
                 await replica.thread.run(replica.stage.teardown)
             except Exception as error:  # teardown must not hide the real outcome
@@ -126,6 +131,15 @@ class StageRunner:
                 self.metrics.items.labels(stage=self.stage.name, outcome=outcome).inc()
                 await self.route(item)
 
+    @staticmethod
+    def _call_on_thread(replica: Replica, items: list[ImageItem]) -> list[ImageItem]:
+        """The model call, marked busy by the thread itself: a cancelled waiter does not end the call."""
+        replica.busy_since = time.monotonic()
+        try:
+            return replica.stage.process_batch(items)
+        finally:
+            replica.busy_since = None
+
     async def _process(self, replica: Replica, items: list[ImageItem]) -> list[ImageItem]:
         """Run ``items``; OOM halves the cap and retries the same items, other errors bisect to the culprit."""
         name, device = self.stage.name, replica.device
@@ -136,9 +150,8 @@ class StageRunner:
                 out.extend(await self._process(replica, items[start : start + chunk]))
             return out
         started = time.monotonic()
-        replica.busy_since = started
         try:
-            result = await replica.thread.run(replica.stage.process_batch, items)
+            result = await replica.thread.run(self._call_on_thread, replica, items)
             if len(result) != len(items):
                 raise RuntimeError(f"stage {name} returned {len(result)} items for a batch of {len(items)}")
             return result
@@ -163,7 +176,6 @@ class StageRunner:
             return await self._process(replica, items[:middle]) + await self._process(replica, items[middle:])
         finally:
             elapsed = time.monotonic() - started
-            replica.busy_since = None
             self.metrics.batch_seconds.labels(stage=name, device=device).observe(elapsed)
             self.metrics.busy_seconds.labels(stage=name, device=device).inc(elapsed)
             self.metrics.batch_size.labels(stage=name).observe(len(items))
@@ -259,11 +271,15 @@ class Pipeline:
                 raise StageSetupError(f"stage {runner.stage.name} could not start: {error}") from error
         self.ready = True
 
-    async def teardown(self) -> None:
-        for runner in self.runners:
-            await runner.teardown()
-        self.ledger_thread.shutdown(wait=True)
-        self.sink_thread.shutdown(wait=True)
+    async def teardown(self, timeout_s: float = 15.0) -> None:
+        """Free the models; bounded, because a model call stuck on its thread cannot be interrupted."""
+        with anyio.move_on_after(timeout_s) as scope:
+            for runner in self.runners:
+                await runner.teardown()
+        if scope.cancelled_caught:
+            log.warning("teardown timed out: a model thread is still busy", timeout_s=timeout_s)
+        self.ledger_thread.shutdown(wait=False)
+        self.sink_thread.shutdown(wait=False)
 
     def request_stop(self) -> None:
         """Stop intake; what is in flight drains through the stages and the sink."""

@@ -61,6 +61,7 @@ class BoundedQueue(Generic[T]):
         self._not_empty = asyncio.Condition(self._lock)
         self._not_full = asyncio.Condition(self._lock)
         self.max_depth_seen = 0
+        self._wakers: set[asyncio.Task[None]] = set()  # held so the event loop cannot drop them
         self._observer.on_depth(name, 0)
 
     def __len__(self) -> int:
@@ -108,10 +109,16 @@ class BoundedQueue(Generic[T]):
         depth = len(self._items)
         self.max_depth_seen = max(self.max_depth_seen, depth)
         self._observer.on_depth(self.name, depth)
+        self._notify(self._not_empty)
+
+    def _notify(self, condition: asyncio.Condition) -> None:
+        """Wake waiters now when we hold the lock (inside put/get), else from a task that takes it."""
         if self._lock.locked():
-            self._not_empty.notify_all()
-        else:
-            asyncio.get_running_loop().create_task(self._wake(self._not_empty))
+            condition.notify_all()
+            return
+        task = asyncio.get_running_loop().create_task(self._wake(condition))
+        self._wakers.add(task)
+        task.add_done_callback(self._wakers.discard)
 
     async def _wake(self, condition: asyncio.Condition) -> None:
         async with self._lock:
@@ -143,10 +150,7 @@ class BoundedQueue(Generic[T]):
         item, enqueued = self._items.popleft()
         self._observer.on_wait(self.name, time.monotonic() - enqueued)
         self._observer.on_depth(self.name, len(self._items))
-        if self._lock.locked():
-            self._not_full.notify_all()
-        else:
-            asyncio.get_running_loop().create_task(self._wake(self._not_full))
+        self._notify(self._not_full)
         return item
 
     async def close(self) -> None:

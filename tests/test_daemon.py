@@ -248,3 +248,21 @@ def test_watchdog_stops_while_a_model_call_is_stuck(tmp_path: Path) -> None:
     finally:
         daemon.kill()
         notify.close()
+
+
+def test_sigterm_during_a_stuck_call_exits_0_within_the_drain_timeout(tmp_path: Path) -> None:
+    daemon = DaemonProcess(tmp_path, None, {
+        **SYNTHETIC, "settle_ms": 0, "rescan_interval_s": 1, "drain_timeout_s": 1.0,
+        "ocr": {**SYNTHETIC["ocr"], "synthetic_ms": [60_000.0, 0.0]},  # a model call that will not finish
+    })
+    try:
+        daemon.start().wait_ready(60)
+        make_images(daemon.input, 2)
+        wait_for(lambda: (daemon.metric("binner_backlog_files") or 0) >= 2, 15, "the files to be taken")
+        started = time.monotonic()
+        assert daemon.stop(signal.SIGTERM, timeout=30) == 0
+        assert time.monotonic() - started < 15, "drain must end near drain_timeout_s plus teardown"
+    finally:
+        daemon.kill()
+    rows = ledger_rows(daemon.state)
+    assert len(rows) == 2 and {r["status"] for r in rows} <= {"processing", "pending"}, "interrupted rows resume next start"
