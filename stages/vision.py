@@ -117,6 +117,15 @@ def _load_pretrained(loader: Any, name: str, key: str, **kwargs: Any) -> Any:
         ) from error
 
 
+def _load_model_and_processor(model_class: Any, name: str, key: str, dtype: Any, device: Any) -> tuple[Any, Any]:
+    """A transformers processor and its model in ``dtype`` on ``device``, ready for inference."""
+    from transformers import AutoProcessor
+
+    processor = _load_pretrained(AutoProcessor, name, key)
+    model = _load_pretrained(model_class, name, key, dtype=dtype)
+    return processor, model.to(device).eval()
+
+
 class VisionStage(Stage):
     """YOLO -> BLIP caption -> CLIP(image, caption) on a micro-batch; fills ``detections``, ``caption``,
     ``clip_similarity`` (a disabled model's key stays absent). Boxes are in ``item.image`` pixels."""
@@ -180,22 +189,16 @@ class VisionStage(Stage):
             self.yolo = self._load_detector(self.detector_options)
             self._yolo_precision = self._detector_precision()
         if self.captioner_options is not None:
-            from transformers import AutoProcessor, BlipForConditionalGeneration
+            from transformers import BlipForConditionalGeneration
 
-            key = "vision.captioner.model"
-            name = self.captioner_options.model
-            self.blip_processor = _load_pretrained(AutoProcessor, name, key)
-            model = _load_pretrained(BlipForConditionalGeneration, name, key, dtype=dtype)
-            self.blip = model.to(torch_device).eval()
+            self.blip_processor, self.blip = _load_model_and_processor(
+                BlipForConditionalGeneration, self.captioner_options.model, "vision.captioner.model", dtype, torch_device)
         if self.clip_options is not None:
-            from transformers import AutoProcessor, CLIPModel
+            from transformers import CLIPModel
 
-            key = "vision.clip.model"
-            name = self.clip_options.model
-            self.clip_processor = _load_pretrained(AutoProcessor, name, key)
-            model = _load_pretrained(CLIPModel, name, key, dtype=dtype)
-            self.clip = model.to(torch_device).eval()
-            self._clip_max_tokens = int(getattr(model.config.text_config, "max_position_embeddings", 77))
+            self.clip_processor, self.clip = _load_model_and_processor(
+                CLIPModel, self.clip_options.model, "vision.clip.model", dtype, torch_device)
+            self._clip_max_tokens = int(getattr(self.clip.config.text_config, "max_position_embeddings", 77))
         super().setup(device)
 
     @staticmethod
