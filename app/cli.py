@@ -79,8 +79,6 @@ async def watch_interrupts(pipeline: Any, scope: anyio.CancelScope, drain_timeou
 
 
 async def run_pipeline_once(runtime: Any, progress_total: int | None, show_progress: bool) -> Any:
-    from app.runtime import Runtime  # noqa: F401  (type only)
-
     pipeline = runtime.pipeline
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),

@@ -21,9 +21,9 @@ import structlog
 
 from app.config import BinnerConfig, ConfigError, load_config
 from app.http import StatusServer
-from app.intake import SettleTracker, finish_leftovers, scan
+from app.intake import SettleTracker, scan
 from app.notify import SystemdNotifier
-from app.runtime import Runtime, build_runtime, preflight_weights
+from app.runtime import Runtime, build_runtime, preflight_weights, take_files
 
 log = structlog.get_logger("binner.daemon")
 
@@ -59,10 +59,7 @@ class Daemon:
         assert self.runtime is not None
         if not discovered:
             return
-        runtime = self.runtime
-        result = runtime.ledger.intake(discovered)
-        finish_leftovers(runtime.ledger, result.already_finished, self.config.placement == "move",
-                         runtime.placer.remove_source if runtime.placer else (lambda *args: False))
+        result, _ = take_files(self.runtime, discovered)
         if result.new or result.requeued:
             log.info("files taken", new=result.new, requeued=result.requeued)
 

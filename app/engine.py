@@ -204,7 +204,6 @@ class RunStats:
     quarantined: dict[str, int] = field(default_factory=dict)
     retried: int = 0
     vanished: int = 0
-    requeued: int = 0
 
     def rate(self) -> float:
         elapsed = time.monotonic() - self.started

@@ -8,6 +8,7 @@ startup scan and periodic rescans find anything the watcher missed.
 from __future__ import annotations
 
 import os
+import stat as stat_module
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,16 +44,13 @@ def observe(root: Path, root_real: Path, path: Path) -> Observation | None:
     if any(not is_candidate_name(part) for part in relative.parts):
         return None
     try:
-        st_link = path.lstat()
-        if os.path.islink(path):
-            target = path.resolve()
-            if not target.is_relative_to(root_real):
+        st = path.lstat()
+        if stat_module.S_ISLNK(st.st_mode):
+            if not path.resolve().is_relative_to(root_real):
                 return None
-        st = path.stat() if os.path.islink(path) else st_link
+            st = path.stat()
     except OSError:
         return None
-    import stat as stat_module
-
     if not stat_module.S_ISREG(st.st_mode):
         return None
     return Observation(path, st.st_size, st.st_mtime_ns)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -12,7 +11,7 @@ import structlog
 from app.config import BinnerConfig, ConfigError
 from app.engine import Pipeline
 from app.intake import finish_leftovers, scan, to_discovered
-from app.ledger import Ledger, Outcome, Row
+from app.ledger import Discovered, IntakeResult, Ledger, Outcome, Row
 from app.metrics import Metrics
 from app.wiring import build_stages, vision_enabled
 
@@ -97,24 +96,22 @@ def build_runtime(config: BinnerConfig, *, dry_run: bool = False, metrics: Metri
     return Runtime(config, ledger, metrics, pipeline, placer)
 
 
-def intake_all(runtime: Runtime, settle_s: float | None = None) -> dict[str, int]:
-    """Scan the input and record files in the ledger; with ``settle_s``, only files settled that long."""
-    import time
+def take_files(runtime: Runtime, discovered: Iterable[Discovered]) -> tuple[IntakeResult, int]:
+    """Record complete files in the ledger and settle crash leftovers; returns the intake and how many
+    leftovers went back to pending (already counted nowhere else)."""
+    result = runtime.ledger.intake(discovered)
+    _, requeued = finish_leftovers(
+        runtime.ledger, result.already_finished, runtime.config.placement == "move",
+        runtime.placer.remove_source if runtime.placer is not None else (lambda *args: False),
+    )
+    return result, requeued
 
+
+def intake_all(runtime: Runtime) -> dict[str, int]:
+    """Recover interrupted rows, scan the input and record every file in the ledger."""
     config = runtime.config
     recovered = runtime.ledger.recover_interrupted()
     observations = scan(config.input)
-    if settle_s is not None:
-        horizon = time.time_ns() - int(settle_s * 1e9)
-        observations = [seen for seen in observations if seen.mtime_ns <= horizon]
-    result = runtime.ledger.intake(to_discovered(config.input, seen) for seen in observations)
-    removed, requeued = finish_leftovers(
-        runtime.ledger, result.already_finished, config.placement == "move",
-        runtime.placer.remove_source if runtime.placer is not None else (lambda *args: False),
-    )
+    result, requeued = take_files(runtime, (to_discovered(config.input, seen) for seen in observations))
     return {"seen": len(observations), "new": result.new, "requeued": result.requeued + requeued,
-            "recovered": recovered, "leftovers_removed": removed}
-
-
-def input_rel_path(config: BinnerConfig, path: Path) -> str:
-    return path.absolute().relative_to(config.input.absolute()).as_posix()
+            "recovered": recovered}

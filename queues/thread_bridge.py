@@ -8,7 +8,6 @@ Runtime and Pillow release the GIL in their heavy calls, which is what lets thos
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -22,21 +21,11 @@ class DedicatedThread:
     def __init__(self, name: str) -> None:
         self.name = name
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._thread_ident: int | None = None
 
     async def run(self, fn: Callable[..., R], *args: Any) -> R:
         """Run ``fn(*args)`` on the thread. If the awaiting task is cancelled, the call still completes
         on the thread (a model call cannot be interrupted); its result is discarded."""
-        future = self._executor.submit(self._call, fn, args)
-        return await asyncio.wrap_future(future)
-
-    def _call(self, fn: Callable[..., R], args: tuple[Any, ...]) -> R:
-        self._thread_ident = threading.get_ident()
-        return fn(*args)
-
-    @property
-    def thread_ident(self) -> int | None:
-        return self._thread_ident
+        return await asyncio.wrap_future(self._executor.submit(fn, *args))
 
     def shutdown(self, wait: bool = True) -> None:
         self._executor.shutdown(wait=wait, cancel_futures=True)
