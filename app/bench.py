@@ -22,12 +22,12 @@ def _parse_ms(text: str) -> tuple[float, float]:
     return base, per_item
 
 
-def make_images(directory: Path, count: int, size: int = 64) -> None:
-    """Small, distinct PNGs (their content differs so their hashes do)."""
+def make_images(directory: Path, count: int, size: int = 64, start: int = 0) -> None:
+    """Small, distinct PNGs named ``img_NNNNNN.png`` (each colour differs, so each hash does)."""
     from PIL import Image
 
     directory.mkdir(parents=True, exist_ok=True)
-    for index in range(count):
+    for index in range(start, start + count):
         colour = (index % 251, (index * 7) % 253, (index * 13) % 241)
         Image.new("RGB", (size, size), colour).save(directory / f"img_{index:06d}.png", optimize=False)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from app import bench
 from tests.conftest import REPO
 from tests.daemon_harness import DaemonProcess, NotifyListener, files_under, sha256, wait_for
 
@@ -106,12 +107,7 @@ def test_daemon_bins_files_dropped_at_random_moments(tmp_path: Path, shared_imag
 
 
 def make_images(directory: Path, count: int, start: int = 0) -> None:
-    from PIL import Image
-
-    directory.mkdir(parents=True, exist_ok=True)
-    for index in range(start, start + count):
-        colour = (index % 256, (index // 256) % 256, (index * 31) % 256)
-        Image.new("RGB", (32 + index % 7, 32), colour).save(directory / f"img_{index:05d}.png")
+    bench.make_images(directory, count, size=32, start=start)
 
 
 def test_sighup_reloads_rules_without_restarting(tmp_path: Path) -> None:
@@ -137,7 +133,7 @@ def test_crash_safety_under_repeated_sigkill(tmp_path: Path) -> None:
     make_images(source, 240)
     (source / "empty.png").write_bytes(b"")
     (source / "notes.jpg").write_text("not an image at all")
-    (source / "cut.png").write_bytes((source / "img_00001.png").read_bytes()[:60])
+    (source / "cut.png").write_bytes((source / "img_000001.png").read_bytes()[:60])
     originals = {p.name: sha256(p) for p in files_under(source)}
     daemon = DaemonProcess(tmp_path / "run", None, {**SYNTHETIC, "settle_ms": 200, "rescan_interval_s": 1})
     pending = sorted(files_under(source))
