@@ -5,18 +5,37 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?=
 TORCH  ?= torch==2.13.0
+TORCHVISION ?= torchvision==0.28.0
+# GPU=1: CUDA torch and its matching torchvision, both from TORCH_INDEX_URL (PyTorch's CUDA 12.8 wheels by
+# default). GPU=0: the CPU build as on the development machines. Default: 1 where `nvidia-smi -L` lists a GPU.
+GPU    ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cu128
+TORCH_STAMP := $(VENV)/.torch-gpu$(GPU)
 PYTEST_ARGS ?=
 
 .PHONY: run test env system-deps lint clean
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# torch first, alone (and, on GPU hosts, torchvision from the same index so that both match): the constraints
+# then keep pip from swapping either (a `+cu128` or `+cpu` local version satisfies `torch==2.13.0`).
+$(TORCH_STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first, alone: the constraints then keep pip from replacing it with a CUDA build.
+	@# Switching GPU=0 <-> 1: `torch==2.13.0` is satisfied by either build, so remove the other one first.
+	@if ls $(VENV)/.torch-gpu* >/dev/null 2>&1; then $(BIN)/pip uninstall --quiet -y torch torchvision; fi
+ifeq ($(GPU),1)
+	@echo "GPU host (nvidia-smi found, or GPU=1): installing CUDA $(TORCH) and $(TORCHVISION) from $(TORCH_INDEX_URL)"
+	$(BIN)/pip install --quiet --index-url "$(TORCH_INDEX_URL)" "$(TORCH)" "$(TORCHVISION)"
+else
+	@echo "no GPU (or GPU=0): installing $(TORCH) as resolved by pip (the CPU build here); GPU=1 forces CUDA"
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+endif
+	rm -f $(VENV)/.torch-gpu*
+	touch $@
+
+$(STAMP): pyproject.toml constraints.txt $(TORCH_STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,ray]'
 	touch $@
 
 # Debian packages the tests need: Prometheus and promtool (dashboards, alerts), systemd (unit checks, boot test),

@@ -1,122 +1,161 @@
-"""`binner bench`: throughput, latency, stage utilisation and peak memory of the real engine.
+"""`binner bench`: binner measured side by side with its limit, the seeds' loop, Ray Data, the bare framework,
+a steady stream of files, the real models and a GPU (docs/benchmarks.md documents every key).
 
-Synthetic mode (default) runs the real loader, queues, ledger and writer with model stages that sleep
-like a GPU call (sleep releases the GIL the way CUDA calls do), so the engine's own efficiency is
-measured against the analytic limit. ``--config`` runs the real models of a configuration instead.
+Each scenario lives in its own module (``app/bench_*.py``) and returns a dict with at least
+``images_per_second``, ``p95_latency_s``, ``stage_utilisation`` and ``peak_rss_mib``, plus its own keys and a
+``target`` it is checked against. This module runs the chosen scenarios in order and renders the table.
 """
 
 from __future__ import annotations
 
-import resource
-import shutil
-import tempfile
-import time
-from pathlib import Path
+import datetime
+import sys
+from collections.abc import Callable
 from typing import Any
 
-from app.metrics import Metrics
+from app.bench_common import BenchOptions, machine, make_images, parse_ms
+
+__all__ = ["SCENARIOS", "BenchOptions", "BenchUnavailable", "make_images", "parse_ms", "render_table",
+           "run_benchmarks", "run_scenario"]
+
+SCENARIOS: tuple[str, ...] = ("engine", "sequential", "ray", "framework", "stream", "models", "gpu")
+RAY_INSTALL_HINT = ("the ray scenario needs Ray Data, a benchmark-only extra: "
+                    "pip install -c constraints.txt -e '.[ray]'  (or: pip install 'ray[data]==2.60.*')")
 
 
-def _parse_ms(text: str) -> tuple[float, float]:
-    base, per_item = (float(part) for part in text.split(","))
-    return base, per_item
+class BenchUnavailable(Exception):
+    """A scenario cannot run here (a missing extra or option); the message says what to do."""
 
 
-def make_images(directory: Path, count: int, size: int = 64, start: int = 0) -> None:
-    """Small, distinct PNGs named ``img_NNNNNN.png`` (each colour differs, so each hash does)."""
-    from PIL import Image
+def run_scenario(name: str, options: BenchOptions, done: dict[str, Any]) -> dict[str, Any]:
+    """One scenario; ``done`` holds this run's earlier results (``sequential`` and ``stream`` reuse ``engine``)."""
+    if name == "engine":
+        from app.bench_engine import run_engine
 
-    directory.mkdir(parents=True, exist_ok=True)
-    for index in range(start, start + count):
-        colour = (index % 251, (index * 7) % 253, (index * 13) % 241)
-        Image.new("RGB", (size, size), colour).save(directory / f"img_{index:06d}.png", optimize=False)
+        result = run_engine(options)
+    elif name == "sequential":
+        from app.bench_engine import run_sequential
+
+        result = run_sequential(options, done.get("engine"))
+    elif name == "ray":
+        try:
+            import ray  # noqa: F401
+            import ray.data  # noqa: F401
+        except ImportError:
+            raise BenchUnavailable(RAY_INSTALL_HINT) from None
+        from app.bench_ray import run_ray
+
+        result = run_ray(options)
+    elif name == "framework":
+        from app.bench_framework import run_framework
+
+        result = run_framework(options)
+    elif name == "stream":
+        from app.bench_stream import run_stream
+
+        result = run_stream(options, done.get("engine"))
+    elif name == "models":
+        if options.config_file is None or options.source is None:
+            raise BenchUnavailable("the models scenario needs --config FILE (the models to measure) and --source DIR "
+                                   "(images to repeat), e.g. --config deploy/examples/offline-cpu.yaml "
+                                   "--source ../shared/data/images")
+        from app.bench_models import run_models
+
+        result = run_models(options)
+    elif name == "gpu":
+        try:
+            from app.bench_gpu import run_gpu_scenario
+        except ModuleNotFoundError as error:
+            if error.name != "app.bench_gpu":
+                raise
+            raise BenchUnavailable("the gpu scenario is not part of this build (app/bench_gpu.py is missing)") from None
+        from app.config import load_config
+
+        result = run_gpu_scenario(load_config(options.config_file), options.source)
+    else:
+        raise BenchUnavailable(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
+    result.setdefault("bottleneck", bottleneck(result.get("stage_utilisation")))
+    return result
 
 
-def _stage_limit(base_ms: float, per_item_ms: float, batch: int, devices: int) -> float:
-    return devices * batch / ((base_ms + per_item_ms * batch) / 1000.0)
+def run_benchmarks(names: list[str], options: BenchOptions, command: str | None = None,
+                   announce: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run ``names`` (each once, in the order given) and return the stable JSON report."""
+    unknown = [name for name in names if name not in SCENARIOS]
+    if unknown:
+        raise BenchUnavailable(f"unknown scenario {', '.join(map(repr, unknown))}; choose from {', '.join(SCENARIOS)}")
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command or " ".join(["binner", *sys.argv[1:]]),
+        "scenarios": {},
+    }
+    for name in dict.fromkeys(names):
+        if announce is not None:
+            announce(name)
+        report["scenarios"][name] = run_scenario(name, options, report["scenarios"])
+    return report
 
 
-def _counter_total(metrics: Metrics, name: str) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    for family in metrics.registry.collect():
-        for sample in family.samples:
-            if sample.name == name:
-                totals[sample.labels.get("stage", "")] = totals.get(sample.labels.get("stage", ""), 0.0) + sample.value
-    return totals
-
-
-def _quantile(metrics: Metrics, quantile: float) -> float | None:
-    """From the end-to-end histogram buckets (upper bound of the bucket holding the quantile)."""
-    buckets: list[tuple[float, float]] = []
-    for family in metrics.registry.collect():
-        for sample in family.samples:
-            if sample.name == "binner_end_to_end_seconds_bucket":
-                buckets.append((float(sample.labels["le"]), sample.value))
-    buckets.sort()
-    if not buckets or buckets[-1][1] == 0:
+def bottleneck(utilisation: dict[str, float] | None) -> str | None:
+    """The busiest stage: the one to make faster (or to give another device)."""
+    if not utilisation:
         return None
-    target = quantile * buckets[-1][1]
-    return next(bound for bound, count in buckets if count >= target)
+    stage, busy = max(utilisation.items(), key=lambda pair: pair[1])
+    return f"{stage} ({busy:.0%} busy)"
 
 
-def run_bench(*, images: int, ocr_ms: str, vision_ms: str, batch: int, queue: int, config_file: Path | None,
-              source: Path | None, repeat: int, show_progress: bool) -> dict[str, Any]:
-    import sys
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        text = f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+        return f"{text}{unit}"
+    return f"{value}{unit}"
 
-    from app.cli import run_async, run_pipeline_once
-    from app.config import load_config
-    from app.logs import configure_logging
-    from app.runtime import build_runtime, intake_all
 
-    configure_logging("console", "error", sys.stderr)
-    with tempfile.TemporaryDirectory(prefix="binner-bench-") as scratch:
-        root = Path(scratch)
-        inbox = root / "inbox"
-        overrides: dict[str, Any] = {"input": inbox, "output": root / "bins", "state_dir": root / "state",
-                                     "placement": "move", "http": {"enabled": False}}
-        if config_file is None:
-            ocr_cost, vision_cost = _parse_ms(ocr_ms), _parse_ms(vision_ms)
-            make_images(inbox, images)
-            overrides.update(
-                ocr={"backend": "synthetic", "devices": ["cpu"], "batch_size": batch, "synthetic_ms": ocr_cost},
-                vision={"backend": "synthetic", "devices": ["cpu"], "batch_size": batch, "synthetic_ms": vision_cost},
-                queues={"ocr": queue, "vision": queue},
-                rules={"short_circuit_text": False},
-            )
-            limit = min(_stage_limit(*ocr_cost, batch, 1), _stage_limit(*vision_cost, batch, 1))
-        else:
-            if source is None:
-                raise SystemExit("--config needs --source DIR (images to repeat)")
-            files = [p for p in sorted(source.rglob("*")) if p.is_file()]
-            for copy in range(repeat):
-                for path in files:
-                    target = inbox / f"r{copy}" / path.relative_to(source)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(path, target)
-            limit = None
-        config = load_config(config_file, overrides)
-        metrics = Metrics()
-        runtime = build_runtime(config, metrics=metrics)
-        intake_all(runtime)
-        total, _ = runtime.ledger.backlog()
-        started = time.monotonic()
-        stats = run_async(run_pipeline_once, runtime, total, show_progress)
-        elapsed = time.monotonic() - started
-        busy = _counter_total(metrics, "binner_stage_busy_seconds_total")
-        runtime.ledger.close()
-        throughput = stats.finished / elapsed
-        report: dict[str, Any] = {
-            "mode": "synthetic" if config_file is None else f"models ({config_file})",
-            "files": total,
-            "finished": stats.finished,
-            "seconds": round(elapsed, 2),
-            "images_per_second": round(throughput, 2),
-            "end_to_end_p50_s<=": _quantile(metrics, 0.5),
-            "end_to_end_p95_s<=": _quantile(metrics, 0.95),
-            "stage_utilisation": {stage: round(seconds / elapsed, 3) for stage, seconds in busy.items()},
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        }
-        if limit is not None:
-            report["analytic_limit_images_per_second"] = round(limit, 2)
-            report["efficiency"] = round(throughput / limit, 3)
-        return report
+def _headline(name: str, result: dict[str, Any]) -> str:
+    """The scenario's own figure, in words."""
+    if name == "engine":
+        return f"efficiency {_fmt(result.get('efficiency'))} of {_fmt(result.get('analytic_limit_images_per_second'))}/s"
+    if name == "sequential":
+        return (f"speedup {_fmt(result.get('speedup'))}x of {_fmt(result.get('theoretical_speedup'))}x theoretical "
+                f"(loop {_fmt(result.get('images_per_second'))}/s)")
+    if name == "ray":
+        parts = []
+        for variant in ("default", "tuned"):
+            figures = result.get(variant) or {}
+            parts.append(f"{variant}: {_fmt(figures.get('throughput_ratio'))}x throughput, "
+                         f"p95 ratio {_fmt(figures.get('p95_ratio'))}")
+        return "; ".join(parts)
+    if name == "framework":
+        return f"{_fmt(result.get('overhead_us_per_file'))} us/file"
+    if name == "stream":
+        return (f"p50/p95/p99 {_fmt(result.get('p50_s'))}/{_fmt(result.get('p95_s'))}/{_fmt(result.get('p99_s'))} s "
+                f"at 90% load")
+    if name == "models":
+        return f"{_fmt(result.get('ratio_to_slowest_stage'))} of the slowest stage alone"
+    return ""
+
+
+def render_table(report: dict[str, Any]) -> Any:
+    """A rich table: one row per scenario, its figures, its target and the bottleneck."""
+    from rich.table import Table
+
+    table = Table(title=f"binner bench ({report['machine'].get('cpus')} CPUs, {report['date']})")
+    for column in ("scenario", "images/s", "p95 latency", "result", "target", "bottleneck", "peak RSS"):
+        table.add_column(column, overflow="fold")
+    for name, result in report["scenarios"].items():
+        target = result.get("target") or {}
+        met = target.get("met")
+        verdict = "" if met is None else ("met: " if met else "MISSED: ")
+        table.add_row(
+            name,
+            _fmt(result.get("images_per_second")),
+            _fmt(result.get("p95_latency_s"), " s"),
+            _headline(name, result),
+            f"{verdict}{target.get('text', '')}",
+            str(result.get("bottleneck") or "-"),
+            _fmt(result.get("peak_rss_mib"), " MiB"),
+        )
+    return table

@@ -31,6 +31,7 @@ from typing import Any
 
 BATCHES = (1, 8, 32)
 PRECISIONS = ("fp16", "fp32")
+OCR_PRECISIONS = ("fp16", "fp32", "auto")  # auto: the shipped default per network (det fp32, cls and rec fp16)
 SAMPLE_PERIOD_S = 0.2
 DEFAULT_BUDGET_S = 420.0  # stop starting new measurements after this, so the command ends inside 8 minutes
 
@@ -129,6 +130,7 @@ def _decode(source: Path | None, count: int, max_side: int) -> tuple[list[Any], 
     images: list[Any] = []
     names: list[str] = []
     if source is not None and source.is_dir():
+        source = source.resolve()  # the loader refuses paths through links; a linked source folder is the user's choice
         loader = LoaderStage(LoaderOptions(max_file_bytes=256 << 20, max_pixels=120_000_000, max_side=max_side))
         paths = [p for p in sorted(source.rglob("*")) if p.is_file() and p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"}]
         items = loader.process_batch([ImageItem(key=i, source=str(p)) for i, p in enumerate(paths)])
@@ -213,7 +215,9 @@ def _ocr_options(runtime: str, precision: str | None = None, **extra: Any) -> An
     if "runtime" in known:
         wanted["runtime"] = runtime
     if precision is not None and "precision" in known:
-        wanted["precision"] = precision
+        from stages.ppocr_torch import OcrPrecision
+
+        wanted["precision"] = OcrPrecision(det=precision, cls=precision, rec=precision)
     return OcrOptions(**{key: value for key, value in wanted.items() if key in known})
 
 
@@ -235,7 +239,7 @@ def _items(images: list[Any]) -> list[Any]:
 
 def _ocr_models(images: list[Any], device: str, sampler: NvmlSampler) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    for precision in PRECISIONS:
+    for precision in OCR_PRECISIONS:
         stage = _ocr_stage("torch", precision, device, max(BATCHES))
         try:
             runs = [_throughput(lambda chunk: stage.process_batch(_items(chunk)), images[:_count_for(b)], b, sampler)
@@ -313,6 +317,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".h
 
 def _fill_inbox(images_dir: Path, inbox: Path, at_least: int) -> int:
     """Copies of the image files of ``images_dir`` (repeated until ``at_least``) under ``inbox``."""
+    images_dir = images_dir.resolve()
     files = [p for p in sorted(images_dir.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     copies = 0
     repeat = 0
@@ -328,15 +333,16 @@ def _fill_inbox(images_dir: Path, inbox: Path, at_least: int) -> int:
 
 def _pipeline(config: Any, paths: dict[str, str], images_dir: Path, scratch: Path, name: str,
               ocr_devices: list[str] | None, vision_devices: list[str], batch: int | str, sampler: NvmlSampler,
-              ocr_batch: int | str = 16, precision: str = "auto", files: int = 240) -> dict[str, Any]:
+              ocr_batch: int | str = 16, precision: str = "auto", files: int = 240,
+              isolation: str = "thread") -> dict[str, Any]:
     """The real pipeline (loader, OCR, vision, rules, ledger, placement) over copies of ``images_dir``.
 
     Throughput and utilisation are taken between the first and the last placed file (steady state, without
     model loading); the wall time including model loading is reported beside them.
     """
-    from app.cli import run_async, run_pipeline_once
     from app.config import load_config
     from app.metrics import Metrics
+    from app.run import run_async, run_pipeline_once
     from app.runtime import build_runtime, intake_all
 
     root = scratch / name
@@ -346,13 +352,16 @@ def _pipeline(config: Any, paths: dict[str, str], images_dir: Path, scratch: Pat
                            {"enabled": True, "devices": ocr_devices, "batch_size": ocr_batch, "max_wait_ms": 20})
     if ocr_devices is not None and "runtime" in type(config.ocr).model_fields:
         ocr["runtime"] = "auto"
+    isolated = "isolation" in type(config.vision).model_fields
+    if isolated and ocr_devices is not None:
+        ocr["isolation"] = isolation
     overrides = {
         "input": root / "inbox", "output": root / "bins", "state_dir": root / "state", "placement": "move",
         "http": {"enabled": False}, "ocr": ocr,
         "queues": {"load": 64, "ocr": 2 * (ocr_batch if isinstance(ocr_batch, int) else 32),
                    "vision": 2 * (batch if isinstance(batch, int) else 32), "sink": 128},
         "vision": {"devices": vision_devices, "batch_size": batch, "max_wait_ms": 20, "precision": precision,
-                   "backend": "models",
+                   "backend": "models", **({"isolation": isolation} if isolated else {}),
                    "detector": {"enabled": True, "weights": paths["detector"], "confidence": v.detector.confidence},
                    "captioner": {"enabled": True, "model": paths["captioner"], "max_new_tokens": v.captioner.max_new_tokens},
                    "clip": {"enabled": True, "model": paths["clip"]}},
@@ -365,7 +374,7 @@ def _pipeline(config: Any, paths: dict[str, str], images_dir: Path, scratch: Pat
     intake_all(runtime)
     total, _ = runtime.ledger.backlog()
     record: dict[str, Any] = {"files": total, "ocr_devices": ocr_devices, "vision_devices": vision_devices,
-                              "vision_batch_size": batch}
+                              "vision_batch_size": batch, "isolation": isolation if isolated else "thread"}
 
     def steady_window() -> tuple[float, float] | None:
         return (finished_at[0], finished_at[-1]) if len(finished_at) >= 2 else None
@@ -456,8 +465,26 @@ def _forced_oom(config: Any, paths: dict[str, str], images_dir: Path, scratch: P
     return record
 
 
-def _ocr_bins(images: list[Any], names: list[str], device: str, thresholds: Any) -> dict[str, Any]:
-    """OCR-driven bins of each image: onnxruntime on the CPU against the torch runtime on ``device``."""
+def _cpu_detections(images: list[Any], weights: str | None) -> list[list[dict[str, Any]]] | None:
+    """The configured detector's findings on the CPU, shared by both sides of the OCR comparison."""
+    from stages.base import BatchPolicy
+    from stages.ultralytics_env import resolve_detector_weights
+    from stages.vision import DetectorOptions, VisionStage
+
+    if weights is None or resolve_detector_weights(weights) is None:
+        return None
+    stage = VisionStage(DetectorOptions(weights=weights), None, None, "fp32", ["cpu"], BatchPolicy(max_batch_size=8))
+    stage.setup("cpu")
+    try:
+        return [stage._detect([image])[0] for image in images]
+    finally:
+        stage.teardown()
+
+
+def _ocr_bins(images: list[Any], names: list[str], device: str, thresholds: Any,
+              detector_weights: str | None) -> dict[str, Any]:
+    """Bins of each image with OCR from onnxruntime on the CPU against the torch runtime on ``device``; the
+    detections (the configured detector on the CPU, where it is on disk) are the same on both sides."""
     from stages.rules import decide
 
     def signals(runtime: str, where: str, precision: str | None) -> list[dict[str, Any]]:
@@ -470,25 +497,29 @@ def _ocr_bins(images: list[Any], names: list[str], device: str, thresholds: Any)
         finally:
             stage.teardown()
 
+    detections = _cpu_detections(images, detector_weights)
+    extra = [{} if detections is None else {"detections": found} for found in (detections or [None] * len(images))]
     reference = signals("onnxruntime", "cpu", None)
-    report: dict[str, Any] = {"images": len(images)}
-    for precision in PRECISIONS:
+    report: dict[str, Any] = {"images": len(images), "detector_on_cpu": detector_weights if detections else None}
+    for precision in OCR_PRECISIONS:
         found = signals("torch", device, precision)
         same_bins = 0
         lines_same = lines_total = 0
         differing: list[dict[str, Any]] = []
-        for name, cpu, gpu in zip(names, reference, found):
-            cpu_bin = decide({"ocr": cpu}, thresholds).bin
-            gpu_bin = decide({"ocr": gpu}, thresholds).bin
+        bins: dict[str, str] = {}
+        for name, cpu, gpu, more in zip(names, reference, found, extra):
+            cpu_bin = decide({"ocr": cpu, **more}, thresholds).bin
+            gpu_bin = decide({"ocr": gpu, **more}, thresholds).bin
+            bins[name] = str(gpu_bin)
             same_bins += cpu_bin == gpu_bin
             cpu_lines = [line["text"] for line in cpu["lines"]]
             gpu_lines = {line["text"] for line in gpu["lines"]}
             lines_total += len(cpu_lines)
             lines_same += sum(text in gpu_lines for text in cpu_lines)
             if cpu_bin != gpu_bin:
-                differing.append({"file": name, "cpu": cpu_bin, "gpu": gpu_bin})
+                differing.append({"file": name, "cpu": str(cpu_bin), "gpu": str(gpu_bin)})
         report[precision] = {"bins_identical": same_bins, "of": len(names), "differing": differing,
-                             "cpu_lines_found_identically": lines_same, "cpu_lines": lines_total}
+                             "cpu_lines_found_identically": lines_same, "cpu_lines": lines_total, "bins": bins}
     return report
 
 
@@ -501,9 +532,13 @@ def run_gpu_scenario(config: Any, source: Path | None, partial_path: Path | None
     from stages.ultralytics_env import prepare_ultralytics
 
     if not torch.cuda.is_available():
-        raise RuntimeError("--scenario gpu needs a CUDA GPU: torch.cuda.is_available() is False on this machine "
+        from app.bench import BenchUnavailable
+
+        raise BenchUnavailable("--scenario gpu needs a CUDA GPU: torch.cuda.is_available() is False on this machine "
                            "(check the driver, CUDA_VISIBLE_DEVICES and that torch is a CUDA build)")
     ensure_torchvision()
+    if partial_path is None and os.environ.get("BINNER_BENCH_PARTIAL"):
+        partial_path = Path(os.environ["BINNER_BENCH_PARTIAL"])  # where a cut-off run leaves what it measured
     report = _Report(partial_path, budget_s)
     sampler = NvmlSampler()
     if not sampler.available:
@@ -519,7 +554,8 @@ def run_gpu_scenario(config: Any, source: Path | None, partial_path: Path | None
         images_dir = source if source is not None and source.is_dir() else _write_images(images[:len(names)], names, scratch)
         unique = images[:len(names)]
         report.data["source"] = {"dir": str(images_dir), "images": len(names)}
-        report.step("ocr_bins_cpu_vs_gpu", lambda: _ocr_bins(unique, names, device, config.rules))
+        report.step("ocr_bins_cpu_vs_gpu", lambda: _ocr_bins(unique, names, device, config.rules,
+                                                             config.vision.detector.weights))
         report.step("ocr", lambda: _ocr_models(images, device, sampler))
         report.step("vision", lambda: _vision_models(images, paths, device, sampler, max_new_tokens))
         report.step("pipeline_one_gpu", lambda: _pipeline(config, paths, images_dir, scratch, "one-gpu", [device],
@@ -532,6 +568,10 @@ def run_gpu_scenario(config: Any, source: Path | None, partial_path: Path | None
         report.step("auto_batch_probe", lambda: _probes(paths, device, 64, max_new_tokens))
         report.step("forced_oom_backoff", lambda: _forced_oom(config, paths, images_dir, scratch, device, sampler,
                                                               max_new_tokens))
+        if "isolation" in type(config.vision).model_fields:
+            report.step("pipeline_one_gpu_process_isolation", lambda: _pipeline(
+                config, paths, images_dir, scratch, "one-gpu-process", [device], [device], 32, sampler,
+                isolation="process"))
     report.flush()
     return report.data
 

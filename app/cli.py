@@ -5,22 +5,21 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-import anyio
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 from app import __version__
 from app.config import BinnerConfig, ConfigError, dump_config, load_config
 from app.logs import configure_logging
+from app.run import run_async, run_pipeline_once
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="binner: sort images into bins A (clean content), B (everything else), C (text-dominant).")
@@ -33,78 +32,17 @@ ConfigOption = typer.Option(None, "--config", "-c", help="YAML configuration fil
 StateOption = typer.Option(None, "--state", help="state directory holding the ledger (key state_dir)")
 
 
-def run_async(fn: Any, *args: Any) -> Any:
-    """Run on asyncio, on uvloop where it is installed."""
-    try:
-        import uvloop  # noqa: F401
-
-        options = {"use_uvloop": True}
-    except ImportError:
-        options = {}
-    return anyio.run(fn, *args, backend="asyncio", backend_options=options)
-
-
 def load(config_file: Path | None, **overrides: Any) -> BinnerConfig:
     try:
         return load_config(config_file, overrides)
     except ConfigError as error:
-        err.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
-def fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+def fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False, soft_wrap=True)  # one line
     raise typer.Exit(code)
-
-
-async def watch_interrupts(pipeline: Any, scope: anyio.CancelScope, drain_timeout_s: float) -> None:
-    """First Ctrl-C/SIGTERM drains (stop intake, finish in flight); a second, or the timeout, stops at once."""
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            if pipeline._stopping:
-                scope.cancel()
-                return
-            err.print(f"stopping: finishing what is in flight (up to {drain_timeout_s:.0f} s; again to stop now)")
-            pipeline.request_stop()
-
-            async def deadline() -> None:
-                await anyio.sleep(drain_timeout_s)
-                scope.cancel()
-
-            async with anyio.create_task_group() as group:
-                group.start_soon(deadline)
-                async for _ in signals:
-                    scope.cancel()
-                    return
-
-
-async def run_pipeline_once(runtime: Any, progress_total: int | None, show_progress: bool) -> Any:
-    pipeline = runtime.pipeline
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=err, disable=not show_progress)
-    with progress:
-        task = progress.add_task("loading models", total=progress_total, rate=0.0)
-        await pipeline.setup()
-        progress.update(task, description="binning")
-        previous = pipeline.on_finished
-
-        def advance(row: Any, outcome: Any) -> None:
-            if outcome.status in ("done", "quarantined", "vanished"):
-                progress.update(task, advance=1, rate=pipeline.stats.rate())
-            if previous is not None:
-                previous(row, outcome)
-
-        pipeline.on_finished = advance
-        try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(watch_interrupts, pipeline, group.cancel_scope, runtime.config.drain_timeout_s)
-                await pipeline.run(until_idle=True)
-                group.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await pipeline.teardown()
-    return pipeline.stats
 
 
 def run_guarded(runtime: Any, total: int, show_progress: bool) -> Any:
@@ -112,7 +50,7 @@ def run_guarded(runtime: Any, total: int, show_progress: bool) -> Any:
     from app.engine import StageSetupError
 
     try:
-        return run_async(run_pipeline_once, runtime, total, show_progress)
+        return run_async(run_pipeline_once, runtime, total, show_progress, err)
     except StageSetupError as error:
         fail(str(error))
 
@@ -125,23 +63,40 @@ def once(
     state: Path | None = StateOption,
     placement: str | None = typer.Option(None, help="move (default), copy or hardlink"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    engine: str = typer.Option("local", help="local (this machine) or ray (a Ray cluster; extra [ray])"),
+    ray_address: str | None = typer.Option(None, help="with --engine ray: host:port of the cluster (default: local Ray)"),
 ) -> None:
     """Bin every image under INPUT once (backfills), then print a summary and exit."""
     from app.runtime import build_runtime, intake_all
 
+    if engine not in ("local", "ray"):
+        fail(f"--engine {engine}: use local or ray")
+    if engine == "ray":
+        from app.ray_engine import ray_missing
+
+        if problem := ray_missing():
+            fail(problem)
     cfg = load(config, input=input, output=output, state_dir=state, placement=placement)
     configure_logging(cfg.log.format, "warning" if cfg.log.level == "info" else cfg.log.level, sys.stderr)
     try:
         from app.runtime import preflight_weights
 
         preflight_weights(cfg)
-        runtime = build_runtime(cfg)
+        runtime = build_runtime(cfg, command="once")
     except ConfigError as error:
         fail(str(error))
     intake = intake_all(runtime)
     backlog, _ = runtime.ledger.backlog()
     started = time.monotonic()
-    stats = run_guarded(runtime, backlog, progress)
+    if engine == "ray":
+        from app.ray_engine import RayEngineError, run_on_ray
+
+        try:
+            stats = run_on_ray(runtime, ray_address, backlog, progress)
+        except RayEngineError as error:
+            fail(str(error))
+    else:
+        stats = run_guarded(runtime, backlog, progress)
     elapsed = time.monotonic() - started
     remaining, _ = runtime.ledger.backlog()
     table = Table(title=f"binner once: {cfg.input} -> {cfg.output}")
@@ -157,7 +112,7 @@ def once(
     out.print(table)
     out.print(f"{stats.finished} files in {elapsed:.1f} s = {stats.finished / max(elapsed, 1e-9):.2f} images/s "
               f"(new {intake['new']}, already done {intake['seen'] - intake['new'] - intake['requeued']})")
-    runtime.ledger.close()
+    runtime.close()
     if remaining:
         fail(f"{remaining} files are not finished (interrupted); run the same command again to finish them", 1)
 
@@ -184,7 +139,7 @@ def evaluate(
         configure_logging(cfg.log.format, "error", sys.stderr)
         try:
             preflight_weights(cfg)
-            runtime = build_runtime(cfg, dry_run=True)
+            runtime = build_runtime(cfg, dry_run=True, command="eval")
         except ConfigError as error:
             fail(str(error))
         intake_all(runtime)
@@ -195,7 +150,7 @@ def evaluate(
         elapsed = time.monotonic() - started
         result = score(runtime.ledger, rows)
         result["images_per_second"] = round(stats.finished / max(elapsed, 1e-9), 3)
-        runtime.ledger.close()
+        runtime.close()
     if as_json:
         out.print_json(json.dumps(result))
         return
@@ -254,13 +209,21 @@ def run(
     raise typer.Exit(code)
 
 
-def open_ledger(config: Path | None, state: Path | None) -> tuple[BinnerConfig, Any]:
-    from app.ledger import Ledger
+def open_ledger(config: Path | None, state: Path | None, *, read_only: bool = True,
+                command: str = "") -> tuple[BinnerConfig, Any]:
+    """The configured ledger: read-only (works beside a running daemon), or for writing under the instance lock."""
+    from app.instance_lock import InstanceLock
+    from app.runtime import open_ledger as open_configured_ledger
 
     cfg = load(config, state_dir=state)
     if not cfg.ledger_path.exists():
         fail(f"no ledger at {cfg.ledger_path}: point --state (or state_dir in --config) at the service's state directory")
-    return cfg, Ledger(cfg.ledger_path)
+    try:
+        if not read_only:
+            InstanceLock(cfg.state_dir).acquire(command)  # held until this command exits
+        return cfg, open_configured_ledger(cfg, read_only=read_only)
+    except ConfigError as error:
+        fail(str(error))
 
 
 @cli.command()
@@ -336,7 +299,7 @@ def rebin(config: Path | None = ConfigOption, state: Path | None = StateOption,
     """Re-apply the current thresholds to stored signals and move files between bins (no model runs)."""
     from app.rebin import rebin_all
 
-    cfg, ledger = open_ledger(config, state)
+    cfg, ledger = open_ledger(config, state, read_only=dry_run, command="rebin")
     report = rebin_all(cfg, ledger, dry_run=dry_run)
     for move in report.moves:
         out.print(f"{move.old} -> {move.new} ({move.rule}): {move.path}", highlight=False)
@@ -371,28 +334,43 @@ def config_check(config: Path | None = ConfigOption) -> None:
 
 @cli.command()
 def bench(
-    images: int = typer.Option(2000, help="number of generated images"),
+    scenario: list[str] | None = typer.Option(
+        None, "--scenario", "-s",
+        help="engine (default), sequential, ray, framework, stream, models, gpu; repeat the option for several"),
+    images: int | None = typer.Option(None, min=1, help="files per scenario (default: each scenario's own size)"),
+    large_images: int | None = typer.Option(None, "--large-images", min=0,
+                                            help="framework: how many 12-megapixel JPEGs (default 300)"),
+    stream_seconds: float | None = typer.Option(None, "--stream-seconds", min=0.5,
+                                                help="stream: seconds of arrivals per load level (default 20)"),
     ocr_ms: str = typer.Option("20,10", help="synthetic OCR cost: base ms, ms per item"),
     vision_ms: str = typer.Option("15,6", help="synthetic vision cost: base ms, ms per item"),
-    batch: int = typer.Option(16, help="batch size of both model stages"),
-    queue: int = typer.Option(32, help="capacity of the model-stage queues"),
-    config: Path | None = typer.Option(None, "--config", "-c",
-                                          help="bench the real models of this configuration instead of synthetic ones"),
-    source: Path | None = typer.Option(None, help="with --config: directory of images to repeat"),
-    repeat: int = typer.Option(3, help="with --config: how many copies of --source"),
-    as_json: bool = typer.Option(False, "--json"),
+    batch: int = typer.Option(16, min=1, help="batch size of both synthetic model stages"),
+    queue: int = typer.Option(32, min=1, help="capacity of the model-stage queues"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="models and gpu: the configuration to measure"),
+    source: Path | None = typer.Option(None, help="models and gpu: directory of images to use"),
+    repeat: int = typer.Option(3, min=1, help="models: how many copies of --source"),
+    as_json: bool = typer.Option(False, "--json", help="print the JSON report (layout: docs/benchmarks.md)"),
 ) -> None:
-    """Measure throughput, latency, stage utilisation and peak memory (results: docs/benchmarks.md)."""
-    from app.bench import run_bench
+    """Measure binner side by side with its limit, the seeds' loop, Ray Data and more (docs/benchmarks.md)."""
+    from app.bench import BenchOptions, BenchUnavailable, parse_ms, render_table, run_benchmarks
 
-    with contextlib.redirect_stdout(sys.stderr):  # model libraries print; keep stdout for the result
-        report = run_bench(images=images, ocr_ms=ocr_ms, vision_ms=vision_ms, batch=batch, queue=queue,
-                           config_file=config, source=source, repeat=repeat, show_progress=not as_json)
+    try:
+        options = BenchOptions(images=images, large_images=large_images, stream_seconds=stream_seconds,
+                               ocr_ms=parse_ms(ocr_ms, "--ocr-ms"), vision_ms=parse_ms(vision_ms, "--vision-ms"),
+                               batch=batch, queue=queue, config_file=config, source=source, repeat=repeat,
+                               show_progress=not as_json)
+    except ValueError as error:
+        fail(str(error))
+    announce = None if as_json else (lambda name: err.print(f"bench: running scenario {name}", highlight=False))
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # model libraries print; keep stdout for the result
+            report = run_benchmarks(list(scenario or ["engine"]), options, announce=announce)
+    except BenchUnavailable as error:
+        fail(str(error))
     if as_json:
         out.print_json(json.dumps(report))
     else:
-        for key, value in report.items():
-            out.print(f"{key}: {value}", highlight=False)
+        out.print(render_table(report))
 
 
 @cli.command("fetch-weights")
@@ -402,8 +380,12 @@ def fetch_weights_command(config: Path | None = ConfigOption) -> None:
 
     cfg = load(config)
     v = cfg.vision
-    fetch_weights(v.detector.weights if v.detector.enabled else None, v.captioner.model if v.captioner.enabled else None,
-                  v.clip.model if v.clip.enabled else None)
+    try:
+        fetched = fetch_weights(v.detector.weights if v.detector.enabled else None,
+                                v.captioner.model if v.captioner.enabled else None, v.clip.model if v.clip.enabled else None)
+    except ConfigError as error:
+        fail(str(error))
+    out.print(f"{len(fetched)} weights downloaded" if fetched else "every configured weight is already here")
 
 
 @cli.command()

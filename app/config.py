@@ -19,7 +19,11 @@ from stages.rules import RuleThresholds
 _yaml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("binner_yaml_path", default=None)
 
 Devices = Literal["auto"] | list[str]
+DEFAULT_INPUT = Path("./inbox")
 BatchSize = Literal["auto"] | int
+# Where a model stage's replicas run: in the worker thread, or in a child process that the thread drives;
+# auto picks by device kind what measured faster (docs/benchmarks.md, "Thread vs process isolation").
+Isolation = Literal["thread", "process", "auto"]
 
 
 class Section(BaseModel):
@@ -64,9 +68,20 @@ class LoaderConfig(Section):
     max_wait_ms: float = Field(10.0, ge=0)
 
 
+class OcrPrecisionConfig(Section):
+    """Per-network precision of the torch OCR runtime on CUDA (CPU always runs fp32); auto: det fp32, cls/rec fp16."""
+
+    det: Literal["auto", "fp16", "fp32"] = "auto"
+    cls: Literal["auto", "fp16", "fp32"] = "auto"
+    rec: Literal["auto", "fp16", "fp32"] = "auto"
+
+
 class OcrConfig(Section):
     enabled: bool = True
     backend: Literal["rapidocr", "paddleocr", "synthetic"] = "rapidocr"
+    runtime: Literal["auto", "onnxruntime", "torch"] = Field(
+        "auto", description="rapidocr models on onnxruntime or torch; auto: torch on cuda devices, onnxruntime on cpu")
+    precision: OcrPrecisionConfig = OcrPrecisionConfig()
     devices: Devices = "auto"
     batch_size: BatchSize = 8
     max_wait_ms: float = Field(50.0, ge=0)
@@ -74,8 +89,16 @@ class OcrConfig(Section):
     max_side: int = Field(1280, ge=64)
     paddle_model_dir: str | None = None
     synthetic_ms: tuple[float, float] = (20.0, 10.0)
+    isolation: Isolation = "auto"
 
     _split = field_validator("devices", mode="before")(_split_devices)
+
+    @model_validator(mode="after")
+    def _paddle_needs_a_process(self) -> OcrConfig:
+        if self.backend == "paddleocr" and self.isolation == "thread":
+            raise ValueError("ocr.isolation: the paddleocr backend runs only in its own process (PaddlePaddle "
+                             "predictors are not thread-safe); set ocr.isolation to process or auto")
+        return self
 
 
 class DetectorConfig(Section):
@@ -104,6 +127,7 @@ class VisionConfig(Section):
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     backend: Literal["models", "synthetic"] = "models"
     synthetic_ms: tuple[float, float] = (15.0, 6.0)
+    isolation: Isolation = "auto"
     detector: DetectorConfig = DetectorConfig()
     captioner: CaptionerConfig = CaptionerConfig()
     clip: ClipConfig = ClipConfig()
@@ -118,7 +142,8 @@ class BinnerConfig(BaseSettings):
         env_prefix="BINNER_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
     )
 
-    input: Path = Path("./inbox")
+    input: Path = DEFAULT_INPUT
+    create_input: bool = False
     output: Path = Path("./bins")
     state_dir: Path = Path("./.binner")
     placement: Literal["move", "copy", "hardlink"] = "move"
@@ -145,10 +170,20 @@ class BinnerConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _input_output_disjoint(self) -> BinnerConfig:
-        inp, out = self.input.absolute(), self.output.absolute()
+        inp, out, state = self.input.absolute(), self.output.absolute(), self.state_dir.absolute()
         if inp == out or out.is_relative_to(inp):
             raise ValueError(f"output ({self.output}) must not be inside input ({self.input}): pick a sibling folder")
+        if state == inp or state.is_relative_to(inp):
+            # The daemon would take its own ledger.sqlite3 (and -wal, -shm) as input and quarantine it.
+            raise ValueError(f"state_dir ({self.state_dir}) must not be inside input ({self.input}): "
+                             "pick a folder outside the watched input")
         return self
+
+    @property
+    def creates_input(self) -> bool:
+        """Whether a missing input may be created: ``create_input``, or input is the default ``./inbox``
+        (so ``make run`` works in a fresh clone, while a typo in any other path is refused)."""
+        return self.create_input or self.input == DEFAULT_INPUT.absolute()
 
     @classmethod
     def settings_customise_sources(
@@ -197,7 +232,7 @@ def _describe(error: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for problem in error.errors():
         key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        message = problem["msg"]
+        message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = "unknown key; `binner config show` lists the valid keys"
         given = problem.get("input")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -21,9 +22,11 @@ import structlog
 
 from app.config import BinnerConfig, ConfigError, load_config
 from app.http import StatusServer
-from app.intake import SettleTracker, scan
+from app.intake import SettleTracker, iter_scan
+from app.ledger import is_disk_full
 from app.notify import SystemdNotifier
-from app.runtime import Runtime, build_runtime, preflight_weights, take_files
+from app.run import DRAIN_REPORT_EVERY_S
+from app.runtime import Runtime, build_runtime, preflight_weights, prepare_dirs, take_files
 
 log = structlog.get_logger("binner.daemon")
 
@@ -38,18 +41,45 @@ class Daemon:
         self.settle = SettleTracker(config.input, config.settle_ms / 1000.0)
         self.http: StatusServer | None = None
         self.last_rescan = 0.0
+        # Written by the housekeeping task, read by /healthz (another thread); all times are time.monotonic(),
+        # the clock of Pipeline.last_progress.
+        self.backlog = 0
+        self.work_since: float | None = None  # when the backlog last went from empty to non-empty
+        self.housekept_at: float | None = None  # when housekeeping last got an answer from the ledger
+        self.drain_until: float | None = None  # set when a stop signal starts the drain
 
     # --- health -----------------------------------------------------------------------------------
     def healthy(self) -> tuple[bool, str]:
+        """Unhealthy when work waits and nothing moves for ``stall_timeout_s``, whatever part is stuck."""
         if self.runtime is None:
             return True, "starting"
         pipeline = self.runtime.pipeline
+        limit = self.config.stall_timeout_s
         stalled = pipeline.stalled_for()
-        if stalled > self.config.stall_timeout_s:
-            return False, f"a model call has been running for {stalled:.0f} s (stall_timeout_s={self.config.stall_timeout_s:.0f})"
+        if stalled > limit:
+            return False, f"a model call has been running for {stalled:.0f} s (stall_timeout_s={limit:g})"
+        now = time.monotonic()
+        if self.housekept_at is not None and now - self.housekept_at > limit:
+            return False, (f"the ledger has not answered for {now - self.housekept_at:.0f} s "
+                           f"(stall_timeout_s={limit:g}); check the state directory's disk")
+        idle_for = self.progress_stalled_for(now)
+        if idle_for > limit:
+            where = "placement paused: the output disk refuses writes" if pipeline.placement_paused else (
+                "queues " + ", ".join(f"{name}={queue.depth}" for name, queue in
+                                      [*pipeline.queues.items(), ("sink", pipeline.sink_queue)]))
+            return False, (f"nothing placed for {idle_for:.0f} s while {self.backlog} files wait and "
+                           f"{pipeline.in_flight} are in flight ({where}; stall_timeout_s={limit:g})")
         if pipeline.placement_paused:
             return True, "ok (placement paused: output disk refused writes)"
         return True, "ok"
+
+    def progress_stalled_for(self, now: float) -> float:
+        """Seconds since the last placement (or since work arrived, if later) while a backlog exists; else 0."""
+        if self.runtime is None or self.work_since is None:
+            return 0.0
+        if not self.backlog and not self.runtime.pipeline.in_flight:
+            return 0.0
+        return max(0.0, now - max(self.runtime.pipeline.last_progress, self.work_since))
 
     def ready(self) -> bool:
         return self.runtime is not None and self.runtime.pipeline.ready
@@ -59,17 +89,27 @@ class Daemon:
         assert self.runtime is not None
         if not discovered:
             return
-        result, _ = take_files(self.runtime, discovered)
+        try:
+            result, _ = take_files(self.runtime, discovered)
+        except sqlite3.OperationalError as error:  # a full state disk pauses intake; rescans find the files later
+            if not is_disk_full(error):
+                raise
+            self.runtime.pipeline.note_state_full(error)
+            return
         if result.new or result.requeued:
+            self.runtime.pipeline.note_state_ok()
             log.info("files taken", new=result.new, requeued=result.requeued)
 
     async def _rescan(self) -> None:
-        observations = await anyio.to_thread.run_sync(scan, self.config.input)
-        ready = self.settle.offer(observations)
-        await anyio.to_thread.run_sync(self._intake, ready)
+        """Scan in chunks off the event loop: memory and loop time stay flat however many files exist."""
+        chunks = iter_scan(self.config.input)
+        while (observations := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
+            ready = self.settle.offer(observations)
+            if ready:
+                await anyio.to_thread.run_sync(self._intake, ready)
+                if self.runtime:
+                    self.runtime.pipeline.wake()
         self.last_rescan = time.monotonic()
-        if ready and self.runtime:
-            self.runtime.pipeline.wake()
 
     async def _watch(self) -> None:
         from watchfiles import Change, awatch
@@ -111,10 +151,17 @@ class Daemon:
         runtime = self.runtime
         interval = self.notifier.watchdog_interval_s()
         ping_every = interval / 2 if interval else None
-        last_ping = last_status = 0.0
+        last_ping = last_status = last_drain_report = 0.0
         while True:
-            now = time.monotonic()
             backlog, oldest = await anyio.to_thread.run_sync(runtime.ledger.backlog)
+            now = time.monotonic()
+            self.housekept_at = now
+            self.backlog = backlog
+            if backlog or runtime.pipeline.in_flight:
+                if self.work_since is None:
+                    self.work_since = now
+            else:
+                self.work_since = None
             runtime.metrics.backlog.set(backlog)
             runtime.metrics.oldest_pending_age.set(max(0.0, time.time() - oldest) if oldest else 0.0)
             ok, detail = self.healthy()
@@ -128,6 +175,12 @@ class Daemon:
                 self.notifier.status(f"backlog {backlog}, in flight {runtime.pipeline.in_flight}, "
                                      f"binned {stats.finished}, {stats.rate():.2f} img/s")
                 last_status = now
+            if self.drain_until is not None and now - last_drain_report >= DRAIN_REPORT_EVERY_S:
+                # A drain can take a while (a large batch on CPU): say what is left, so it never looks hung.
+                log.info("draining", in_flight=runtime.pipeline.in_flight,
+                         remaining_s=round(max(0.0, self.drain_until - now), 1),
+                         hint="a second Ctrl-C or SIGTERM stops at once; interrupted files resume at the next start")
+                last_drain_report = now
             await anyio.sleep(min(1.0, ping_every or 1.0))
 
     async def _signals(self, scope: anyio.CancelScope) -> None:
@@ -145,8 +198,9 @@ class Daemon:
 
     def begin_drain(self, scope: anyio.CancelScope, why: str) -> None:
         assert self.runtime is not None
-        log.info("stopping: draining in-flight work", signal=why, in_flight=self.runtime.pipeline.in_flight,
-                 timeout_s=self.config.drain_timeout_s)
+        log.info("stopping: draining in-flight work; a second Ctrl-C or SIGTERM stops at once", signal=why,
+                 in_flight=self.runtime.pipeline.in_flight, timeout_s=self.config.drain_timeout_s)
+        self.drain_until = time.monotonic() + self.config.drain_timeout_s
         self.notifier.stopping()
         self.stop_intake.set()
         self.runtime.pipeline.request_stop()
@@ -167,8 +221,9 @@ class Daemon:
     # --- main -------------------------------------------------------------------------------------
     async def main(self) -> int:
         config = self.config
+        prepare_dirs(config)  # a missing input is refused before any weight is fetched
         preflight_weights(config)
-        self.runtime = runtime = build_runtime(config)
+        self.runtime = runtime = build_runtime(config, command="run")
         if config.http.enabled:
             self.http = StatusServer(config.http.host, config.http.port, runtime.metrics.registry,
                                      self.healthy, self.ready).start()
@@ -184,6 +239,7 @@ class Daemon:
         if cancel_during_setup.cancelled_caught:
             log.info("stopped while loading models")
             await runtime.pipeline.teardown()
+            runtime.close()
             return 0
         recovered = runtime.ledger.recover_interrupted()
         if recovered:
@@ -205,7 +261,7 @@ class Daemon:
                 await runtime.pipeline.teardown()
                 if self.http:
                     self.http.stop()
-                runtime.ledger.close()
+                runtime.close()
         left = runtime.pipeline.in_flight
         log.info("stopped", drained=left == 0, left_for_next_start=left)
         return 0
@@ -219,15 +275,15 @@ class Daemon:
 
 
 def serve(config: BinnerConfig, config_file: Path | None) -> int:
-    from app.cli import run_async
     from app.engine import StageSetupError
+    from app.run import run_async
 
     daemon = Daemon(config, config_file)
     try:
         code = int(run_async(daemon.main))
     except (ConfigError, StageSetupError) as error:
-        log.error("cannot start", error=str(error))
-        print(f"error: {error}", flush=True)
+        # One message, on stderr (the journal under systemd): what is wrong and what to do.
+        print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     deadline = time.monotonic() + 2.0
     for thread in threading.enumerate():

@@ -3,24 +3,35 @@
 A file is taken once it is complete: its mtime is at least ``settle`` old (it arrived by rename, or was
 written a while ago), or its size and mtime stayed the same for ``settle``. Watch events are a hint; a
 startup scan and periodic rescans find anything the watcher missed.
+
+The input root is a security boundary. Symbolic links under it are never followed and never taken, whether
+they name a file or a directory, inside the root or outside it: each is skipped with a logged reason (once per
+path). Paths are recorded under the root's real path, so that every later open can refuse a symlink in any
+component of the path (``stages.loader.open_no_symlinks``): a directory swapped for a link after intake leads
+nowhere. Watch events from inside a linked directory (the watcher follows them) are dropped the same way.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat as stat_module
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from app.ledger import Discovered, Ledger, Row
+from app.ledger import Discovered, Finished, Ledger, shown
+from stages.paths import lstat_no_symlinks
 
 log = structlog.get_logger("binner.intake")
 
 TEMP_SUFFIXES = (".part", ".tmp", "~", ".crdownload", ".partial", ".swp", ".download")
+SCAN_CHUNK = 1000
+_REPORTED_LIMIT = 10_000
+_reported_links: set[str] = set()
 
 
 def is_candidate_name(name: str) -> bool:
@@ -30,62 +41,106 @@ def is_candidate_name(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Observation:
+    """A candidate regular file: ``path`` as the watcher or scan named it, ``real`` under the root's real path."""
+
     path: Path
+    rel_path: str
     size: int
     mtime_ns: int
+    inode: int | None = None
+    ctime_ns: int | None = None
+    real: str = ""
+
+
+def _skip_link(path: str, why: str) -> None:
+    """Log a skipped symlink once per path (rescans would repeat it forever)."""
+    if path in _reported_links:
+        return
+    if len(_reported_links) < _REPORTED_LIMIT:
+        _reported_links.add(path)
+    log.warning("skipping a symbolic link under the input: binner never follows links; put the file itself there",
+                file=shown(path), detail=why)
+
+
+def _observation(path: Path, rel_path: str, real: str, st: os.stat_result) -> Observation:
+    return Observation(path, rel_path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, real)
 
 
 def observe(root: Path, root_real: Path, path: Path) -> Observation | None:
-    """Stat ``path`` if it is a candidate regular file inside ``root`` (symlinks only when they stay inside)."""
+    """Stat ``path`` if it is a candidate regular file inside ``root`` reached without any symlink."""
     try:
         relative = path.relative_to(root)
     except ValueError:
         return None
-    if any(not is_candidate_name(part) for part in relative.parts):
+    if not relative.parts or any(not is_candidate_name(part) for part in relative.parts):
         return None
+    real = os.path.join(root_real, *relative.parts)
     try:
-        st = path.lstat()
-        if stat_module.S_ISLNK(st.st_mode):
-            if not path.resolve().is_relative_to(root_real):
-                return None
-            st = path.stat()
-    except OSError:
+        st = lstat_no_symlinks(real)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):  # a linked directory on the way: outside, or not ours
+            _skip_link(str(path), "a directory on its path is a symbolic link")
+        return None
+    if stat_module.S_ISLNK(st.st_mode):
+        _skip_link(str(path), "the file is a symbolic link")
         return None
     if not stat_module.S_ISREG(st.st_mode):
         return None
-    return Observation(path, st.st_size, st.st_mtime_ns)
+    return _observation(path, relative.as_posix(), real, st)
 
 
-def scan(root: Path) -> list[Observation]:
-    """Every candidate regular file under ``root``; symlinked directories are not entered."""
-    root_real = root.resolve()
+def iter_scan(root: Path, chunk: int = SCAN_CHUNK) -> Iterator[list[Observation]]:
+    """Every candidate regular file under ``root``, in chunks of at most ``chunk`` (memory stays flat).
+
+    Directories are listed with ``os.scandir`` and entered only when they are real directories; symlinks
+    (to files, to directories, loops) are skipped with a logged reason and never resolved.
+    """
+    root = root.absolute()
+    root_real = Path(os.path.realpath(root))
     found: list[Observation] = []
-    stack = [root]
+    stack: list[tuple[str, str]] = [(str(root_real), "")]
     while stack:
-        directory = stack.pop()
+        directory, prefix = stack.pop()
         try:
-            entries = list(os.scandir(directory))
-        except (FileNotFoundError, NotADirectoryError, PermissionError) as error:
-            log.warning("cannot list a directory under the input", directory=str(directory), error=str(error))
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as error:
+            log.warning("cannot list a directory under the input", directory=shown(directory), error=str(error))
             continue
+        subdirectories: list[tuple[str, str]] = []
         for entry in entries:
             if not is_candidate_name(entry.name):
                 continue
+            rel = f"{prefix}{entry.name}"
             try:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(Path(entry.path))
+                if entry.is_symlink():
+                    _skip_link(str(root / rel), "the entry is a symbolic link")
                     continue
+                if entry.is_dir(follow_symlinks=False):
+                    subdirectories.append((entry.path, rel + "/"))
+                    continue
+                st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            seen = observe(root, root_real, Path(entry.path))
-            if seen is not None:
-                found.append(seen)
-    found.sort(key=lambda o: o.path)
-    return found
+            if stat_module.S_ISREG(st.st_mode):
+                found.append(_observation(root / rel, rel, entry.path, st))
+                if len(found) >= chunk:
+                    yield found
+                    found = []
+        stack.extend(reversed(subdirectories))
+    if found:
+        yield found
+
+
+def scan(root: Path) -> list[Observation]:
+    """Every candidate regular file under ``root`` (see ``iter_scan``), as one list."""
+    return [seen for part in iter_scan(root) for seen in part]
 
 
 def to_discovered(root: Path, seen: Observation) -> Discovered:
-    return Discovered(str(seen.path.absolute()), seen.path.relative_to(root).as_posix(), seen.size, seen.mtime_ns)
+    """The ledger's view of an observation: the path under the root's real path, and the file's identity."""
+    path = seen.real or os.path.join(os.path.realpath(root), seen.rel_path)
+    return Discovered(path, seen.rel_path, seen.size, seen.mtime_ns, seen.inode, seen.ctime_ns)
 
 
 class SettleTracker:
@@ -93,7 +148,7 @@ class SettleTracker:
 
     def __init__(self, root: Path, settle_s: float) -> None:
         self.root = root.absolute()  # watch events name absolute paths
-        self.root_real = root.resolve()
+        self.root_real = Path(os.path.realpath(root))  # never raises, even for a loop
         self.settle_s = settle_s
         self._watching: dict[Path, tuple[int, int, float]] = {}
 
@@ -106,7 +161,8 @@ class SettleTracker:
         now_wall_ns, now = time.time_ns(), time.monotonic()
         for seen in observations:
             if now_wall_ns - seen.mtime_ns >= self.settle_s * 1e9:
-                self._watching.pop(seen.path, None)
+                if self._watching:
+                    self._watching.pop(seen.path, None)
                 ready.append(to_discovered(self.root, seen))
                 continue
             previous = self._watching.get(seen.path)
@@ -137,26 +193,28 @@ class SettleTracker:
         return self.offer(observations)
 
 
-def finish_leftovers(ledger: Ledger, rows: list[Row], move_mode: bool, remove_source: Callable[..., bool]) -> tuple[int, int]:
-    """Finished rows whose input is still present with the same size and mtime.
+def finish_leftovers(ledger: Ledger, rows: list[Finished], move_mode: bool,
+                     remove_source: Callable[..., bool]) -> tuple[int, int]:
+    """Finished rows whose input is still present with the same identity.
 
     In move mode that is a crash between the durable ledger row and the removal of the input: the output
-    is already placed, so the input is removed (never placed twice). If the output went missing, the file
-    is processed again. In copy/hardlink mode inputs stay by design: nothing to do.
+    is already placed, so the input is removed (never placed twice). If the input now holds other content,
+    it is a new generation (a new row; the old row keeps describing its output). If the output went missing,
+    the file is processed again. In copy/hardlink mode inputs stay by design: nothing to do.
     Returns (removed, requeued).
     """
     removed = requeued = 0
     if not move_mode:
         return removed, requeued
     for row in rows:
-        if row.output_path and Path(row.output_path).exists():
+        if row.output_path and os.path.lexists(row.output_path):
             try:
                 if remove_source(Path(row.path), Path(row.output_path), row.sha256):
                     removed += 1
-                    log.info("input already placed before a restart; removed the leftover", file=row.path,
-                             output=row.output_path)
+                    log.info("input already placed before a restart; removed the leftover", file=shown(row.path),
+                             output=shown(row.output_path))
                 else:
-                    ledger.requeue(row.id)
+                    ledger.new_generation(row.id)
                     requeued += 1
             except FileNotFoundError:
                 pass

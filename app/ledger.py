@@ -1,31 +1,52 @@
-"""The ledger: one SQLite (WAL) row per input file, the only source of truth for what has been done.
+"""The ledger: one SQLite (WAL) row per placed file (per input generation), the only source of truth for what has
+been done.
 
 Statuses: ``pending`` (known, waiting), ``processing`` (handed to the pipeline), ``done`` (placed in a bin),
 ``quarantined`` (placed under _quarantine), ``vanished`` (deleted before it could be placed).
-A crash leaves rows in ``processing``; ``recover_interrupted()`` returns them to ``pending`` at start.
+A crash leaves rows in ``processing``; ``recover_interrupted()`` returns them to ``pending`` at start and charges
+a crash only to the rows that were inside a model call (``in_call``) when the process died.
+
+Why it is built this way:
+
+- A path may have many rows: a name reused with new content (scanners reuse ``IMG_0001.jpg``) starts a new
+  row, and the earlier ``done`` row keeps describing the file it placed (``explain`` and ``status`` stay true).
+  At most one row per path is unfinished (a partial unique index says so).
+- A file is "the same" when size, mtime, inode and ctime all match: copy and hardlink modes keep their inputs,
+  and new content written with the same size and mtime must still be noticed.
+- Linux names are bytes. A path that is valid UTF-8 is stored as TEXT; any other name is stored as its raw
+  bytes (a BLOB in the same column), so every name round-trips exactly and the same name always maps to the
+  same value (equality and the unique index keep working). Python sees surrogate-escaped ``str`` paths.
+- ``synchronous=FULL``: a commit is on disk when ``record()`` returns, so a ``done`` row can never roll back
+  after the input it describes was removed (move mode removes only after ``record()``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 Status = Literal["pending", "processing", "done", "quarantined", "vanished"]
 FINISHED: tuple[str, ...] = ("done", "quarantined", "vanished")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (
+SCHEMA_VERSION = "2"
+
+_FILES_V2 = """
+CREATE TABLE files (
     id INTEGER PRIMARY KEY,
-    path TEXT NOT NULL UNIQUE,
+    path TEXT NOT NULL,
     rel_path TEXT NOT NULL,
     size INTEGER,
     mtime_ns INTEGER,
+    inode INTEGER,
+    ctime_ns INTEGER,
     sha256 TEXT,
     status TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -37,25 +58,78 @@ CREATE TABLE IF NOT EXISTS files (
     output_path TEXT,
     last_error TEXT,
     timings TEXT,
+    in_call TEXT,
+    crash_stage TEXT,
+    crashes INTEGER NOT NULL DEFAULT 0,
     seen_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     finished_at REAL
-);
-CREATE INDEX IF NOT EXISTS files_status ON files(status, id);
-CREATE INDEX IF NOT EXISTS files_rel_path ON files(rel_path);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+)
 """
-SCHEMA_VERSION = "1"
+_INDEXES_V2 = (
+    "CREATE INDEX IF NOT EXISTS files_status ON files(status, id)",
+    "CREATE INDEX IF NOT EXISTS files_rel_path ON files(rel_path)",
+    "CREATE INDEX IF NOT EXISTS files_path ON files(path, id)",
+    "CREATE INDEX IF NOT EXISTS files_output_path ON files(output_path)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS files_one_unfinished ON files(path) WHERE status IN ('pending', 'processing')",
+)
+# Columns a version 1 ledger (binner 0.1.0) already has; the rest start empty after migration.
+_V1_COLUMNS = (
+    "id, path, rel_path, size, mtime_ns, sha256, status, attempts, bin, rule, reason, decision, signals, output_path,"
+    " last_error, timings, seen_at, updated_at, finished_at"
+)
+
+
+class LedgerOpenError(sqlite3.DatabaseError):
+    """The ledger cannot be opened (not a database, truncated, unreadable, or from a newer binner)."""
+
+
+def sql_path(path: str) -> str | bytes:
+    """A path as stored: TEXT when its bytes are UTF-8, else the raw bytes (see the module docstring)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+    return path
+
+
+def py_path(value: str | bytes | None) -> str | None:
+    """A stored path back as a ``str`` that the os module maps to the exact original bytes."""
+    if isinstance(value, bytes):
+        return os.fsdecode(value)
+    return value
+
+
+def shown(path: str | None) -> str | None:
+    """A path (or a message naming one) safe to print, log or store as text: bytes that are not UTF-8 appear as
+    ``\\xff`` escapes."""
+    if path is None:
+        return None
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        pass
+    try:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name produced
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)
 class Discovered:
-    """A complete file found under the input root."""
+    """A complete file found under the input root, with the identity that says "same file" later."""
 
     path: str
     rel_path: str
     size: int
     mtime_ns: int
+    inode: int | None = None
+    ctime_ns: int | None = None
+
+    @property
+    def identity(self) -> tuple[int | None, int | None, int | None, int | None]:
+        return self.size, self.mtime_ns, self.inode, self.ctime_ns
 
 
 @dataclass
@@ -79,13 +153,38 @@ class Row:
     seen_at: float
     updated_at: float
     finished_at: float | None
+    inode: int | None = None
+    ctime_ns: int | None = None
+    in_call: str | None = None
+    crash_stage: str | None = None
+    crashes: int = 0
 
     @classmethod
     def from_sql(cls, row: sqlite3.Row) -> Row:
-        data = dict(row)
+        data = {key: row[key] for key in row.keys() if key in _ROW_FIELDS}
         for key in ("decision", "signals", "timings"):
             data[key] = json.loads(data[key]) if data[key] else None
+        for key in ("path", "rel_path", "output_path"):
+            data[key] = py_path(data[key])
         return cls(**data)
+
+    @property
+    def shown_path(self) -> str:
+        """``path`` safe to print (non-UTF-8 bytes escaped)."""
+        return shown(self.path) or ""
+
+
+_ROW_FIELDS = frozenset(f.name for f in fields(Row))
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished row whose input is still there unchanged (a crash leftover in move mode); no JSON decoded."""
+
+    id: int
+    path: str
+    output_path: str | None
+    sha256: str | None
 
 
 @dataclass
@@ -105,74 +204,195 @@ class Outcome:
     timings: dict[str, Any] = field(default_factory=dict)
     size: int | None = None
     mtime_ns: int | None = None
+    inode: int | None = None
+    ctime_ns: int | None = None
 
 
 @dataclass
 class IntakeResult:
     new: int = 0
     requeued: int = 0
-    already_finished: list[Row] = field(default_factory=list)
+    already_finished: list[Finished] = field(default_factory=list)
 
 
 def _dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if value is None:
+        return None
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a non-UTF-8 file name inside: \udcff escapes keep it valid, reversible JSON
+        text = json.dumps(value, separators=(",", ":"))
+    return text
+
+
+def _same_file(stored: tuple[Any, ...], seen: tuple[Any, ...]) -> bool:
+    """Size and mtime must match; inode and ctime too where both sides know them (older rows may not)."""
+    return all(a == b for a, b in zip(stored, seen, strict=True) if a is not None and b is not None) and \
+        stored[:2] == seen[:2]
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """SQLite says the state disk is full (SQLITE_FULL): pause, do not crash."""
+    if not isinstance(error, sqlite3.OperationalError):
+        return False
+    code = getattr(error, "sqlite_errorcode", None)
+    return code == getattr(sqlite3, "SQLITE_FULL", 13) or "database or disk is full" in str(error)
 
 
 class Ledger:
-    """Thread-safe access to the ledger database (one connection, one lock, short transactions)."""
+    """Thread-safe access to the ledger database (one connection, one lock, short transactions).
 
-    def __init__(self, path: Path | str) -> None:
+    ``read_only=True`` opens the file with ``mode=ro``: no schema change, no migration, no recovery; for
+    ``status``, ``explain`` and dry runs beside a running daemon. A file that is not a binner ledger raises
+    ``LedgerOpenError`` (a ``sqlite3.DatabaseError``) naming the file and what to do.
+    """
+
+    def __init__(self, path: Path | str, read_only: bool = False) -> None:
         self.path = Path(path)
-        if str(path) != ":memory:":
+        self.read_only = read_only
+        self._lock = threading.RLock()
+        memory = str(path) == ":memory:"
+        if not memory and not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+            if read_only:
+                uri = f"file:{urllib.parse.quote(str(self.path.absolute()))}?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=30)
+            else:
+                self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
             self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
+            if read_only:
+                self.schema_version = self._read_version()
+            else:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("PRAGMA foreign_keys=ON")
+                self.schema_version = self._prepare_schema()
+        except LedgerOpenError:
+            self._close_quietly()
+            raise
         except sqlite3.DatabaseError as error:
-            raise RuntimeError(
-                f"cannot open the ledger {self.path}: {error}. Check state_dir permissions, or move the file aside "
-                "to start a new ledger (files already placed stay placed)."
+            self._close_quietly()
+            raise LedgerOpenError(
+                f"cannot open the ledger {self.path}: {error}. Check state_dir and its permissions, or move the "
+                "file aside to start a new ledger (files already placed stay placed)."
             ) from error
-        self._lock = threading.RLock()
+
+    def _close_quietly(self) -> None:
+        db = getattr(self, "_db", None)
+        if db is not None:
+            db.close()
+
+    def _read_version(self) -> str:
+        names = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "files" not in names:
+            raise LedgerOpenError(f"{self.path} holds no binner ledger (no files table): is --state right?")
+        if "meta" not in names:
+            return "1"
+        found = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = found[0] if found else "1"
+        if int(version) > int(SCHEMA_VERSION):
+            raise LedgerOpenError(
+                f"the ledger {self.path} has schema version {version}, newer than this binner understands "
+                f"({SCHEMA_VERSION}): upgrade binner, or point state_dir elsewhere"
+            )
+        return version
+
+    def _prepare_schema(self) -> str:
+        """Create a new ledger, or migrate an older one in place (one transaction: all or nothing)."""
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            if "files" not in names:
+                db.execute(_FILES_V2)
+            else:
+                version = self._read_version()
+                if version == "1":
+                    self._migrate_v1(db)
+            for statement in _INDEXES_V2:
+                db.execute(statement)
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        return SCHEMA_VERSION
+
+    @staticmethod
+    def _migrate_v1(db: sqlite3.Connection) -> None:
+        """Version 1 kept ``path`` UNIQUE (one row per name, overwritten on reuse): rebuild without it."""
+        db.execute("ALTER TABLE files RENAME TO files_v1")
+        for index in ("files_status", "files_rel_path"):
+            db.execute(f"DROP INDEX IF EXISTS {index}")
+        db.execute(_FILES_V2)
+        db.execute(f"INSERT INTO files({_V1_COLUMNS}) SELECT {_V1_COLUMNS} FROM files_v1")
+        db.execute("DROP TABLE files_v1")
 
     class _Tx:
-        def __init__(self, ledger: Ledger) -> None:
+        def __init__(self, ledger: Ledger, durable: bool = True) -> None:
             self.ledger = ledger
+            self.durable = durable
 
         def __enter__(self) -> sqlite3.Connection:
-            self.ledger._lock.acquire()
-            self.ledger._db.execute("BEGIN IMMEDIATE")
-            return self.ledger._db
+            ledger = self.ledger
+            if ledger.read_only:
+                raise sqlite3.OperationalError(f"the ledger {ledger.path} is open read-only")
+            ledger._lock.acquire()
+            try:
+                if not self.durable:
+                    ledger._db.execute("PRAGMA synchronous=NORMAL")
+                ledger._db.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self._restore()
+                ledger._lock.release()
+                raise
+            return ledger._db
 
         def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+            db = self.ledger._db
             try:
-                self.ledger._db.execute("ROLLBACK" if exc_type else "COMMIT")
+                if exc_type:
+                    db.execute("ROLLBACK")
+                else:
+                    try:
+                        db.execute("COMMIT")
+                    except sqlite3.Error:
+                        if db.in_transaction:
+                            db.execute("ROLLBACK")
+                        raise
             finally:
+                self._restore()
                 self.ledger._lock.release()
 
-    def _tx(self) -> Ledger._Tx:
-        return Ledger._Tx(self)
+        def _restore(self) -> None:
+            if not self.durable:
+                self.ledger._db.execute("PRAGMA synchronous=FULL")
+
+    def _tx(self, durable: bool = True) -> Ledger._Tx:
+        return Ledger._Tx(self, durable)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
+    def synchronous(self) -> int:
+        """The connection's ``PRAGMA synchronous`` (2 = FULL: every commit is fsynced)."""
+        with self._lock:
+            return int(self._db.execute("PRAGMA synchronous").fetchone()[0])
+
     # --- intake -----------------------------------------------------------------------------------
     def known(self, path: str) -> Row | None:
+        """The newest row for an input path."""
         with self._lock:
-            found = self._db.execute("SELECT * FROM files WHERE path = ?", (path,)).fetchone()
+            found = self._db.execute(
+                "SELECT * FROM files WHERE path = ? ORDER BY id DESC LIMIT 1", (sql_path(path),)
+            ).fetchone()
         return Row.from_sql(found) if found else None
 
     def intake(self, files: Iterable[Discovered], chunk: int = 500) -> IntakeResult:
-        """Record complete files as ``pending``. A finished row whose file is still there with the same size
-        and mtime is reported in ``already_finished`` (the caller decides: crash leftover or copy mode);
-        a finished row whose file changed is a new file at the same path and goes back to ``pending``."""
+        """Record complete files as ``pending``.
+
+        A path seen for the first time is a new row. A finished row whose file is still there unchanged is
+        reported in ``already_finished`` (the caller decides: crash leftover or copy mode). A file that changed
+        since its row finished is a new generation: a new row, the old one keeps describing what it placed.
+        """
         result = IntakeResult()
         batch: list[Discovered] = []
         for entry in files:
@@ -188,58 +408,115 @@ class Ledger:
         now = time.time()
         with self._tx() as db:
             for entry in batch:
-                row = db.execute("SELECT * FROM files WHERE path = ?", (entry.path,)).fetchone()
+                key = sql_path(entry.path)
+                row = db.execute(
+                    "SELECT id, status, size, mtime_ns, inode, ctime_ns, output_path, sha256 FROM files"
+                    " WHERE path = ? ORDER BY id DESC LIMIT 1",
+                    (key,),
+                ).fetchone()
                 if row is None:
-                    db.execute(
-                        "INSERT INTO files(path, rel_path, size, mtime_ns, status, seen_at, updated_at)"
-                        " VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-                        (entry.path, entry.rel_path, entry.size, entry.mtime_ns, now, now),
-                    )
+                    self._insert(db, entry, now)
                     result.new += 1
-                elif row["status"] in ("pending", "processing"):
-                    if (row["size"], row["mtime_ns"]) != (entry.size, entry.mtime_ns):
+                    continue
+                stored = (row["size"], row["mtime_ns"], row["inode"], row["ctime_ns"])
+                same = _same_file(stored, entry.identity)
+                if row["status"] in ("pending", "processing"):
+                    if stored != entry.identity:
                         db.execute(
-                            "UPDATE files SET size = ?, mtime_ns = ?, updated_at = ? WHERE id = ?",
-                            (entry.size, entry.mtime_ns, now, row["id"]),
+                            "UPDATE files SET size = ?, mtime_ns = ?, inode = ?, ctime_ns = ?, updated_at = ?"
+                            " WHERE id = ?",
+                            (*entry.identity, now, row["id"]),
                         )
-                elif (row["size"], row["mtime_ns"]) == (entry.size, entry.mtime_ns) and row["status"] != "vanished":
-                    result.already_finished.append(Row.from_sql(row))
+                elif same and row["status"] != "vanished":
+                    result.already_finished.append(
+                        Finished(row["id"], entry.path, py_path(row["output_path"]), row["sha256"])
+                    )
+                elif row["status"] == "vanished":  # nothing was placed: the row can describe the new file
+                    self._requeue(db, row["id"], entry, now)
+                    result.requeued += 1
                 else:
-                    self._requeue(db, row["id"], entry.size, entry.mtime_ns, now)
+                    self._insert(db, entry, now)
                     result.requeued += 1
 
-    def requeue(self, row_id: int, size: int | None = None, mtime_ns: int | None = None) -> None:
-        """Treat the file as new (changed content, or its placed output went missing)."""
+    @staticmethod
+    def _insert(db: sqlite3.Connection, entry: Discovered, now: float) -> None:
+        db.execute(
+            "INSERT INTO files(path, rel_path, size, mtime_ns, inode, ctime_ns, status, seen_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+            (sql_path(entry.path), sql_path(entry.rel_path), *entry.identity, now, now),
+        )
+
+    def new_generation(self, row_id: int) -> int:
+        """The input of a finished row now holds other content: a new pending row for it; returns its id."""
+        now = time.time()
         with self._tx() as db:
-            self._requeue(db, row_id, size, mtime_ns, time.time())
+            old = db.execute("SELECT path, rel_path FROM files WHERE id = ?", (row_id,)).fetchone()
+            cursor = db.execute(
+                "INSERT INTO files(path, rel_path, status, seen_at, updated_at) VALUES (?, ?, 'pending', ?, ?)",
+                (old["path"], old["rel_path"], now, now),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def requeue(self, row_id: int, size: int | None = None, mtime_ns: int | None = None) -> None:
+        """Process the row's file again (its placed output went missing, so the row describes nothing placed)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE files SET size = COALESCE(?, size), mtime_ns = COALESCE(?, mtime_ns) WHERE id = ?",
+                (size, mtime_ns, row_id),
+            )
+            self._requeue(db, row_id, None, time.time())
 
     @staticmethod
-    def _requeue(db: sqlite3.Connection, row_id: int, size: int | None, mtime_ns: int | None, now: float) -> None:
+    def _requeue(db: sqlite3.Connection, row_id: int, entry: Discovered | None, now: float) -> None:
+        identity = entry.identity if entry is not None else (None, None, None, None)
         db.execute(
-            "UPDATE files SET status = 'pending', attempts = 0, size = COALESCE(?, size),"
-            " mtime_ns = COALESCE(?, mtime_ns), sha256 = NULL, bin = NULL, rule = NULL, reason = NULL,"
+            "UPDATE files SET status = 'pending', attempts = 0, crashes = 0, crash_stage = NULL, in_call = NULL,"
+            " size = COALESCE(?, size), mtime_ns = COALESCE(?, mtime_ns), inode = COALESCE(?, inode),"
+            " ctime_ns = COALESCE(?, ctime_ns), sha256 = NULL, bin = NULL, rule = NULL, reason = NULL,"
             " decision = NULL, signals = NULL, output_path = NULL, last_error = NULL, timings = NULL,"
             " seen_at = ?, updated_at = ?, finished_at = NULL WHERE id = ?",
-            (size, mtime_ns, now, now, row_id),
+            (*identity, now, now, row_id),
         )
 
     def recover_interrupted(self) -> int:
-        """Rows a crash left in ``processing`` go back to ``pending`` (their attempt stays counted)."""
+        """Rows a crash left in ``processing`` go back to ``pending``.
+
+        Only rows that were inside a model call when the process died are charged a crash, under that
+        stage; ``crashes`` counts consecutive deaths in the same stage's call (another stage starts at 1).
+        """
+        now = time.time()
         with self._tx() as db:
+            db.execute(
+                "UPDATE files SET crashes = CASE WHEN crash_stage = in_call THEN crashes + 1 ELSE 1 END,"
+                " crash_stage = in_call, in_call = NULL WHERE in_call IS NOT NULL"
+            )
             return db.execute(
-                "UPDATE files SET status = 'pending', updated_at = ? WHERE status = 'processing'", (time.time(),)
+                "UPDATE files SET status = 'pending', updated_at = ? WHERE status = 'processing'", (now,)
             ).rowcount
 
     # --- feeding ----------------------------------------------------------------------------------
     def claim_pending(self, limit: int, after_id: int = 0) -> list[Row]:
-        """Take up to ``limit`` pending rows (oldest id first, after ``after_id``) and mark them processing."""
+        """Take up to ``limit`` pending rows (oldest id first, after ``after_id``) and mark them processing.
+
+        ``attempts`` on the returned rows is the number of this try; the stored count only grows when a try
+        ends (``record``), so a process killed while holding claims charges nobody for it.
+
+        Rows charged a crash (``crashes > 0``) wait until a full pass (``after_id == 0``) finds nothing else:
+        a process killed from outside soon after each start then charges fresh rows, not the same ones again,
+        while a row that really kills the process still dies with it every time it is tried.
+        """
         now = time.time()
         with self._tx() as db:
             rows = db.execute(
-                "SELECT * FROM files WHERE status = 'pending' AND id > ? ORDER BY id LIMIT ?", (after_id, limit)
+                "SELECT * FROM files WHERE status = 'pending' AND crashes = 0 AND id > ? ORDER BY id LIMIT ?",
+                (after_id, limit),
             ).fetchall()
+            if not rows and after_id == 0:
+                rows = db.execute(
+                    "SELECT * FROM files WHERE status = 'pending' AND crashes > 0 ORDER BY id LIMIT ?", (limit,)
+                ).fetchall()
             db.executemany(
-                "UPDATE files SET status = 'processing', attempts = attempts + 1, updated_at = ? WHERE id = ?",
+                "UPDATE files SET status = 'processing', updated_at = ? WHERE id = ?",
                 [(now, row["id"]) for row in rows],
             )
         claimed = [Row.from_sql(row) for row in rows]
@@ -251,9 +528,21 @@ class Ledger:
         with self._lock:
             return self._db.execute("SELECT 1 FROM files WHERE status = 'pending' LIMIT 1").fetchone() is not None
 
+    def mark_in_call(self, ids: list[int], stage: str | None) -> None:
+        """Say which rows are inside ``stage``'s model call now (``None``: the call returned).
+
+        One UPDATE per batch, committed without an fsync: it only has to survive the process dying (kill -9,
+        a crash in native code), which a commit to the WAL does; a power loss merely forgets a crash charge.
+        """
+        if not ids:
+            return
+        marks = ",".join("?" * len(ids))
+        with self._tx(durable=False) as db:
+            db.execute(f"UPDATE files SET in_call = ? WHERE id IN ({marks})", (stage, *ids))
+
     # --- results ----------------------------------------------------------------------------------
     def record(self, outcomes: list[Outcome]) -> None:
-        """Write a batch of outcomes in one transaction (durable before any input is removed)."""
+        """Write a batch of outcomes in one transaction, fsynced before returning (before any input removal)."""
         if not outcomes:
             return
         now = time.time()
@@ -263,12 +552,14 @@ class Ledger:
                 db.execute(
                     "UPDATE files SET status = ?, sha256 = COALESCE(?, sha256), bin = ?, rule = ?, reason = ?,"
                     " decision = ?, signals = COALESCE(?, signals), output_path = ?, last_error = ?, timings = ?,"
-                    " size = COALESCE(?, size), mtime_ns = COALESCE(?, mtime_ns), updated_at = ?, finished_at = ?"
-                    " WHERE id = ?",
+                    " size = COALESCE(?, size), mtime_ns = COALESCE(?, mtime_ns), inode = COALESCE(?, inode),"
+                    " ctime_ns = COALESCE(?, ctime_ns), attempts = attempts + 1, in_call = NULL, crashes = 0,"
+                    " crash_stage = NULL, updated_at = ?, finished_at = ? WHERE id = ?",
                     (
                         o.status, o.sha256, o.bin, o.rule, o.reason, _dumps(o.decision), _dumps(o.signals),
-                        o.output_path, o.last_error, _dumps(o.timings or None), o.size, o.mtime_ns, now,
-                        finished, o.id,
+                        sql_path(o.output_path) if o.output_path else None, shown(o.last_error),
+                        _dumps(o.timings or None),
+                        o.size, o.mtime_ns, o.inode, o.ctime_ns, now, finished, o.id,
                     ),
                 )
 
@@ -276,7 +567,7 @@ class Ledger:
         with self._tx() as db:
             db.execute(
                 "UPDATE files SET bin = ?, rule = ?, decision = ?, output_path = ?, updated_at = ? WHERE id = ?",
-                (bin_name, rule, _dumps(decision), output_path, time.time(), row_id),
+                (bin_name, rule, _dumps(decision), sql_path(output_path), time.time(), row_id),
             )
 
     # --- reading ----------------------------------------------------------------------------------
@@ -287,15 +578,21 @@ class Ledger:
 
     def find(self, name: str) -> list[Row]:
         """Rows matching an input path, an output path, a relative path or a bare file name (in that order)."""
+        key = sql_path(name)
         with self._lock:
             for column in ("path", "output_path", "rel_path"):
-                found = self._db.execute(f"SELECT * FROM files WHERE {column} = ?", (name,)).fetchall()
+                found = self._db.execute(f"SELECT * FROM files WHERE {column} = ? ORDER BY id", (key,)).fetchall()
                 if found:
                     return [Row.from_sql(row) for row in found]
-            found = self._db.execute(
-                "SELECT * FROM files WHERE rel_path = ? OR rel_path LIKE ? ESCAPE '\\'",
-                (name, "%/" + name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")),
-            ).fetchall()
+            if isinstance(key, bytes):
+                found = self._db.execute(
+                    "SELECT * FROM files WHERE substr(rel_path, -?) = ? ORDER BY id", (len(key) + 1, b"/" + key)
+                ).fetchall()
+            else:
+                found = self._db.execute(
+                    "SELECT * FROM files WHERE rel_path LIKE ? ESCAPE '\\' ORDER BY id",
+                    ("%/" + name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_"),),
+                ).fetchall()
         return [Row.from_sql(row) for row in found]
 
     def rows(self, status: str | None = None) -> Iterator[Row]:

@@ -56,9 +56,19 @@ class Metrics:
             registry=r,
         )
         self.oom = Counter("binner_oom", "Out-of-memory events on a device", ["stage", "device"], registry=r)
+        self.worker_restarts = Counter(
+            "binner_worker_restarts", "Stage worker processes replaced (process isolation), by cause: crashed, stuck",
+            ["stage", "device", "cause"], registry=r,
+        )
         self.placement_paused = Gauge(
             "binner_placement_paused", "1 while placement waits for the output disk (full or unwritable)", registry=r
         )
+        self.state_paused = Gauge(
+            "binner_state_paused",
+            "1 while intake and placement wait for space on the state disk (the ledger cannot be written)",
+            registry=r,
+        )
+        self.state_paused.set(0)
         self.placement_errors = Counter(
             "binner_placement_errors", "Failed placement attempts, by errno name", ["error"], registry=r
         )

@@ -16,6 +16,11 @@ Guarantees, for ``move``, ``copy`` and ``hardlink`` alike:
   input and output share a file system (no data copied) and copy otherwise.
 - On any failure no temporary file is left behind and the ``OSError`` (ENOSPC, EACCES, EROFS, ...) keeps
   its errno and names the paths involved.
+- The source is reached without following a symlink in any component of its path (``open_no_symlinks``):
+  a file or directory replaced by a link after intake is "gone" (``SourceVanished``), never followed, so no
+  byte from outside the input is read, linked or deleted. A directory under the output root that is a link
+  leading out of it is refused before anything is created through it.
+- Names are bytes: a name that is not UTF-8 is placed with exactly its bytes (surrogate-escaped ``str``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import structlog
+
+from stages.paths import open_no_symlinks, open_parent_no_symlinks
 
 log = structlog.get_logger(__name__)
 
@@ -63,6 +70,10 @@ class SourceError(OSError):
         self.source_errno = source_errno
 
 
+class SourceVanished(FileNotFoundError):
+    """The input is no longer a file at its path: deleted, or replaced by a symlink that is never followed."""
+
+
 class SourceChangedError(SourceError):
     """The input's bytes no longer match the sha256 it was classified with; process it again."""
 
@@ -71,10 +82,15 @@ class SourceUnreadableError(SourceError):
     """The input cannot be stat-ed or read (permissions, I/O error)."""
 
 
-def sha256_file(path: Path | str) -> str:
-    """Hex sha256 of a file's content, read in 1 MiB chunks."""
+def sha256_file(path: Path | str, no_symlinks: bool = False) -> str:
+    """Hex sha256 of a file's content, read in 1 MiB chunks (``no_symlinks``: an input, see the module doc)."""
     digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as handle:
+    if no_symlinks:
+        fd = open_no_symlinks(os.fspath(path), os.O_RDONLY | os.O_NONBLOCK)
+        handle = open(fd, "rb", buffering=0)  # noqa: SIM115 (closed by the `with` below)
+    else:
+        handle = open(path, "rb", buffering=0)  # noqa: SIM115
+    with handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -124,11 +140,23 @@ class Placer:
         or same bytes); if someone replaced it meanwhile it is kept and False is returned, so a new file that
         reused the name is never lost. Raises FileNotFoundError when the input is already gone.
         """
-        source = Path(source)
-        if (placed is not None or sha256 is not None) and not self._still_placed(source, placed, sha256):
-            log.warning("input changed after placement; kept for another pass", file=str(source))
-            return False
-        os.unlink(source)
+        source = self._source_path(Path(source))
+        try:
+            parent, name = open_parent_no_symlinks(str(source))
+        except (FileNotFoundError, NotADirectoryError):
+            raise SourceVanished(errno.ENOENT, "the input is gone (or a directory on its path became a link)",
+                                 str(source)) from None
+        try:
+            info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            if not stat.S_ISREG(info.st_mode):
+                log.warning("input is no longer a regular file; left alone", file=_shown(source))
+                return False
+            if (placed is not None or sha256 is not None) and not self._still_placed(source, info, placed, sha256):
+                log.warning("input changed after placement; kept for another pass", file=_shown(source))
+                return False
+            os.unlink(name, dir_fd=parent)
+        finally:
+            os.close(parent)
         return True
 
     @contextlib.contextmanager
@@ -174,6 +202,7 @@ class Placer:
         relative = safe_relative_path(rel_path)
         dest_dir = self.output_root.joinpath(*prefix, *relative.parts[:-1])
         name = relative.parts[-1]
+        source = self._source_path(source)
         try:
             try:
                 return self._put_once(source, dest_dir, name, sha256)
@@ -204,27 +233,39 @@ class Placer:
     def _link_into(self, source: Path, dest_dir: Path, name: str, sha256: str | None) -> Path:
         """Link the source inode to a free name (no data copied); the source stays where it is."""
         with _reading(source):
-            source_stat = os.stat(source)
-        _require_regular(source, source_stat)
-        _fsync_file_if_readable(source)  # this inode becomes the output: a failure here is the output disk's
-        content = _Content(source, source_stat, sha256)
-        for candidate in _candidates(name):
-            target = dest_dir / candidate
-            try:
-                os.link(source, target)
-            except FileExistsError:
-                if content.matches(target):
-                    self._sync_dir(dest_dir)
-                    return target
-                continue
-            self._sync_dir(dest_dir)
-            return target
-        raise _too_many(dest_dir, name)
+            parent, source_name = open_parent_no_symlinks(str(source))
+        try:
+            with _reading(source):
+                source_stat = os.stat(source_name, dir_fd=parent, follow_symlinks=False)
+            if stat.S_ISLNK(source_stat.st_mode):
+                raise _replaced_by_link(source)
+            _require_regular(source, source_stat)
+            _fsync_file_if_readable(source)  # this inode becomes the output: a failure here is the output disk's
+            content = _Content(source, source_stat, sha256)
+            for candidate in _candidates(name):
+                target = dest_dir / candidate
+                try:
+                    # linkat() relative to the safely reached directory, never following the entry itself
+                    os.link(source_name, target, src_dir_fd=parent, follow_symlinks=False)
+                except FileExistsError:
+                    if content.matches(target):
+                        self._sync_dir(dest_dir)
+                        return target
+                    continue
+                linked = os.stat(target, follow_symlinks=False)
+                if (linked.st_dev, linked.st_ino) != (source_stat.st_dev, source_stat.st_ino):
+                    _unlink_quietly(target)  # swapped between the check and the link: never keep it
+                    raise _replaced_by_link(source)
+                self._sync_dir(dest_dir)
+                return target
+            raise _too_many(dest_dir, name)
+        finally:
+            os.close(parent)
 
     def _copy_into(self, source: Path, dest_dir: Path, name: str, sha256: str | None) -> Path:
         """Copy into a temp file beside the final name, fsync, then claim the name without overwriting."""
         with _reading(source):  # O_NONBLOCK: a named pipe must not hang the writer
-            source_fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            source_fd = open_no_symlinks(str(source), os.O_RDONLY | os.O_NONBLOCK)
         try:
             source_stat = os.fstat(source_fd)
             _require_regular(source, source_stat)
@@ -300,8 +341,7 @@ class Placer:
                 return path
         return None
 
-    def _still_placed(self, source: Path, placed: Path | None, sha256: str | None) -> bool:
-        source_stat = os.stat(source)
+    def _still_placed(self, source: Path, source_stat: os.stat_result, placed: Path | None, sha256: str | None) -> bool:
         if placed is not None:
             try:
                 placed_stat = os.stat(placed)
@@ -315,7 +355,17 @@ class Placer:
         else:
             assert sha256 is not None
             expected = sha256
-        return sha256_file(source) == expected
+        return sha256_file(source, no_symlinks=True) == expected
+
+    def _source_path(self, source: Path) -> Path:
+        """Inputs are real paths already; an output being re-placed (rebin) is named under the real output root."""
+        try:
+            relative = source.relative_to(self.output_root)
+        except ValueError:
+            return source
+        if self._root_real is None:
+            self._root_real = os.path.realpath(self.output_root)
+        return Path(self._root_real, relative)
 
     # --- directories ---------------------------------------------------------------------------
     def _ensure_dir(self, directory: Path) -> None:
@@ -329,6 +379,8 @@ class Placer:
             if probe.parent == probe:
                 break
             probe = probe.parent
+        if probe.is_relative_to(self.output_root):
+            self._check_inside(probe)  # before creating anything through it: a linked directory leads out
         for path in reversed(missing):
             try:
                 os.mkdir(path)
@@ -339,6 +391,10 @@ class Placer:
                     ) from None
                 continue
             self._sync_dir(path.parent)
+        self._check_inside(directory)
+        self._ready_dirs.add(directory)
+
+    def _check_inside(self, directory: Path) -> None:
         if self._root_real is None:
             self._root_real = os.path.realpath(self.output_root)
         real = os.path.realpath(directory)
@@ -347,7 +403,6 @@ class Placer:
                 errno.EACCES, f"resolves to {real}, outside the output root (a symlink in the output tree?)",
                 str(directory),
             )
-        self._ready_dirs.add(directory)
 
     def _sync_dir(self, directory: Path) -> None:
         if self._pending_dirs is None:
@@ -360,7 +415,7 @@ class Placer:
         level = log.warning if not self._warned_copy_fallback else log.debug
         level(
             "cannot link input into the output; copying instead",
-            mode=self.mode, file=str(source), output=str(dest_dir),
+            mode=self.mode, file=_shown(source), output=_shown(dest_dir),
             error=errno.errorcode.get(error.errno or 0, str(error.errno)),
             hint="put input and output on one file system to place without copying",
         )
@@ -402,10 +457,17 @@ def _split_name(name: str) -> tuple[str, str]:
 def _candidates(name: str) -> Iterator[str]:
     yield name
     stem, suffix = _split_name(name)
+    raw = os.fsencode(stem)
+    try:
+        raw.decode("utf-8")
+        utf8 = True
+    except UnicodeDecodeError:
+        utf8 = False
     for index in range(1, MAX_COLLISIONS):
         tail = f" ({index}){suffix}"
-        budget = _NAME_MAX - len(tail.encode())
-        fitted = stem.encode()[:budget].decode("utf-8", "ignore")  # a long name stays within NAME_MAX bytes
+        budget = _NAME_MAX - len(os.fsencode(tail))
+        # a long name stays within NAME_MAX bytes; a UTF-8 name is not cut inside a character
+        fitted = raw[:budget].decode("utf-8", "ignore") if utf8 else os.fsdecode(raw[:budget])
         yield f"{fitted}{tail}"
 
 
@@ -441,7 +503,7 @@ class _Content:
             return False
         if self.sha256 is None:
             with _reading(self.path):
-                self.sha256 = sha256_file(self.path)
+                self.sha256 = sha256_file(self.path, no_symlinks=True)
         return sha256_file(existing) == self.sha256
 
 
@@ -464,11 +526,16 @@ def _reading(source: Path) -> Iterator[None]:
     """Turn errors of stat/open/read on the *input* into SourceUnreadableError (a missing input stays missing)."""
     try:
         yield
-    except (FileNotFoundError, NotADirectoryError):
+    except FileNotFoundError:
         raise
+    except NotADirectoryError:  # a directory on the way is gone, or became a link (never followed)
+        raise SourceVanished(errno.ENOENT, "the input is gone (or a directory on its path became a link)",
+                             str(source)) from None
     except OSError as error:
         if isinstance(error, SourceError):
             raise
+        if error.errno == errno.ELOOP:
+            raise _replaced_by_link(source) from None
         code = errno.errorcode.get(error.errno or 0, str(error.errno))
         raise SourceUnreadableError(
             f"cannot read the input {source} ([{code}] {error.strerror or error}): fix its permissions or the "
@@ -485,10 +552,20 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _replaced_by_link(source: Path) -> SourceVanished:
+    return SourceVanished(errno.ENOENT, "the input was replaced by a symbolic link (links are never followed)",
+                          str(source))
+
+
+def _shown(path: Path | str) -> str:
+    """A path safe to log: bytes that are not UTF-8 appear as ``\\xff`` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _fsync_file_if_readable(path: Path) -> None:
     """Make the linked inode's data durable; an unreadable file (quarantined for it) is linked as it is."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = open_no_symlinks(str(path), os.O_RDONLY | os.O_NONBLOCK)
     except PermissionError:
         return
     try:

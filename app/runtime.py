@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from app.config import BinnerConfig, ConfigError
 from app.engine import Pipeline
+from app.instance_lock import InstanceLock
 from app.intake import finish_leftovers, scan, to_discovered
 from app.ledger import Discovered, IntakeResult, Ledger, Outcome, Row
 from app.metrics import Metrics
@@ -19,7 +21,19 @@ log = structlog.get_logger("binner.runtime")
 
 
 def prepare_dirs(config: BinnerConfig, need_output: bool = True) -> None:
-    """Create input, output and state directories, with an error that names the key on failure."""
+    """Check the input and create the output and state directories, with errors that name the key.
+
+    A missing input is refused (a typo would otherwise watch an empty folder forever) unless
+    ``create_input`` is set or the input is the built-in default ``./inbox``.
+    """
+    if not config.input.is_dir():
+        if config.input.exists() or config.input.is_symlink():
+            raise ConfigError(f"input: {config.input} is not a directory; point input (--input, BINNER_INPUT) at a folder")
+        if not config.creates_input:
+            raise ConfigError(
+                f"input: {config.input} does not exist; create it, fix the path (--input, input, BINNER_INPUT), "
+                "or set create_input: true to have binner create it"
+            )
     wanted = [("input", config.input), ("state_dir", config.state_dir)]
     if need_output:
         wanted.append(("output", config.output))
@@ -28,6 +42,24 @@ def prepare_dirs(config: BinnerConfig, need_output: bool = True) -> None:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise ConfigError(f"{key}: cannot create {path}: {error.strerror}; fix the path or its permissions") from None
+
+
+def open_ledger(config: BinnerConfig, *, read_only: bool = False) -> Ledger:
+    """Open the ledger of ``config.state_dir``; any failure becomes one line naming the file and what to do."""
+    path = config.ledger_path
+    try:
+        return Ledger(path, read_only=True) if read_only else Ledger(path)
+    except (RuntimeError, sqlite3.Error, OSError) as error:
+        cause = error.__cause__ if isinstance(error.__cause__, (sqlite3.Error, OSError)) else error
+        if cause is error and not isinstance(error, OSError) and str(path) in str(error):
+            raise ConfigError(f"state_dir: {' '.join(str(error).split())}") from None  # already names file and fix
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).split(". ")[0]
+        if "not a database" in reason or "malformed" in reason or "corrupt" in reason:
+            advice = (f"the file is damaged: move it aside (mv {path} {path}.broken) and start again for a new "
+                      "ledger (files already placed stay placed)")
+        else:
+            advice = f"make {config.state_dir} and its files writable by this user, or point state_dir (--state) elsewhere"
+        raise ConfigError(f"state_dir: cannot open the ledger {path}: {reason}; {advice}") from None
 
 
 def preflight_weights(config: BinnerConfig, fetch: bool = True) -> None:
@@ -66,16 +98,38 @@ class Runtime:
     metrics: Metrics
     pipeline: Pipeline
     placer: Any | None
+    lock: InstanceLock | None = field(default=None)
+
+    def close(self) -> None:
+        """Close the ledger, then let another process have the state directory."""
+        self.ledger.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def build_runtime(config: BinnerConfig, *, dry_run: bool = False, metrics: Metrics | None = None,
-                  on_finished: Callable[[Row, Outcome], None] | None = None) -> Runtime:
-    """Everything but the model loading (``await runtime.pipeline.setup()`` does that)."""
+                  on_finished: Callable[[Row, Outcome], None] | None = None, command: str = "run") -> Runtime:
+    """Everything but the model loading (``await runtime.pipeline.setup()`` does that).
+
+    Takes the state directory's instance lock first: a second writer is refused before it touches the ledger.
+    """
+    prepare_dirs(config, need_output=not dry_run)
+    lock = InstanceLock(config.state_dir).acquire(command)
+    ledger: Ledger | None = None
+    try:
+        ledger = open_ledger(config)
+        return _assemble(config, ledger, lock, dry_run, metrics or Metrics(), on_finished)
+    except BaseException:
+        if ledger is not None:
+            ledger.close()
+        lock.release()
+        raise
+
+
+def _assemble(config: BinnerConfig, ledger: Ledger, lock: InstanceLock, dry_run: bool, metrics: Metrics,
+              on_finished: Callable[[Row, Outcome], None] | None) -> Runtime:
     from app.placement import Placer
 
-    prepare_dirs(config, need_output=not dry_run)
-    ledger = Ledger(config.ledger_path)
-    metrics = metrics or Metrics()
     placer = None if dry_run else Placer(config.output, config.placement)
     if placer is not None:
         swept = placer.sweep_temp_files()
@@ -93,7 +147,7 @@ def build_runtime(config: BinnerConfig, *, dry_run: bool = False, metrics: Metri
         max_attempts=config.max_attempts, feeder_page_size=config.feeder_page_size,
         placement_mode=config.placement, on_finished=on_finished,
     )
-    return Runtime(config, ledger, metrics, pipeline, placer)
+    return Runtime(config, ledger, metrics, pipeline, placer, lock)
 
 
 def take_files(runtime: Runtime, discovered: Iterable[Discovered]) -> tuple[IntakeResult, int]:

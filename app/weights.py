@@ -178,15 +178,25 @@ def can_download(missing: list[MissingWeight]) -> bool:
     return all(reachable(host) for host in hosts)
 
 
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception as one short line (hub and HTTP errors span several)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _fetch_detector(name: str, weights_dir: Path, progress: bool) -> Path:
     from stages.ultralytics_env import prepare_ultralytics
 
     prepare_ultralytics()
     from ultralytics.utils.downloads import attempt_download_asset
 
-    weights_dir.mkdir(parents=True, exist_ok=True)
     target = weights_dir / name
-    attempt_download_asset(str(target), progress=progress)
+    try:
+        weights_dir.mkdir(parents=True, exist_ok=True)
+        attempt_download_asset(str(target), progress=progress)
+    except Exception as error:  # noqa: BLE001 - network, disk and Ultralytics errors all mean "not fetched"
+        raise WeightsError(f"vision.detector.weights = {name!r}: download into {weights_dir} failed "
+                           f"({_one_line(error)}); run again with internet, or set the key to a local file") from None
     if not target.is_file():
         raise WeightsError(
             f"vision.detector.weights = {name!r}: Ultralytics has no downloadable asset of that name; "
@@ -201,10 +211,15 @@ def _fetch_transformers_model(key: str, repo_id: str) -> Path:
     try:
         files = HfApi().list_repo_files(repo_id)
     except Exception as error:  # noqa: BLE001 - any hub error means the same thing to the user
-        raise WeightsError(f"{key} = {repo_id!r}: cannot list that model on the Hugging Face Hub ({error})") from None
+        raise WeightsError(f"{key} = {repo_id!r}: cannot list that model on the Hugging Face Hub "
+                           f"({_one_line(error)}); check the name and the connection") from None
     weights = "*.safetensors" if any(name.endswith(".safetensors") for name in files) else "*.bin"
     # Only what transformers loads: configs, tokenizer files and one weights format (not TF/Flax copies).
-    path = snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.model", weights], etag_timeout=10)
+    try:
+        path = snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.model", weights], etag_timeout=10)
+    except Exception as error:  # noqa: BLE001 - a failed download, whatever the cause
+        raise WeightsError(f"{key} = {repo_id!r}: download failed ({_one_line(error)}); run "
+                           f"`{FETCH_COMMAND}` again with internet, or set {key} to a local folder") from None
     return Path(path)
 
 
@@ -226,13 +241,14 @@ def fetch_weights(
         return []
     unfetchable = [m for m in missing if not m.fetchable]
     if unfetchable:
-        raise WeightsError("these weights cannot be downloaded:\n" + "\n".join(f"  - {m}" for m in unfetchable))
+        raise WeightsError("these weights cannot be downloaded: " + "; ".join(str(m) for m in unfetchable))
     if not can_download(missing):
+        hosts = sorted({"github.com" if m.key == "vision.detector.weights" else _hf_host() for m in missing})
         raise WeightsError(
-            "cannot download model weights: no connection to the model hosts (or HF_HUB_OFFLINE is set). "
-            "Missing:\n"
-            + "\n".join(f"  - {m}" for m in missing)
-            + "\nRun this with internet, or point the keys at local copies."
+            f"cannot download model weights: no connection to {', '.join(hosts)}"
+            + (" (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)" if hub_offline() else "")
+            + "; missing " + ", ".join(f"{m.key} = {m.value!r}" for m in missing)
+            + "; run this with internet, or point those keys at local copies"
         )
     fetched: list[Path] = []
     for item in missing:
@@ -242,5 +258,5 @@ def fetch_weights(
             fetched.append(_fetch_transformers_model(item.key, item.value))
     still = missing_weights(detector_weights, captioner_model, clip_model, weights_dir=weights_dir)
     if still:
-        raise WeightsError("downloads finished but these are still missing:\n" + "\n".join(f"  - {m}" for m in still))
+        raise WeightsError("downloads finished but these are still missing: " + "; ".join(str(m) for m in still))
     return fetched

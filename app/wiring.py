@@ -63,6 +63,30 @@ def _policy(batch_size: int | str, max_wait_ms: float) -> BatchPolicy:
     return BatchPolicy(max_batch_size=None if batch_size == "auto" else int(batch_size), max_wait_ms=max_wait_ms)
 
 
+# What ``isolation: auto`` picks, per device kind, from the measurements in docs/benchmarks.md
+# ("Thread vs process isolation").
+AUTO_ISOLATION: dict[str, Literal["thread", "process"]] = {"cpu": "thread", "cuda": "process"}
+
+
+def resolve_isolation(mode: str, devices: list[str], backend: str = "") -> Literal["thread", "process"]:
+    """``thread`` or ``process`` for a stage: PaddleOCR always gets a process; ``auto`` goes by device kind."""
+    if backend == "paddleocr" or mode == "process":
+        return "process"
+    if mode == "thread":
+        return "thread"
+    kind = "cuda" if any(device.startswith("cuda") for device in devices) else "cpu"
+    return AUTO_ISOLATION[kind]
+
+
+def isolate(stage: Stage, mode: str, config: BinnerConfig, backend: str = "") -> Stage:
+    """``stage`` itself (thread mode), or a driver that runs each replica of it in a spawned child process."""
+    if resolve_isolation(mode, stage.devices, backend) == "thread":
+        return stage
+    from app.process_worker import ProcessStage
+
+    return ProcessStage(stage, stall_timeout_s=config.stall_timeout_s, log_level=config.log.level)
+
+
 def build_stages(config: BinnerConfig, gpu_count: int | None = None) -> list[Stage]:
     """The enabled stages in pipeline order: load, ocr, vision."""
     from stages.loader import LoaderOptions, LoaderStage
@@ -82,13 +106,16 @@ def build_stages(config: BinnerConfig, gpu_count: int | None = None) -> list[Sta
         if ocr.backend == "synthetic":
             from stages.synthetic import SyntheticOcrStage
 
-            stages.append(SyntheticOcrStage(ocr.synthetic_ms[0], ocr.synthetic_ms[1], devices, policy))
+            stages.append(isolate(SyntheticOcrStage(ocr.synthetic_ms[0], ocr.synthetic_ms[1], devices, policy),
+                                  ocr.isolation, config))
         else:
             from stages.ocr import OcrOptions, OcrStage
+            from stages.ppocr_torch import OcrPrecision
 
             options = OcrOptions(backend=ocr.backend, min_confidence=ocr.min_confidence, max_side=ocr.max_side,
-                                 paddle_model_dir=ocr.paddle_model_dir)
-            stages.append(OcrStage(options, devices, policy))
+                                 paddle_model_dir=ocr.paddle_model_dir, runtime=ocr.runtime,
+                                 precision=OcrPrecision(**ocr.precision.model_dump()))
+            stages.append(isolate(OcrStage(options, devices, policy), ocr.isolation, config, ocr.backend))
     if vision_enabled(config):
         v = config.vision
         devices = resolve_devices(v.devices, "vision", gpu_count)
@@ -96,7 +123,8 @@ def build_stages(config: BinnerConfig, gpu_count: int | None = None) -> list[Sta
         if v.backend == "synthetic":
             from stages.synthetic import SyntheticVisionStage
 
-            stages.append(SyntheticVisionStage(v.synthetic_ms[0], v.synthetic_ms[1], devices, policy))
+            stages.append(isolate(SyntheticVisionStage(v.synthetic_ms[0], v.synthetic_ms[1], devices, policy),
+                                  v.isolation, config))
         else:
             from stages.vision import CaptionerOptions, ClipOptions, DetectorOptions, VisionStage
 
@@ -110,5 +138,6 @@ def build_stages(config: BinnerConfig, gpu_count: int | None = None) -> list[Sta
             captioner = (CaptionerOptions(model=v.captioner.model, max_new_tokens=v.captioner.max_new_tokens,
                                           prompt=v.captioner.prompt) if v.captioner.enabled else None)
             clip = ClipOptions(model=v.clip.model) if v.clip.enabled else None
-            stages.append(VisionStage(detector, captioner, clip, v.precision, devices, policy))
+            stages.append(isolate(VisionStage(detector, captioner, clip, v.precision, devices, policy), v.isolation,
+                                  config))
     return stages

@@ -13,10 +13,15 @@
 #   BINNER_USER=binner              system user and group the service runs as
 #   INPUT_DIR=/srv/binner/inbox     watched directory (written into the unit's ReadWritePaths= and a new config)
 #   OUTPUT_DIR=/srv/binner/bins     bins directory (idem)
-#   TORCH_INDEX_URL=                pip index for torch, e.g. https://download.pytorch.org/whl/cu128 on GPU
-#                                   nodes; empty: PyPI's default build
+#   GPU=auto                        auto: CUDA torch when `nvidia-smi -L` lists a GPU, else the CPU build;
+#                                   1 / 0 force either
+#   TORCH_INDEX_URL=                pip index for torch and torchvision; default on GPU hosts
+#                                   https://download.pytorch.org/whl/cu128 (both from it, so they match), empty
+#                                   on CPU hosts (PyPI's default build)
 #   TORCH_SPEC=torch==2.13.0        the torch requirement installed first
-#   BINNER_EXTRAS=                  optional extras of binner, e.g. "gpu" (onnxruntime-gpu) or "gpu,paddle"
+#   TORCHVISION_SPEC=torchvision==0.28.0  installed with torch from the same index on GPU hosts
+#   BINNER_EXTRAS=                  optional extras of binner, e.g. "paddle" (OCR on CUDA needs none: it runs
+#                                   the torch runtime, ocr.runtime auto)
 #   PYTHON=python3                  interpreter for the virtual environment (3.11 or newer)
 set -euo pipefail
 umask 022
@@ -26,8 +31,19 @@ PREFIX="${PREFIX:-/opt/binner}"
 BINNER_USER="${BINNER_USER:-binner}"
 INPUT_DIR="${INPUT_DIR:-/srv/binner/inbox}"
 OUTPUT_DIR="${OUTPUT_DIR:-/srv/binner/bins}"
-TORCH_INDEX_URL="${TORCH_INDEX_URL:-}"
+GPU="${GPU:-auto}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+TORCHVISION_SPEC="${TORCHVISION_SPEC:-torchvision==0.28.0}"
+case "$GPU" in
+    auto) if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then GPU=1; else GPU=0; fi ;;
+    0|1) ;;
+    *) printf 'install.sh: error: GPU must be auto, 0 or 1 (got %s)\n' "$GPU" >&2; exit 1 ;;
+esac
+if [ "$GPU" = 1 ]; then
+    TORCH_INDEX_URL="${TORCH_INDEX_URL-https://download.pytorch.org/whl/cu128}"
+else
+    TORCH_INDEX_URL="${TORCH_INDEX_URL:-}"
+fi
 BINNER_EXTRAS="${BINNER_EXTRAS:-}"
 PYTHON="${PYTHON:-python3}"
 CONFIG_DIR=/etc/binner
@@ -153,13 +169,23 @@ if [ ! -x "$PREFIX/venv/bin/python" ]; then
 fi
 PIP=("$PREFIX/venv/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install --quiet --upgrade pip
-# torch first and alone: its index decides CPU or CUDA; constraints.txt then keeps pip from swapping it.
+# torch first and alone: its index decides CPU or CUDA; constraints.txt then keeps pip from swapping it. On a
+# GPU host torchvision comes from the same index, so that its compiled operators match torch's CUDA build.
+TORCH_BUILD="$("$PREFIX/venv/bin/python" -c 'import torch; print("cuda" if torch.version.cuda else "cpu")' 2>/dev/null || true)"
+WANT_BUILD=cpu
+[ "$GPU" = 1 ] && WANT_BUILD=cuda
+if [ -n "$TORCH_BUILD" ] && [ "$TORCH_BUILD" != "$WANT_BUILD" ]; then
+    say "replacing the $TORCH_BUILD build of torch with the $WANT_BUILD build"
+    "${PIP[@]}" uninstall --quiet -y torch torchvision
+fi
+TORCH_REQS=("$TORCH_SPEC")
+[ "$GPU" = 1 ] && TORCH_REQS+=("$TORCHVISION_SPEC")
 if [ -n "$TORCH_INDEX_URL" ]; then
-    say "installing $TORCH_SPEC from $TORCH_INDEX_URL"
-    "${PIP[@]}" install --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"
+    say "installing ${TORCH_REQS[*]} ($WANT_BUILD build) from $TORCH_INDEX_URL"
+    "${PIP[@]}" install --index-url "$TORCH_INDEX_URL" "${TORCH_REQS[@]}"
 else
-    say "installing $TORCH_SPEC"
-    "${PIP[@]}" install "$TORCH_SPEC"
+    say "installing ${TORCH_REQS[*]} ($WANT_BUILD build)"
+    "${PIP[@]}" install "${TORCH_REQS[@]}"
 fi
 # Build from a copy: pip builds a source tree in place (build/, *.egg-info) and the checkout stays clean.
 src_copy="$(mktemp -d)"

@@ -62,6 +62,10 @@ class BoundedQueue(Generic[T]):
         self._not_full = asyncio.Condition(self._lock)
         self.max_depth_seen = 0
         self._wakers: set[asyncio.Task[None]] = set()  # held so the event loop cannot drop them
+        # Tasks inside a wait loop: a put/get with nobody waiting on the other side wakes nobody (and, from the
+        # lock-free ``*_nowait`` calls, schedules no waker task: one per item was most of the queue's cost).
+        self._waiting_getters = 0
+        self._waiting_putters = 0
         self._observer.on_depth(name, 0)
 
     def __len__(self) -> int:
@@ -86,10 +90,12 @@ class BoundedQueue(Generic[T]):
                 raise QueueClosed(f"queue {self.name!r} is closed")
             if len(self._items) >= self.capacity:
                 started = time.monotonic()
+                self._waiting_putters += 1
                 try:
                     while len(self._items) >= self.capacity and not self._closed:
                         await self._not_full.wait()
                 finally:
+                    self._waiting_putters -= 1
                     self._observer.on_blocked(self.name, time.monotonic() - started)
                 if self._closed:
                     raise QueueClosed(f"queue {self.name!r} was closed while a producer waited")
@@ -109,7 +115,8 @@ class BoundedQueue(Generic[T]):
         depth = len(self._items)
         self.max_depth_seen = max(self.max_depth_seen, depth)
         self._observer.on_depth(self.name, depth)
-        self._notify(self._not_empty)
+        if self._waiting_getters:
+            self._notify(self._not_empty)
 
     def _notify(self, condition: asyncio.Condition) -> None:
         """Wake waiters now when we hold the lock (inside put/get), else from a task that takes it."""
@@ -128,12 +135,15 @@ class BoundedQueue(Generic[T]):
         """Next item; ``EndOfStream`` when closed and drained; ``QueueEmpty`` if ``timeout`` passes first."""
         async with self._lock:
             if not self._items and not self._closed:
+                self._waiting_getters += 1
                 try:
                     async with asyncio.timeout(timeout):
                         while not self._items and not self._closed:
                             await self._not_empty.wait()
                 except TimeoutError:
                     raise QueueEmpty(self.name) from None
+                finally:
+                    self._waiting_getters -= 1
             return self._pop()
 
     def get_nowait(self) -> T:
@@ -150,7 +160,8 @@ class BoundedQueue(Generic[T]):
         item, enqueued = self._items.popleft()
         self._observer.on_wait(self.name, time.monotonic() - enqueued)
         self._observer.on_depth(self.name, len(self._items))
-        self._notify(self._not_full)
+        if self._waiting_putters:
+            self._notify(self._not_full)
         return item
 
     async def close(self) -> None:

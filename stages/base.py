@@ -67,6 +67,18 @@ class OutOfDeviceMemory(RuntimeError):
     """Raised (or translated) by a stage when its device ran out of memory for the current batch."""
 
 
+class WorkerCrashed(RuntimeError):
+    """The process that ran this call died (segfault, abort, ``os._exit``, OOM killer, SIGKILL); it was replaced.
+
+    Raised by whatever hosts a stage out of process, never by a stage itself: the call's items were in the
+    dead process and may be the cause.
+    """
+
+
+class WorkerStuck(WorkerCrashed):
+    """The call ran past its time limit (``stall_timeout_s``): its process was killed and replaced."""
+
+
 class Stage(ABC):
     """One step of the pipeline; one instance (one model copy) per device, owned by one thread."""
 
@@ -107,9 +119,22 @@ class Stage(ABC):
         """Release the models and device memory."""
 
 
+_OOM_MESSAGES = ("CUDA out of memory", "Failed to allocate memory", "CUBLAS_STATUS_ALLOC_FAILED",
+                 "CUDNN_STATUS_ALLOC_FAILED")
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    """True for our OOM and for torch's CUDA OOM, without importing torch."""
-    if isinstance(error, (OutOfDeviceMemory, MemoryError)):
-        return True
-    name = type(error).__name__
-    return name in {"OutOfMemoryError", "CUDAOutOfMemoryError"} or "CUDA out of memory" in str(error)
+    """True for our OOM, torch's CUDA OOM and onnxruntime's allocation failures ("Failed to allocate memory",
+    possibly wrapped by RapidOCR), without importing torch; follows the ``raise ... from`` chain."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (OutOfDeviceMemory, MemoryError)):
+            return True
+        if type(current).__name__ in {"OutOfMemoryError", "CUDAOutOfMemoryError"}:
+            return True
+        if any(message in str(current) for message in _OOM_MESSAGES):
+            return True
+        current = current.__cause__ or current.__context__
+    return False

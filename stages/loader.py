@@ -11,6 +11,8 @@ Why it is written this way:
 
 - The bytes are read once (``fstat`` on the open descriptor checks the size limit first), hashed and decoded
   from memory, so a file costs one open, one read and no second pass.
+- A path is opened without following a symlink in any of its components (``open_no_symlinks``): the caller
+  hands over real paths, and a file or directory replaced by a link since is ``vanished``, never followed.
 - Pixel limits are checked from the header, before any pixel is decoded. ``Image.MAX_IMAGE_PIXELS`` is
   process-global, so it is never lowered per call from worker threads; the constructor only raises it once
   (on the caller's thread) when the configured limit is above Pillow's, so that our own check decides.
@@ -36,6 +38,7 @@ import structlog
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from stages.base import BatchPolicy, ImageItem, Stage
+from stages.paths import open_no_symlinks
 
 log = structlog.get_logger(__name__)
 
@@ -141,12 +144,16 @@ class LoaderStage(Stage):
         path = item.source
         limit = self.options.max_file_bytes
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = open_no_symlinks(path, os.O_RDONLY | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
             raise _Rejected("vanished", f"{path}: the file disappeared before it could be read") from None
         except OSError as error:
+            if error.errno != errno.ELOOP:
+                raise _Rejected(
+                    "unreadable", f"{path}: cannot open it ({_errno_text(error)}); check its permissions"
+                ) from None
             raise _Rejected(
-                "unreadable", f"{path}: cannot open it ({_errno_text(error)}); check its permissions"
+                "vanished", f"{path}: a symbolic link now stands in its path; links are never followed"
             ) from None
         try:
             info = os.fstat(fd)
@@ -224,7 +231,8 @@ class LoaderStage(Stage):
         try:
             ImageOps.exif_transpose(image, in_place=True)
         except Exception as error:  # noqa: BLE001 - a broken EXIF block must not cost a good image
-            log.warning("exif orientation ignored", file=path, error=f"{type(error).__name__}: {error}")
+            log.warning("exif orientation ignored", file=os.fsencode(path).decode("utf-8", "backslashreplace"),
+                        error=f"{type(error).__name__}: {error}")
         if image.size != decoded:  # rotated by 90 degrees: the original size swaps too
             width, height = height, width
 

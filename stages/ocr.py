@@ -1,8 +1,10 @@
 """OCR stage: finds text lines in each image and summarises them into ``signals["ocr"]``.
 
 The OCR engine sits behind a small interface (``OcrBackend``) so that the stage, its signals and the rules
-do not care which engine runs: RapidOCR (PP-OCRv4 in ONNX, shipped inside its wheel, so it works offline
-and on CPU) is the default; PaddleOCR is an optional extra for sites that already run Paddle on GPUs.
+do not care which engine runs: RapidOCR's PP-OCRv4 models (ONNX, shipped inside its wheel, so it works offline)
+are the default, on one of two runtimes (``ocr.runtime``): onnxruntime (fastest on CPU) or torch (batched across
+images, fp16, for CUDA devices); both share one batched pipeline (``stages.ppocr_torch``) and give the same
+lines. PaddleOCR is an optional extra for sites that already run Paddle on GPUs.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stages.base import BatchPolicy, ImageItem, Stage
+from stages.base import BatchPolicy, ImageItem, OutOfDeviceMemory, Stage, is_out_of_memory
+from stages.ppocr_torch import OcrPrecision
 
+RUNTIMES = ("auto", "onnxruntime", "torch")
 _MASK_SIDE = 1024  # longest side of the raster on which the union of text boxes is measured
 
 
@@ -28,6 +32,17 @@ class OcrOptions:
     min_confidence: float = 0.5
     max_side: int = 1280  # images are downscaled to this longest side for OCR (the ratios are scale-free)
     paddle_model_dir: str | None = None
+    runtime: str = "auto"  # rapidocr only: "auto" (torch on cuda, onnxruntime on cpu) | "onnxruntime" | "torch"
+    precision: OcrPrecision = OcrPrecision()  # torch runtime on CUDA, per network
+
+
+def resolve_runtime(runtime: str, device: str) -> str:
+    """``auto``: torch on CUDA devices (batched, fp16), onnxruntime on CPU (faster there, see docs/benchmarks.md)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"ocr.runtime {runtime!r} is not a runtime: use auto, onnxruntime or torch")
+    if runtime == "auto":
+        return "onnxruntime" if device == "cpu" else "torch"
+    return runtime
 
 
 @dataclass(frozen=True)
@@ -81,16 +96,25 @@ def _to_bgr(image: np.ndarray | Image.Image) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, 2::-1])
 
 
-class RapidOcrBackend:
-    """RapidOCR (``rapidocr_onnxruntime``): PP-OCRv4 detection, angle classification and recognition on ONNX Runtime.
+def _lines(found: list[tuple[list[list[float]], str, float]]) -> list[OcrLine]:
+    return [OcrLine(text=str(text), confidence=float(score), box=[[float(x), float(y)] for x, y in box])
+            for box, text, score in found]
 
-    RapidOCR itself only knows "GPU 0"; on ``cuda:N`` this backend re-creates the three ONNX sessions with
-    the CUDA execution provider pinned to device N, and refuses to fall back to the CPU silently.
+
+class RapidOcrBackend:
+    """RapidOCR's PP-OCRv4 models (detection, angle classification, recognition) on ONNX Runtime.
+
+    The sessions are RapidOCR's; the batched pipeline around them is ``stages.ppocr_torch.PpOcrOnnxRuntime``
+    (RapidOCR's own steps, with the crops of all images read together). RapidOCR itself only knows "GPU 0"; on
+    ``cuda:N`` this backend re-creates the three sessions with the CUDA execution provider pinned to device N
+    (heuristic cuDNN algorithm choice: exhaustive search costs hundreds of ms per new input shape), and refuses
+    to fall back to the CPU silently.
     """
 
     def __init__(self, cpu_threads: int | None = None) -> None:
         self.cpu_threads = cpu_threads
         self._engine: Any = None
+        self.pipeline: Any = None
         self.device: str | None = None
 
     def load(self, device: str) -> None:
@@ -106,6 +130,11 @@ class RapidOcrBackend:
         engine = RapidOCR(text_score=0.0, intra_op_num_threads=threads, inter_op_num_threads=1)
         if index is not None:
             self._move_to_cuda(engine, index, device)
+        from stages.ppocr_torch import MODEL_FILES, PpOcrOnnxRuntime, character_list, model_dir
+
+        self.pipeline = PpOcrOnnxRuntime(engine.text_det.infer.session, engine.text_cls.infer.session,
+                                         engine.text_rec.session.session,
+                                         character_list(model_dir() / MODEL_FILES["rec"]))
         self._engine = engine
         self.device = device
 
@@ -116,8 +145,9 @@ class RapidOcrBackend:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise RuntimeError(
                 f"OCR device {device}: onnxruntime has no CUDAExecutionProvider (available: "
-                f"{', '.join(ort.get_available_providers())}). Install onnxruntime-gpu matching your CUDA, "
-                "or set ocr.devices to cpu."
+                f"{', '.join(ort.get_available_providers())}). Use ocr.runtime torch (or auto) on CUDA devices, or "
+                "replace onnxruntime with onnxruntime-gpu (pip uninstall -y onnxruntime, then pip install "
+                "onnxruntime-gpu; they share one package folder), or set ocr.devices to cpu."
             )
         holders = (engine.text_det.infer, engine.text_cls.infer, engine.text_rec.session)
         for holder in holders:
@@ -126,7 +156,8 @@ class RapidOcrBackend:
             options.log_severity_level = 3
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             providers = [
-                ("CUDAExecutionProvider", {"device_id": index, "arena_extend_strategy": "kSameAsRequested"}),
+                ("CUDAExecutionProvider", {"device_id": index, "arena_extend_strategy": "kSameAsRequested",
+                                           "cudnn_conv_algo_search": "HEURISTIC"}),
                 "CPUExecutionProvider",
             ]
             model_path = getattr(old, "_model_path", None) or _rapidocr_model_path(holder, engine)
@@ -139,20 +170,55 @@ class RapidOcrBackend:
             holder.session = session
 
     def recognize(self, images: list[np.ndarray | Image.Image]) -> list[list[OcrLine]]:
-        if self._engine is None:
+        if self.pipeline is None:
             raise RuntimeError("RapidOcrBackend.recognize() called before load()")
-        results: list[list[OcrLine]] = []
-        for image in images:
-            found, _elapsed = self._engine(_to_bgr(image))
-            lines = [
-                OcrLine(text=str(text), confidence=float(score), box=[[float(x), float(y)] for x, y in box])
-                for box, text, score in (found or [])
-            ]
-            results.append(lines)
-        return results
+        return [_lines(found) for found in self.pipeline.recognize([_to_bgr(image) for image in images])]
 
     def close(self) -> None:
         self._engine = None
+        self.pipeline = None
+
+
+class TorchOcrBackend:
+    """The same PP-OCRv4 models converted to torch (``stages.ppocr_torch.PpOcrTorch``): detection batched in size
+    buckets, crops of all images classified and read together, fp16 per network on CUDA."""
+
+    def __init__(self, precision: OcrPrecision | None = None, cpu_threads: int | None = None) -> None:
+        self.precision = precision or OcrPrecision()
+        self.cpu_threads = cpu_threads
+        self.runtime: Any = None
+        self.device: str | None = None
+
+    def load(self, device: str) -> None:
+        _cuda_index(device)
+        try:
+            import torch
+        except ImportError as error:  # pragma: no cover - torch is a dependency
+            raise RuntimeError("ocr.runtime 'torch' needs torch: pip install torch") from error
+        from stages.ppocr_torch import PpOcrTorch
+
+        if device == "cpu":
+            torch.set_num_threads(self.cpu_threads or min(usable_cpus(), 8))
+        runtime = PpOcrTorch(precision=self.precision)
+        runtime.load(device)
+        self.runtime = runtime
+        self.device = device
+
+    def recognize(self, images: list[np.ndarray | Image.Image]) -> list[list[OcrLine]]:
+        if self.runtime is None:
+            raise RuntimeError("TorchOcrBackend.recognize() called before load()")
+        try:
+            found = self.runtime.recognize([_to_bgr(image) for image in images])
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise OutOfDeviceMemory(f"OCR on {self.device}: out of memory for {len(images)} images") from error
+            raise
+        return [_lines(lines) for lines in found]
+
+    def close(self) -> None:
+        if self.runtime is not None:
+            self.runtime.close()
+        self.runtime = None
 
 
 def _rapidocr_model_path(holder: Any, engine: Any) -> str:
@@ -257,9 +323,11 @@ class PaddleOcrBackend:
         self._engine = None
 
 
-def make_backend(options: OcrOptions) -> OcrBackend:
-    """The backend named by ``ocr.backend``."""
+def make_backend(options: OcrOptions, device: str = "cpu") -> OcrBackend:
+    """The backend named by ``ocr.backend`` (and, for rapidocr, ``ocr.runtime`` resolved for ``device``)."""
     if options.backend == "rapidocr":
+        if resolve_runtime(options.runtime, device) == "torch":
+            return TorchOcrBackend(precision=options.precision)
         return RapidOcrBackend()
     if options.backend == "paddleocr":
         return PaddleOcrBackend(model_dir=options.paddle_model_dir)
@@ -305,6 +373,17 @@ def _warmup_image() -> Image.Image:
     return image
 
 
+def _worst_case_image(side: int) -> Image.Image:
+    """A ``side`` x ``side`` page of dense text lines: the largest detection input and many crops to read."""
+    image = Image.new("RGB", (side, side), "white")
+    draw = ImageDraw.Draw(image)
+    size = max(12, side // 40)
+    line = "binner worst case 0123456789 " * (1 + side // (size * 8))
+    for y in range(0, side - size, int(size * 1.6)):
+        draw.text((4, y), line, fill="black", font_size=size)
+    return image
+
+
 class OcrStage(Stage):
     """Runs the OCR backend on a micro-batch and fills ``signals["ocr"]``; boxes are in ``item.image`` pixels."""
 
@@ -316,6 +395,7 @@ class OcrStage(Stage):
             raise ValueError(f"ocr.backend {options.backend!r} is not a model backend: use rapidocr or paddleocr")
         if options.max_side < 32:
             raise ValueError(f"ocr.max_side must be at least 32 pixels (got {options.max_side})")
+        resolve_runtime(options.runtime, "cpu")  # an unknown runtime fails here, not on the worker thread
         self.options = options
         self.backend: OcrBackend | None = None
 
@@ -326,7 +406,7 @@ class OcrStage(Stage):
         return clone
 
     def setup(self, device: str) -> None:
-        backend = make_backend(self.options)
+        backend = make_backend(self.options, device)
         backend.load(device)
         self.backend = backend
         super().setup(device)
@@ -358,6 +438,40 @@ class OcrStage(Stage):
             width, height = item.image.size
             item.signals["ocr"] = summarize(lines, width, height, self.options.min_confidence)
         return items
+
+    def probe_batch_size(self, device: str, ceiling: int) -> int:
+        """Largest batch of worst-case images (``max_side`` squares full of text) that fits ``device``.
+
+        Doubles the batch while it runs and leaves 15% of the device free, then backs off to the last size that
+        did; CPU and the onnxruntime runtime use ``ceiling`` (nothing to measure there).
+        """
+        if device == "cpu" or not isinstance(self.backend, TorchOcrBackend):
+            return ceiling
+        import torch
+
+        index = _cuda_index(device) or 0
+        worst = _worst_case_image(self.options.max_side)
+        best, size = 0, 1
+        while size <= ceiling:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(index)
+            try:
+                self.backend.recognize([worst] * size)
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                break
+            free, total = torch.cuda.mem_get_info(index)
+            peak = torch.cuda.max_memory_allocated(index)
+            best = size
+            if 2 * peak > 0.85 * total or free < 0.15 * total:
+                break  # the next doubling (about twice the peak) would not fit with headroom
+            size *= 2
+        torch.cuda.empty_cache()
+        if best == 0:
+            raise OutOfDeviceMemory(f"OCR on {device}: one {self.options.max_side}-px image does not fit; "
+                                    "lower ocr.max_side or free the device")
+        return min(best, ceiling)
 
     def warmup(self) -> None:
         if self.backend is None:

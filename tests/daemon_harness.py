@@ -21,6 +21,27 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
+def binner(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one `binner` command to its end (killed and reported after ``timeout``), without BINNER_* variables."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("BINNER_")}
+    environment.update({"COLUMNS": "200", **(env or {})})
+    process = subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=REPO, env=environment, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"binner {' '.join(args)} still ran after {timeout} s:\n{stdout}\n{stderr}") from None
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def error_lines(text: str) -> list[str]:
+    """The user-facing error lines of a command's output (and proof there is no traceback)."""
+    assert "Traceback" not in text, text
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -86,8 +107,10 @@ class NotifyListener:
 
 class DaemonProcess:
     def __init__(self, root: Path, base_config: Path | None = None, overrides: dict[str, Any] | None = None,
-                 notify: NotifyListener | None = None, watchdog_usec: int | None = None) -> None:
+                 notify: NotifyListener | None = None, watchdog_usec: int | None = None,
+                 wrapper: list[str] | None = None) -> None:
         self.root = root
+        self.wrapper = wrapper or []  # a command prefix, e.g. to run the daemon in its own mount namespace
         self.input, self.output, self.state = root / "inbox", root / "bins", root / "state"
         self.input.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -121,7 +144,7 @@ class DaemonProcess:
         log.write(f"\n--- start {self.starts} ---\n".encode())
         log.flush()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "run", "--config", str(self.config_path)],
+            [*self.wrapper, sys.executable, "-m", "app.cli", "run", "--config", str(self.config_path)],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()

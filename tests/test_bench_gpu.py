@@ -60,5 +60,7 @@ def test_scenario_needs_cuda_and_says_so(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     config = load_config(None, {"input": tmp_path / "in", "output": tmp_path / "out", "state_dir": tmp_path / "st"})
-    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+    from app.bench import BenchUnavailable
+
+    with pytest.raises(BenchUnavailable, match="needs a CUDA GPU"):
         bench_gpu.run_gpu_scenario(config, None)

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +16,14 @@ import yaml
 
 from tests.conftest import REPO
 from tests.corpus import CORPUS_LIMITS, make_bad_corpus
-from tests.daemon_harness import files_under, sha256
+from tests.daemon_harness import error_lines, files_under, sha256
 
 OFFLINE = REPO / "deploy" / "examples" / "offline-cpu.yaml"
-pytestmark = pytest.mark.models
+SYNTHETIC = {
+    "ocr": {"backend": "synthetic", "devices": ["cpu"], "synthetic_ms": [1.0, 0.1]},
+    "vision": {"backend": "synthetic", "devices": ["cpu"], "synthetic_ms": [1.0, 0.1]},
+    "http": {"enabled": False},
+}
 
 
 def binner(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -26,8 +32,6 @@ def binner(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]
 
 
 def _env() -> dict[str, str]:
-    import os
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("BINNER_")}
     env["COLUMNS"] = "200"
     return env
@@ -42,6 +46,7 @@ def config_with(tmp_path: Path, extra: dict) -> Path:
     return path
 
 
+@pytest.mark.models
 def test_once_accounts_for_every_file_of_a_bad_corpus(tmp_path: Path, shared_images: Path) -> None:
     inbox, out, state = tmp_path / "in", tmp_path / "out", tmp_path / "state"
     expected = make_bad_corpus(inbox)
@@ -74,6 +79,7 @@ def test_once_accounts_for_every_file_of_a_bad_corpus(tmp_path: Path, shared_ima
     assert counts["backlog"] == 0
 
 
+@pytest.mark.models
 def test_explain_rebin_and_a_second_run_without_model_work(tmp_path: Path, shared_images: Path) -> None:
     inbox, out, state = tmp_path / "in", tmp_path / "out", tmp_path / "state"
     for rel in ("photo/darknet_dog.jpg", "photo/yolov5_zidane.jpg", "text/skimage_page.png"):
@@ -111,6 +117,7 @@ def test_explain_rebin_and_a_second_run_without_model_work(tmp_path: Path, share
     assert after["bin"] == "B" and after["output"].endswith("B/photo/darknet_dog.jpg")
 
 
+@pytest.mark.models
 def test_eval_reports_per_category_accuracy_meeting_the_targets(shared_images: Path) -> None:
     result = binner("eval", "--images", str(shared_images), "--labels", str(shared_images / "labels.csv"),
                     "--config", str(OFFLINE), "--json")
@@ -125,6 +132,7 @@ def test_eval_reports_per_category_accuracy_meeting_the_targets(shared_images: P
     assert all(c["missing"] == 0 and c["quarantined"] == 0 for c in confusion.values())
 
 
+@pytest.mark.models
 def test_default_public_weights_offline_stop_at_once_with_what_to_do(tmp_path: Path) -> None:
     result = binner("once", str(tmp_path), "--output", str(tmp_path.parent / "out-default"), "--state",
                     str(tmp_path.parent / "state-default"), "--no-progress", timeout=120)
@@ -133,3 +141,66 @@ def test_default_public_weights_offline_stop_at_once_with_what_to_do(tmp_path: P
     for needle in ("vision.detector.weights", "vision.captioner.model", "vision.clip.model",
                    "binner fetch-weights", "deploy/examples/offline-cpu.yaml"):
         assert needle in message, f"{needle!r} missing from:\n{message}"
+
+
+def _ledger_with_rows(state: Path, count: int = 3000) -> Path:
+    from app.ledger import Discovered, Ledger
+
+    ledger = Ledger(state / "ledger.sqlite3")
+    ledger.intake(Discovered(f"/nowhere/{i}.png", f"{i}.png", 1, 1) for i in range(count))
+    ledger.close()
+    return state / "ledger.sqlite3"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "half-truncated"])
+def test_a_damaged_ledger_stops_with_one_line_naming_the_file(tmp_path: Path, damage: str) -> None:
+    inbox, out, state = tmp_path / "in", tmp_path / "out", tmp_path / "state"
+    inbox.mkdir()
+    path = _ledger_with_rows(state)
+    data = path.read_bytes()
+    path.write_bytes(b"this is not a ledger\n" * 200 if damage == "garbage" else data[: len(data) // 2])
+    config = config_with(tmp_path, SYNTHETIC)
+    for command in (["once", str(inbox), "--output", str(out), "--no-progress"], ["status"], ["explain", "x.png"]):
+        result = binner(*command, "--config", str(config), "--state", str(state), timeout=120)
+        assert result.returncode == 2, result.stdout + result.stderr
+        (line,) = error_lines(result.stderr)
+        assert str(path) in line and "move it aside" in line, line
+    assert path.read_bytes()[:20] == (b"this is not a ledger" if damage == "garbage" else data[:20]), "left as found"
+
+
+def test_a_read_only_state_dir_stops_with_one_line(tmp_path: Path) -> None:
+    inbox, out, state = tmp_path / "in", tmp_path / "out", tmp_path / "state"
+    inbox.mkdir()
+    _ledger_with_rows(state, 10)
+    config = config_with(tmp_path, SYNTHETIC)
+    command = [sys.executable, "-m", "app.cli", "once", str(inbox), "--output", str(out), "--config", str(config),
+               "--state", str(state), "--no-progress"]
+    if os.geteuid() == 0:  # root writes through permission bits: make the state a read-only mount instead
+        if shutil.which("unshare") is None:
+            pytest.skip("needs util-linux unshare to mount the state directory read-only as root")
+        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   f'mount --bind -o ro "{state}" "{state}" && exec "$@"', "sh", *command]
+    else:
+        state.chmod(0o555)
+    try:
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env=_env())
+    finally:
+        state.chmod(0o755)
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = error_lines(result.stderr)
+    assert str(state) in line and "writable" in line, line
+
+
+def test_fetch_weights_offline_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "weights.yaml"
+    config.write_text(yaml.safe_dump({"vision": {"detector": {"enabled": False}, "clip": {"enabled": False},
+                                                 "captioner": {"model": "binner-tests/no-such-blip"}}}))
+    env = {k: v for k, v in _env().items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    with socket.socket() as closed:  # a hub endpoint that refuses connections: offline, without any real host
+        closed.bind(("127.0.0.1", 0))
+        env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed.getsockname()[1]}", HF_HOME=str(tmp_path / "hf"))
+        result = subprocess.run([sys.executable, "-m", "app.cli", "fetch-weights", "--config", str(config)], cwd=REPO,
+                                capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode != 0
+    (line,) = error_lines(result.stderr)
+    assert "vision.captioner.model" in line and "binner-tests/no-such-blip" in line and "internet" in line, line

@@ -78,3 +78,29 @@ def test_config_show_and_check_commands(tmp_path: Path) -> None:
     devices = runner.invoke(cli, ["config", "check"], env={"BINNER_OCR__DEVICES": "cuda:7",
                                                            "BINNER_VISION__BACKEND": "synthetic"})
     assert devices.exit_code == 2 and "ocr.devices: cuda:7 does not exist" in devices.output
+
+
+def test_a_state_dir_inside_the_input_is_refused_naming_both_keys(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    for state in (inbox / ".binner", inbox):
+        with pytest.raises(ConfigError, match=r"state_dir \(.*\) must not be inside input \(.*inbox\)"):
+            load_config(None, {"input": inbox, "output": tmp_path / "bins", "state_dir": state})
+    assert load_config(None, {"input": inbox, "output": tmp_path / "bins", "state_dir": tmp_path / "state"})
+
+
+def test_a_missing_input_is_refused_unless_configured_to_create_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.runtime import prepare_dirs
+
+    typo = tmp_path / "inbx"
+    places = {"output": tmp_path / "bins", "state_dir": tmp_path / "state"}
+    with pytest.raises(ConfigError, match=r"input: .*inbx does not exist.*create_input: true"):
+        prepare_dirs(load_config(None, {"input": typo, **places}))
+    assert not typo.exists(), "a typo must not become an empty watched folder"
+    prepare_dirs(load_config(None, {"input": typo, "create_input": True, **places}))
+    assert typo.is_dir()
+    monkeypatch.chdir(tmp_path)  # the built-in default ./inbox (what `make run` uses) is created
+    prepare_dirs(load_config(None, places))
+    assert (tmp_path / "inbox").is_dir()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match=r"input: .*a-file is not a directory"):
+        prepare_dirs(load_config(None, {"input": tmp_path / "a-file", **places}))

@@ -7,17 +7,25 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sqlite3
+import subprocess
 import threading
 import time
+import urllib.request
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter as PromCounter
 
 from app import bench
+from app.http import StatusServer
 from tests.conftest import REPO
-from tests.daemon_harness import DaemonProcess, NotifyListener, files_under, sha256, wait_for
+from tests.daemon_harness import DaemonProcess, NotifyListener, binner, error_lines, files_under, sha256, wait_for
 
 pytestmark = pytest.mark.system
 OFFLINE = REPO / "deploy" / "examples" / "offline-cpu.yaml"
@@ -262,3 +270,150 @@ def test_sigterm_during_a_stuck_call_exits_0_within_the_drain_timeout(tmp_path: 
         daemon.kill()
     rows = ledger_rows(daemon.state)
     assert len(rows) == 2 and {r["status"] for r in rows} <= {"processing", "pending"}, "interrupted rows resume next start"
+
+
+def _why_no_private_mounts() -> str | None:
+    """Why this host cannot give the daemon a read-only bind mount of its own (root and util-linux needed)."""
+    if os.geteuid() != 0:
+        return "needs root to mount the output read-only in a private mount namespace"
+    if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        return "needs util-linux unshare and nsenter"
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, timeout=30)
+    return None if probe.returncode == 0 else f"cannot create a mount namespace: {probe.stderr.decode().strip()}"
+
+
+def test_healthz_and_watchdog_report_a_stalled_placement_not_only_stuck_model_calls(tmp_path: Path) -> None:
+    reason = _why_no_private_mounts()
+    if reason:
+        pytest.skip(reason)
+    notify = NotifyListener(tmp_path / "notify.sock")
+    daemon = DaemonProcess(tmp_path, None, {**SYNTHETIC, "settle_ms": 0, "rescan_interval_s": 1, "stall_timeout_s": 2.0},
+                           notify, watchdog_usec=400_000)
+    daemon.output.mkdir()
+    # The daemon sees its output as a read-only mount (EROFS: the whole output refuses writes, placement pauses);
+    # the test's own view stays writable. Every model call is quick: only the sink is stuck.
+    daemon.wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                      'mount --bind -o ro "$0" "$0" && exec "$@"', str(daemon.output)]
+    try:
+        daemon.start().wait_ready(60)
+        wait_for(lambda: notify.messages.count("WATCHDOG=1") >= 2, 10, "watchdog pings while idle")
+        assert daemon.get("/healthz")[0] == 200
+        make_images(daemon.input, 3)
+        wait_for(lambda: daemon.metric("binner_placement_paused") == 1, 15, "placement to pause on the read-only output")
+        wait_for(lambda: daemon.get("/healthz")[0] == 503, 15, "/healthz to report the stalled placement")
+        detail = daemon.get("/healthz")[1]
+        assert "nothing placed for" in detail and "placement paused" in detail, detail
+        pings = notify.messages.count("WATCHDOG=1")
+        time.sleep(0.8)  # four ping intervals (0.2 s each) without a ping
+        assert notify.messages.count("WATCHDOG=1") == pings, "no WATCHDOG=1 while nothing is placed"
+        assert daemon.process is not None
+        subprocess.run(["nsenter", "-t", str(daemon.process.pid), "-m", "mount", "-o", "remount,bind,rw",
+                        str(daemon.output)], check=True, timeout=30)
+        wait_for(lambda: len(files_under(daemon.output)) == 3, 60, "placement to resume once the output is writable")
+        wait_for(lambda: daemon.get("/healthz")[0] == 200, 10, "/healthz to recover")
+        wait_for(lambda: notify.messages.count("WATCHDOG=1") > pings, 5, "pings to resume")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+        notify.close()
+
+
+def test_a_port_in_use_is_one_line_naming_the_port_and_the_key(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = DaemonProcess(tmp_path, None, {**SYNTHETIC, "http": {"port": port}})
+        try:
+            daemon.start()
+            assert daemon.process is not None
+            code = daemon.process.wait(60)
+        finally:
+            daemon.kill()
+    assert code == 2, daemon.log_tail()
+    (line,) = error_lines(daemon.log_path.read_text())
+    assert f":{port}" in line and "http.port" in line and "BINNER_HTTP__PORT" in line, line
+
+
+def test_run_refuses_an_input_that_does_not_exist(tmp_path: Path) -> None:
+    config = tmp_path / "binner.yaml"
+    config.write_text(yaml.safe_dump({**SYNTHETIC, "output": str(tmp_path / "bins"), "state_dir": str(tmp_path / "state"),
+                                      "http": {"enabled": False}}))
+    typo = tmp_path / "inbxo"
+    result = binner("run", "--config", str(config), "--input", str(typo), timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = error_lines(result.stderr)
+    assert str(typo) in line and "does not exist" in line and "create_input" in line, line
+    assert not typo.exists()
+
+
+def test_idle_connections_hold_no_threads_and_200_concurrent_scrapes_succeed() -> None:
+    registry = CollectorRegistry()
+    PromCounter("binner_probe", "a metric to scrape", registry=registry).inc()
+    server = StatusServer("127.0.0.1", 0, registry, lambda: (True, "ok"), lambda: True).start()  # the daemon's defaults
+    idle: list[socket.socket] = []
+    try:
+        before = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(300)]
+
+        def scrape(_: int) -> int:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=20) as response:
+                return response.status if b"binner_probe_total 1.0" in response.read() else -1
+
+        with ThreadPoolExecutor(max_workers=200) as clients:
+            statuses = list(clients.map(scrape, range(200)))
+        assert statuses == [200] * 200
+        grown = threading.active_count() - before
+        assert grown <= 8, f"{grown} more threads with 300 idle connections: threads must be bounded"
+    finally:
+        for connection in idle:
+            connection.close()
+        server.stop()
+
+
+def test_an_idle_connection_is_closed_after_the_idle_timeout() -> None:
+    server = StatusServer("127.0.0.1", 0, CollectorRegistry(), lambda: (True, "ok"), lambda: True,
+                          idle_timeout_s=0.5).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as silent:
+            started = time.monotonic()
+            assert silent.recv(1) == b"", "the server closes a connection that sends nothing"
+            assert time.monotonic() - started < 5
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+            slow.sendall(b"GET /healthz HTTP/1.0\r\n")  # a request that never finishes frees its worker in time
+            started = time.monotonic()
+            slow.recv(1024)
+            assert time.monotonic() - started < 5
+        assert urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5).status == 200
+    finally:
+        server.stop()
+
+
+def test_the_stall_clock_starts_when_work_arrives_not_at_the_last_placement(tmp_path: Path) -> None:
+    """After a long idle spell the first new file is not a stall; a backlog that stops moving, or a ledger that
+    stops answering, is one (the daemon's health logic on a stand-in pipeline, no process)."""
+    from types import SimpleNamespace
+
+    from app.config import load_config
+    from app.daemon import Daemon
+    from queues.bounded import BoundedQueue
+
+    config = load_config(None, {**SYNTHETIC, "input": tmp_path / "in", "output": tmp_path / "out",
+                                "state_dir": tmp_path / "state", "stall_timeout_s": 5.0})
+    daemon = Daemon(config, None)
+    now = time.monotonic()
+    pipeline = SimpleNamespace(last_progress=now - 3600, in_flight=0, placement_paused=False, stalled_for=lambda: 0.0,
+                               queues={"load": BoundedQueue("load", 4)}, sink_queue=BoundedQueue("sink", 4))
+    daemon.runtime = SimpleNamespace(pipeline=pipeline)  # type: ignore[assignment]
+    daemon.housekept_at = now
+    assert daemon.healthy() == (True, "ok")  # idle for an hour: nothing waits
+    daemon.backlog, daemon.work_since = 5, now - 1  # work just arrived
+    assert daemon.healthy()[0]
+    daemon.work_since = now - 10  # waiting 10 s with nothing placed, last placement an hour ago
+    ok, detail = daemon.healthy()
+    assert not ok and "nothing placed for 10 s while 5 files wait" in detail and "load=0" in detail, detail
+    pipeline.last_progress = now - 1  # something was placed a second ago: moving again
+    assert daemon.healthy()[0]
+    daemon.housekept_at = now - 10  # the housekeeping task has not got an answer from the ledger for 10 s
+    ok, detail = daemon.healthy()
+    assert not ok and "ledger has not answered" in detail, detail

@@ -170,14 +170,68 @@ def test_stop_drains_in_flight_work_and_stops_intake(tmp_path: Path) -> None:
 def test_a_process_killed_mid_item_resumes_and_gives_up_after_max_attempts(tmp_path: Path) -> None:
     load = RecordingStage("load")
     pipeline, ledger, _ = build(tmp_path, [load], count=3, max_attempts=2)
-    # simulate two crashes of the process while a row was being processed
+    # simulate two deaths of the process while the first row was inside the OCR model call
     for _ in range(2):
-        claimed = ledger.claim_pending(1)
-        assert claimed and ledger.recover_interrupted() == 1
+        claimed = ledger.claim_pending(3)
+        claimed += ledger.claim_pending(3)  # a row charged before waits for a pass that finds nothing else
+        assert sorted(row.id for row in claimed) == [1, 2, 3]
+        ledger.mark_in_call([1], "ocr")
+        assert ledger.recover_interrupted() == 3
     run_until_idle(pipeline)
     rows = list(ledger.rows())
     assert rows[0].status == "quarantined" and rows[0].reason == "crashed_repeatedly"
-    assert [row.status for row in rows[1:]] == ["done", "done"]
+    assert "ocr model call" in (rows[0].last_error or "")
+    assert [row.status for row in rows[1:]] == ["done", "done"], "claimed but not in a call: never charged"
+    assert [row.attempts for row in rows[1:]] == [1, 1]
+
+
+def test_crashes_are_charged_only_inside_a_model_call_and_only_in_a_row(tmp_path: Path) -> None:
+    pipeline, ledger, _ = build(tmp_path, [RecordingStage("load")], count=4, max_attempts=2)
+    for _ in range(5):  # killed right after start-up, holding claims, before any model call
+        assert len(ledger.claim_pending(4)) == 4
+        ledger.recover_interrupted()
+    first = ledger.get(1)
+    assert first is not None and (first.crashes, first.attempts) == (0, 0)
+    ledger.claim_pending(4)
+    ledger.mark_in_call([1], "load")
+    ledger.recover_interrupted()
+    assert [row.id for row in ledger.claim_pending(4)] == [2, 3, 4], "the charged row waits for the others"
+    assert [row.id for row in ledger.claim_pending(4)] == [1]
+    ledger.mark_in_call([1], "vision")  # a different call this time: not the same culprit evidence
+    ledger.recover_interrupted()
+    first = ledger.get(1)
+    assert first is not None and (first.crashes, first.crash_stage) == (1, "vision")
+    run_until_idle(pipeline)
+    assert {row.status for row in ledger.rows()} == {"done"}
+
+
+def test_model_calls_are_marked_in_the_ledger_while_they_run(tmp_path: Path) -> None:
+    seen: list[set[str | None]] = []
+
+    class Peeking(RecordingStage):
+        def process_batch(self, items: list[Any]) -> list[Any]:
+            reader = Ledger(tmp_path / "ledger.sqlite3", read_only=True)
+            seen.append({reader.get(item.key).in_call for item in items})  # type: ignore[union-attr]
+            reader.close()
+            return super().process_batch(items)
+
+    pipeline, ledger, _ = build(tmp_path, [RecordingStage("load"), Peeking("ocr")], count=6)
+    run_until_idle(pipeline)
+    assert seen and all(marks == {"ocr"} for marks in seen)
+    assert {row.in_call for row in ledger.rows()} == {None}, "cleared when the call returns"
+
+
+def test_rows_that_were_in_a_fatal_call_run_alone_next_time(tmp_path: Path) -> None:
+    load = RecordingStage("load", batch_size=8, max_wait_ms=50)
+    pipeline, ledger, _ = build(tmp_path, [load], count=8, max_attempts=3)
+    ledger.claim_pending(8)
+    ledger.mark_in_call([3, 4], "load")
+    ledger.recover_interrupted()
+    run_until_idle(pipeline)
+    batches = [keys for kind, _, keys in load.log.batches if kind == "ok"]
+    assert [3] in batches and [4] in batches, batches
+    assert all(len(keys) == 1 for keys in batches if 3 in keys or 4 in keys)
+    assert {row.status for row in ledger.rows()} == {"done"}
 
 
 @pytest.mark.parametrize("vanish", [True, False])
@@ -244,3 +298,139 @@ def test_full_output_disk_pauses_placement_and_loses_nothing(tmp_path: Path) -> 
     assert placed == sorted(f"f{i:04d}.png" for i in range(12))
     assert not list((tmp_path / "in").iterdir()), "inputs are removed only after durable placement"
     assert {row.status for row in ledger.rows()} == {"done"}
+
+
+# --- degrade, don't die ---------------------------------------------------------------------------------
+def test_one_refused_output_path_fails_that_file_and_the_rest_flows(tmp_path: Path) -> None:
+    """A directory under a bin that is a link leading out of the output root: never followed, never paused."""
+    from app.placement import Placer
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    inbox = make_inputs(tmp_path, 6)
+    (inbox / "sub").mkdir()
+    (inbox / "sub" / "x.png").write_bytes(b"in a subdirectory")
+    out = tmp_path / "out"
+    for bin_name in ("A", "B", "C"):
+        (out / bin_name).mkdir(parents=True)
+        (out / bin_name / "sub").symlink_to(outside, target_is_directory=True)
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger.intake(to_discovered(inbox, seen) for seen in scan(inbox))
+    metrics = Metrics()
+    pipeline = Pipeline(
+        ledger=ledger, metrics=metrics, stages=[RecordingStage("load")], thresholds=RuleThresholds(),
+        placer=Placer(out, "copy"), queue_capacities={"load": 4, "sink": 4}, max_attempts=2, feeder_page_size=8,
+        placement_mode="copy",
+    )
+    paused: list[bool] = []
+    pipeline.on_finished = lambda row, outcome: paused.append(pipeline.placement_paused)
+    run_until_idle(pipeline)
+    assert not any(paused) and sample(metrics, "binner_placement_paused") == 0
+    rows = {row.rel_path: row for row in ledger.rows()}
+    assert rows["sub/x.png"].status == "quarantined" and rows["sub/x.png"].reason == "output_refused"
+    assert rows["sub/x.png"].attempts == 2, "retried once, then quarantined"
+    assert (out / "_quarantine" / "output_refused" / "sub" / "x.png").read_bytes() == b"in a subdirectory"
+    assert all(rows[f"f{i:04d}.png"].status == "done" for i in range(6))
+    assert list(outside.iterdir()) == []
+
+
+def test_a_full_state_disk_pauses_and_resumes_without_crashing(tmp_path: Path) -> None:
+    import sqlite3
+
+    pipeline, ledger, metrics = build(tmp_path, [RecordingStage("load")], count=10)
+    failures = {"record": 2, "claim": 2}
+    real_record, real_claim = ledger.record, ledger.claim_pending
+
+    def full(kind: str) -> None:
+        if failures[kind]:
+            failures[kind] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+
+    def record(outcomes: list[Any]) -> None:
+        full("record")
+        real_record(outcomes)
+
+    def claim(limit: int, after_id: int = 0) -> list[Any]:
+        full("claim")
+        return real_claim(limit, after_id)
+
+    ledger.record, ledger.claim_pending = record, claim  # type: ignore[method-assign]
+    paused: list[float] = []
+
+    async def main() -> None:
+        with anyio.fail_after(60):
+            await pipeline.setup()
+            async with anyio.create_task_group() as group:
+                group.start_soon(pipeline.run, True)
+                while pipeline.stats.finished < 10:
+                    paused.append(sample(metrics, "binner_state_paused"))
+                    await anyio.sleep(0.02)
+            await pipeline.teardown()
+
+    anyio.run(main)
+    assert 1.0 in paused and sample(metrics, "binner_state_paused") == 0
+    assert failures == {"record": 0, "claim": 0}
+    assert {row.status for row in ledger.rows()} == {"done"} and len(list(ledger.rows())) == 10
+
+
+def test_the_done_row_is_durable_before_the_input_is_removed(tmp_path: Path) -> None:
+    import sqlite3
+
+    from app.placement import Placer
+
+    pipeline, ledger, _ = build(tmp_path, [RecordingStage("load")], count=5)
+    assert ledger.synchronous() == 2, "FULL: the WAL is fsynced at every commit, so the row survives a power loss"
+
+    class Checking(Placer):
+        removed: list[str] = []
+
+        def remove_source(self, source: Path, placed: Path | None = None, sha256: str | None = None) -> bool:
+            # another connection sees the committed row: the commit happened before any removal
+            with sqlite3.connect(tmp_path / "ledger.sqlite3") as other:
+                status = other.execute("SELECT status FROM files WHERE path = ?", (str(source),)).fetchone()
+            assert status == ("done",), f"{source} removed before its row was committed"
+            self.removed.append(str(source))
+            return super().remove_source(source, placed, sha256)
+
+    pipeline.placer = Checking(tmp_path / "out", "move")
+    pipeline.move_mode = True
+    run_until_idle(pipeline)
+    assert len(Checking.removed) == 5 and not list((tmp_path / "in").iterdir())
+
+
+@pytest.mark.parametrize("mode", ["hardlink", "copy", "move"])
+def test_a_rescan_after_placement_takes_nothing_again(tmp_path: Path, mode: str) -> None:
+    """Linking an input changes its ctime: the row keeps the identity the file has after placement."""
+    from app.intake import finish_leftovers
+    from app.placement import Placer
+
+    pipeline, ledger, _ = build(tmp_path, [RecordingStage("load")], count=6)
+    pipeline.placer = Placer(tmp_path / "out", mode)  # type: ignore[assignment]
+    pipeline.move_mode = mode == "move"
+    run_until_idle(pipeline)
+    inbox = tmp_path / "in"
+    result = ledger.intake(to_discovered(inbox, seen) for seen in scan(inbox))
+    assert (result.new, result.requeued) == (0, 0)
+    assert finish_leftovers(ledger, result.already_finished, mode == "move", pipeline.placer.remove_source) == (0, 0)
+    assert len(list(ledger.rows())) == 6 and not ledger.has_pending()
+    assert len([p for p in (tmp_path / "out").rglob("*") if p.is_file()]) == 6
+
+
+def test_a_pending_input_re_pointed_at_an_outside_file_is_never_read(tmp_path: Path) -> None:
+    """`ln -sfn OUTSIDE/secret INPUT/f0001.png` while its row is pending: copy mode writes no outside byte."""
+    from app.placement import Placer
+    from stages.loader import LoaderOptions, LoaderStage
+
+    secret = tmp_path / "outside" / "secret.png"
+    secret.parent.mkdir()
+    secret.write_bytes(b"\x89PNG outside secret")
+    pipeline, ledger, _ = build(tmp_path, [LoaderStage(LoaderOptions(10_000_000, 10_000_000, 4096))], count=3)
+    pipeline.placer = Placer(tmp_path / "out", "copy")  # type: ignore[assignment]
+    target = tmp_path / "in" / "f0001.png"
+    target.unlink()
+    target.symlink_to(secret)
+    run_until_idle(pipeline)
+    row = next(r for r in ledger.rows() if r.path == str(target))
+    assert row.status == "vanished" and row.sha256 is None
+    written = [p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert b"\x89PNG outside secret" not in written and secret.read_bytes() == b"\x89PNG outside secret"

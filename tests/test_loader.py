@@ -315,3 +315,38 @@ def test_decoded_image_holds_no_open_file(tmp_path: Path) -> None:
     assert item.sha256 == hashlib.sha256(buffer.getvalue()).hexdigest()
     assert item.image.getpixel((0, 0)) == (10, 20, 30)
     assert not hasattr(item.image, "fp") or item.image.fp is None  # no open handle kept with the item
+
+
+# --- the input root is a boundary: links are never followed ---------------------------------------------
+def test_a_file_replaced_by_a_symlink_is_never_read_through_it(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.png"
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(secret)
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    link = inbox / "a.png"
+    link.symlink_to(secret)  # `ln -sfn OUTSIDE/secret.png INPUT/a.png` after the file was taken
+    (item,) = load(make_stage(), link)
+    assert item.failure.reason == "vanished" and item.image is None and item.sha256 is None
+    assert "symbolic link" in item.failure.message
+
+
+def test_a_directory_replaced_by_a_symlink_is_never_walked_through(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(outside / "x.png")
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    (inbox / "sub").symlink_to(outside, target_is_directory=True)
+    (item,) = load(make_stage(), inbox / "sub" / "x.png")
+    assert item.failure.reason == "vanished" and item.image is None and item.sha256 is None
+
+
+def test_names_that_are_not_utf8_or_255_bytes_long_load(tmp_path: Path) -> None:
+    odd = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/bad\xff.png"))
+    long_name = tmp_path / ("L" * 251 + ".png")
+    for path in (odd, long_name):
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(path, format="PNG")
+    for item in load(make_stage(), odd, long_name):
+        assert item.failure is None and item.image.getpixel((1, 1)) == (1, 2, 3)

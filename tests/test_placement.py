@@ -368,3 +368,58 @@ def test_sha256_file_and_safe_relative_path(tmp_path: Path) -> None:
     assert sha256_file(write(tmp_path / "f", data)) == digest(data)
     assert safe_relative_path("a//b/./c.png").parts == ("a", "b", "c.png")
 
+
+
+# --- the input root is a boundary -----------------------------------------------------------------------
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_source_replaced_by_a_symlink_is_never_followed(dirs, tmp_path: Path, mode: str) -> None:
+    """`ln -sfn OUTSIDE/secret INPUT/a.png` while the row is pending: no outside byte lands anywhere."""
+    inbox, out = dirs
+    outside = tmp_path / "outside"
+    secret = write(outside / "secret.png", b"outside secret bytes")
+    write(outside / "dir" / "b.png", b"outside dir bytes")
+    before = snapshot(outside)
+    (inbox / "a.png").symlink_to(secret)
+    (inbox / "sub").symlink_to(outside / "dir", target_is_directory=True)
+    placer = Placer(out, mode)
+    for source, rel in ((inbox / "a.png", "a.png"), (inbox / "sub" / "b.png", "sub/b.png")):
+        with pytest.raises(FileNotFoundError):
+            placer.place(source, rel, "A", digest(b"outside secret bytes"))
+        with pytest.raises(FileNotFoundError):
+            placer.quarantine(source, rel, "unreadable", None)
+        try:
+            assert placer.remove_source(source, None, digest(b"outside dir bytes")) is False
+        except FileNotFoundError:
+            pass
+    assert files_under(out) == [] and temp_files(out) == []
+    assert snapshot(outside) == before and (inbox / "a.png").is_symlink()
+
+
+def test_a_linked_directory_under_a_bin_creates_nothing_outside(dirs, tmp_path: Path) -> None:
+    inbox, out = dirs
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (out / "A").mkdir(parents=True)
+    (out / "A" / "sub").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(PermissionError, match="outside the output root"):
+        Placer(out, "copy").place(write(inbox / "s.png", b"d"), "sub/new/s.png", "A", digest(b"d"))
+    assert list(outside.iterdir()) == [], "no directory may be created through the link"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_names_of_any_bytes_are_placed_faithfully(dirs, mode: str) -> None:
+    inbox, out = dirs
+    odd = os.fsdecode(b"bad\xff.png")
+    long_name = "L" * 251 + ".png"  # 255 bytes: a collision must shorten the stem, not fail
+    placer = Placer(out, mode)
+    for name in (odd, long_name):
+        first = placer.place(write(inbox / name, b"one"), name, "A", digest(b"one"))
+        second = placer.place(write(inbox / "other", b"two"), name, "A", digest(b"two"))
+        assert os.fsencode(first.name) == os.fsencode(name) and first.read_bytes() == b"one"
+        assert second.read_bytes() == b"two" and len(os.fsencode(second.name)) <= 255
+        assert second.name.endswith(" (1).png")
+    assert b"bad\xff (1).png" in os.listdir(os.fsencode(out / "A"))

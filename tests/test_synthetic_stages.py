@@ -56,3 +56,16 @@ def test_sleep_releases_the_gil_so_stages_overlap() -> None:
     for thread in threads:
         thread.join(timeout=5)
     assert time.perf_counter() - started < 0.19
+
+
+def test_zero_cost_stage_annotates_without_sleeping(monkeypatch) -> None:
+    """The framework benchmark runs stages that cost nothing: they must not even yield the GIL in a sleep."""
+    import stages.synthetic as synthetic
+
+    def no_sleep(seconds: float) -> None:
+        raise AssertionError(f"slept {seconds} s in a zero-cost stage")
+
+    monkeypatch.setattr(synthetic.time, "sleep", no_sleep)
+    batch = items(2)
+    SyntheticOcrStage(0, 0, ["cpu"], BatchPolicy()).process_batch(batch)
+    assert all("ocr" in item.signals for item in batch)

@@ -377,9 +377,26 @@ sys.exit(0)
 """
 
 
+def _stage_notify_module(work: Path) -> str:
+    """Copy app/notify.py (stdlib only) where User=binner can read it; returns its path inside the namespace.
+
+    A checkout below a 0700 directory (``tempfile.mkdtemp``, many CI workspaces) is closed to the service user,
+    so importing ``app`` from the checkout itself fails there with "No module named 'app'".
+    """
+    package = work / "lib" / "app"
+    package.mkdir(parents=True)
+    for name in ("__init__.py", "notify.py"):
+        shutil.copyfile(REPO / "app" / name, package / name)
+        os.chmod(package / name, 0o644)
+    for directory in (work / "lib", package):
+        os.chmod(directory, 0o755)
+    return "/run/harness/lib"
+
+
 def test_harness_runs_the_shipped_unit_with_a_notify_stand_in(booted: BootedSystemd) -> None:
     """The real unit, only ExecStart replaced: READY, reload, watchdog, sandbox, clean stop."""
     (booted.work / "hello.py").write_text(_HELLO)
+    library = _stage_notify_module(booted.work)
     for sub in ("inbox", "bins"):
         (booted.srv / sub).mkdir()
     _own_for_service(booted.srv, SERVICE_UID)
@@ -388,7 +405,7 @@ def test_harness_runs_the_shipped_unit_with_a_notify_stand_in(booted: BootedSyst
         dropin=textwrap.dedent(f"""\
             [Service]
             ExecStart=
-            ExecStart=/usr/bin/python3 /run/harness/hello.py {REPO}
+            ExecStart=/usr/bin/python3 /run/harness/hello.py {library}
             StandardOutput=append:/run/harness/logs/binner.log
             StandardError=inherit
             """) + _checkout_binds(),

@@ -1,0 +1,773 @@
+"""PP-OCRv4 (detection, angle classification, recognition) on torch, batched across images.
+
+The three networks are the ONNX files inside the ``rapidocr_onnxruntime`` wheel, converted to torch modules with
+``onnx2torch`` at first use (nothing is fetched). Pre- and post-processing follow RapidOCR 1.4.4 step by step
+(resize rules, normalisation, DB post-processing, box order, crops, 180-degree rule, CTC decoding) so that the lines
+match the onnxruntime path; what differs is the batching:
+
+- detection: each image is resized by RapidOCR's rule, then padded (bottom/right) into a fixed size bucket; one
+  forward pass per bucket for the whole batch. The bucket depends only on the image, so a result never depends
+  on which other images share the batch;
+- classification and recognition: the text-line crops of all images go through together, sorted by width and
+  padded to width buckets (again chosen per crop), with CTC greedy decoding vectorised over the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# Bucket ladders. Detection: per side, after RapidOCR's resize (shorter side to 736, multiples of 32); beyond the
+# ladder a side rounds up to a multiple of 512. Recognition: crop width at height 48 (at least 320, RapidOCR's
+# minimum); beyond it a multiple of REC_WIDTH_STEP (padding changes PP-OCRv4 rec's answers, so the steps are small).
+DET_SIDE_BUCKETS: tuple[int, ...] = (736, 1024, 1344, 1664, 2048)
+REC_WIDTH_BUCKETS: tuple[int, ...] = (320,)
+REC_WIDTH_STEP = 64
+PRECISIONS = ("auto", "fp16", "fp32")
+
+_DET_LIMIT_SIDE = 736
+_MAX_SIDE, _MIN_SIDE, _MIN_HEIGHT, _WIDTH_HEIGHT_RATIO = 2000, 30, 30, 8
+_CLS_SHAPE = (3, 48, 192)
+_CLS_THRESH = 0.9
+_REC_HEIGHT, _REC_MIN_WIDTH = 48, 320
+
+
+@dataclass(frozen=True)
+class OcrPrecision:
+    """Per-network precision on CUDA (``auto``: det fp32, cls and rec fp16); on CPU every network runs fp32."""
+
+    det: str = "auto"
+    cls: str = "auto"
+    rec: str = "auto"
+
+    def resolve(self, device: str) -> dict[str, Any]:
+        import torch
+
+        defaults = {"det": "fp32", "cls": "fp16", "rec": "fp16"}
+        out: dict[str, Any] = {}
+        for net in ("det", "cls", "rec"):
+            value = getattr(self, net)
+            if value not in PRECISIONS:
+                raise ValueError(f"ocr.precision.{net} must be one of {', '.join(PRECISIONS)} (got {value!r})")
+            if not device.startswith("cuda"):
+                value = "fp32"  # fp16 convolutions on CPU are slow or missing
+            elif value == "auto":
+                value = defaults[net]
+            out[net] = torch.float16 if value == "fp16" else torch.float32
+        return out
+
+
+def model_dir() -> Path:
+    """The folder of the PP-OCR ONNX files shipped in the rapidocr_onnxruntime wheel."""
+    try:
+        import rapidocr_onnxruntime
+    except ImportError as error:
+        raise RuntimeError(
+            "ocr.runtime 'torch' loads the PP-OCRv4 models from the package rapidocr_onnxruntime: "
+            "pip install 'rapidocr_onnxruntime==1.4.4'"
+        ) from error
+    return Path(rapidocr_onnxruntime.__file__).resolve().parent / "models"
+
+
+MODEL_FILES = {
+    "det": "ch_PP-OCRv4_det_infer.onnx",
+    "cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx",
+    "rec": "ch_PP-OCRv4_rec_infer.onnx",
+}
+
+
+def _install_batchnorm_converter() -> None:
+    """onnx2torch's BatchNormalization converter needs the input rank, which the rec model's 3-D BN inputs lack
+    ("spatial rank == -2"); ``F.batch_norm`` takes any ``(N, C, ...)`` input, so one module serves every rank."""
+    import torch
+    import torch.nn.functional as F
+    from onnx2torch.node_converters import registry
+    from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
+
+    class AnyRankBatchNorm(torch.nn.Module):
+        def __init__(self, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                     eps: float) -> None:
+            super().__init__()
+            self.register_buffer("weight", weight)
+            self.register_buffer("bias", bias)
+            self.register_buffer("running_mean", mean)
+            self.register_buffer("running_var", var)
+            self.eps = eps
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+    def convert(node: Any, graph: Any) -> Any:
+        names = node.input_values
+        if len(node.output_values) != 1 or not all(name in graph.initializers for name in names[1:]):
+            raise NotImplementedError("BatchNormalization with computed statistics is not supported")
+        weight, bias, mean, var = (graph.initializers[name].to_torch() for name in names[1:5])
+        module = AnyRankBatchNorm(weight, bias, mean, var, float(node.attributes.get("epsilon", 1e-5)))
+        return OperationConverterResult(torch_module=module, onnx_mapping=OnnxMapping(inputs=(names[0],),
+                                                                                     outputs=node.output_values))
+
+    for version in (9, 14, 15):
+        registry._CONVERTER_REGISTRY[registry.OperationDescription("", "BatchNormalization", version)] = convert
+
+
+def _constants_to_initializers(model: Any) -> Any:
+    """Paddle2ONNX writes weights-like values as ``Constant`` nodes; onnx2torch folds only initializers."""
+    import onnx
+
+    graph = model.graph
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model
+
+
+def convert_model(path: Path) -> Any:
+    """One PP-OCR ONNX file -> an eval-mode torch module (an ``fx.GraphModule``) with the same weights."""
+    from stages.torch_compat import ensure_torchvision
+
+    ensure_torchvision()  # onnx2torch imports torchvision (its NMS converter)
+    import onnx
+    from onnx2torch import convert
+
+    # onnx2torch's Slice indexes with a list (deprecated by torch, still correct); say it once, not per forward.
+    warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
+
+    _install_batchnorm_converter()
+    return convert(_constants_to_initializers(onnx.load(str(path)))).eval()
+
+
+def character_list(path: Path) -> list[str]:
+    """The recognition alphabet from the rec model's metadata, with CTC blank first and space last (RapidOCR)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    meta = {prop.key: prop.value for prop in model.metadata_props}
+    if "character" not in meta:
+        raise RuntimeError(f"{path} has no 'character' metadata: not a RapidOCR PP-OCR recognition model")
+    return ["blank", *meta["character"].splitlines(), " "]
+
+
+def bucket(size: int, ladder: Sequence[int], step: int) -> int:
+    """Smallest ladder entry >= ``size``; past the ladder, ``size`` rounded up to a multiple of ``step``."""
+    for value in ladder:
+        if size <= value:
+            return value
+    return int(math.ceil(size / step) * step)
+
+
+# --- RapidOCR's geometry, kept step for step -------------------------------------------------------------------
+
+
+def _resize_to_32(img: np.ndarray, ratio: float) -> tuple[np.ndarray, float, float]:
+    h, w = img.shape[:2]
+    resize_h = int(round(int(h * ratio) / 32) * 32)
+    resize_w = int(round(int(w * ratio) / 32) * 32)
+    if resize_w <= 0 or resize_h <= 0:
+        raise ValueError(f"image of {w}x{h} pixels is too small for OCR")
+    return cv2.resize(img, (resize_w, resize_h)), h / resize_h, w / resize_w
+
+
+def prepare_image(img: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+    """RapidOCR.preprocess + maybe_add_letterbox: size limits and a letterbox for very flat images."""
+    record = {"ratio_h": 1.0, "ratio_w": 1.0, "top": 0.0}
+    h, w = img.shape[:2]
+    if max(h, w) > _MAX_SIDE:
+        img, record["ratio_h"], record["ratio_w"] = _resize_to_32(img, _MAX_SIDE / max(h, w))
+    h, w = img.shape[:2]
+    if min(h, w) < _MIN_SIDE:
+        img, record["ratio_h"], record["ratio_w"] = _resize_to_32(img, _MIN_SIDE / min(h, w))
+    h, w = img.shape[:2]
+    if h <= _MIN_HEIGHT or w / h > _WIDTH_HEIGHT_RATIO:
+        new_h = max(int(w / _WIDTH_HEIGHT_RATIO), _MIN_HEIGHT) * 2
+        pad = int(abs(new_h - h) / 2)
+        img = cv2.copyMakeBorder(img, pad, pad, 0, 0, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        record["top"] = float(pad)
+    return img, record
+
+
+def det_resize(img: np.ndarray) -> np.ndarray | None:
+    """DetPreProcess.resize with limit_type 'min', limit_side_len 736."""
+    h, w = img.shape[:2]
+    ratio = float(_DET_LIMIT_SIDE) / min(h, w) if min(h, w) < _DET_LIMIT_SIDE else 1.0
+    resize_h = int(round(int(h * ratio) / 32) * 32)
+    resize_w = int(round(int(w * ratio) / 32) * 32)
+    if resize_w <= 0 or resize_h <= 0:
+        return None
+    return cv2.resize(img, (resize_w, resize_h))
+
+
+def _order_points_clockwise(pts: np.ndarray) -> np.ndarray:
+    x_sorted = pts[np.argsort(pts[:, 0]), :]
+    left, right = x_sorted[:2, :], x_sorted[2:, :]
+    tl, bl = left[np.argsort(left[:, 1]), :]
+    tr, br = right[np.argsort(right[:, 1]), :]
+    return np.array([tl, tr, br, bl], dtype="float32")
+
+
+def filter_boxes(boxes: np.ndarray, height: int, width: int) -> list[np.ndarray]:
+    """TextDetector.filter_tag_det_res: clockwise corners, clipped to the image, tiny boxes dropped."""
+    kept = []
+    for box in boxes:
+        box = _order_points_clockwise(box)
+        box[:, 0] = np.clip(box[:, 0], 0, width - 1).astype(np.int64)
+        box[:, 1] = np.clip(box[:, 1], 0, height - 1).astype(np.int64)
+        if int(np.linalg.norm(box[0] - box[1])) <= 3 or int(np.linalg.norm(box[0] - box[3])) <= 3:
+            continue
+        kept.append(box)
+    return kept
+
+
+def sort_boxes(boxes: list[np.ndarray]) -> list[np.ndarray]:
+    """RapidOCR.sorted_boxes: top to bottom, then left to right within 10 px rows."""
+    ordered = sorted(boxes, key=lambda b: (b[0][1], b[0][0]))
+    for i in range(len(ordered) - 1):
+        for j in range(i, -1, -1):
+            if abs(ordered[j + 1][0][1] - ordered[j][0][1]) < 10 and ordered[j + 1][0][0] < ordered[j][0][0]:
+                ordered[j], ordered[j + 1] = ordered[j + 1], ordered[j]
+            else:
+                break
+    return ordered
+
+
+def crop_line(img: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """RapidOCR.get_crop_img_list for one box: perspective crop, tall crops turned upright."""
+    width = int(max(np.linalg.norm(points[0] - points[1]), np.linalg.norm(points[2] - points[3])))
+    height = int(max(np.linalg.norm(points[0] - points[3]), np.linalg.norm(points[1] - points[2])))
+    target = np.array([[0, 0], [width, 0], [width, height], [0, height]], dtype=np.float32)
+    matrix = cv2.getPerspectiveTransform(points.astype(np.float32), target)
+    crop = cv2.warpPerspective(img, matrix, (width, height), borderMode=cv2.BORDER_REPLICATE, flags=cv2.INTER_CUBIC)
+    if crop.shape[0] * 1.0 / crop.shape[1] >= 1.5:
+        crop = np.rot90(crop)
+    return crop
+
+
+def origin_points(boxes: list[np.ndarray], record: dict[str, float], raw_h: int, raw_w: int) -> np.ndarray:
+    """RapidOCR._get_origin_points: undo the letterbox and the size-limit resize, clip to the input image."""
+    arr = np.array(boxes).astype(np.float32)
+    arr[:, :, 1] -= record["top"]
+    arr[:, :, 0] *= record["ratio_w"]
+    arr[:, :, 1] *= record["ratio_h"]
+    arr = np.where(arr < 0, 0, arr)
+    arr[..., 0] = np.where(arr[..., 0] > raw_w, raw_w, arr[..., 0])
+    arr[..., 1] = np.where(arr[..., 1] > raw_h, raw_h, arr[..., 1])
+    return arr
+
+
+def cls_input(crop: np.ndarray) -> np.ndarray:
+    """TextClassifier.resize_norm_img: height 48, width up to 192, right-padded with zeros."""
+    c, h_out, w_out = _CLS_SHAPE
+    h, w = crop.shape[:2]
+    resized_w = min(w_out, int(math.ceil(h_out * (w / float(h)))))
+    resized = cv2.resize(crop, (resized_w, h_out)).astype("float32").transpose((2, 0, 1)) / 255
+    out = np.zeros((c, h_out, w_out), dtype=np.float32)
+    out[:, :, :resized_w] = (resized - 0.5) / 0.5
+    return out
+
+
+def rec_target_width(crop: np.ndarray) -> int:
+    """The width RapidOCR would give this crop alone: 48 x max(320/48, w/h)."""
+    h, w = crop.shape[:2]
+    return int(_REC_HEIGHT * max(_REC_MIN_WIDTH / _REC_HEIGHT, w * 1.0 / h))
+
+
+def rec_input(crop: np.ndarray, canvas_width: int) -> np.ndarray:
+    """TextRecognizer.resize_norm_img for a canvas of ``canvas_width``: height 48, right-padded with zeros."""
+    h, w = crop.shape[:2]
+    own_width = rec_target_width(crop)
+    resized_w = min(own_width, int(math.ceil(_REC_HEIGHT * (w / float(h)))))
+    resized = cv2.resize(crop, (resized_w, _REC_HEIGHT)).astype("float32").transpose((2, 0, 1)) / 255
+    out = np.zeros((3, _REC_HEIGHT, canvas_width), dtype=np.float32)
+    out[:, :, :resized_w] = (resized - 0.5) / 0.5
+    return out
+
+
+def ctc_greedy_decode(indices: np.ndarray, probs: np.ndarray, characters: list[str]) -> list[tuple[str, float]]:
+    """CTC greedy decoding for a whole batch: drop repeats and blanks with array masks, then join characters."""
+    keep = indices != 0
+    keep[:, 1:] &= indices[:, 1:] != indices[:, :-1]
+    counts = keep.sum(axis=1)
+    scores = np.where(counts > 0, (probs * keep).sum(axis=1, dtype=np.float64) / np.maximum(counts, 1), 0.0)
+    table = np.asarray(characters, dtype=object)
+    return [("".join(table[row[mask]]), float(score)) for row, mask, score in zip(indices, keep, scores)]
+
+
+class PaddingMask:
+    """Makes a convolutional network see a padded canvas as if each image had its own size.
+
+    Batching images of different sizes needs padding, and padding would change PP-OCR's answers twice: the
+    squeeze-and-excitation blocks average over the whole feature map, and convolutions near the right and bottom
+    edges would read the padded values instead of their own zero padding. With every k x k convolution's input
+    zeroed outside each image's valid region and global average pooling taken over that region only, each image
+    gets the values it would get alone (sizes are multiples of 32, so the region scales exactly at every stride).
+    """
+
+    def __init__(self) -> None:
+        self.canvas: tuple[int, int] | None = None
+        self.valid: Any = None  # (B, 2) int tensor: height and width of each image on the canvas
+        self._cache: dict[tuple[int, int, Any], Any] = {}
+
+    def set(self, canvas: tuple[int, int] | None, valid: Any) -> None:
+        self.canvas, self.valid, self._cache = canvas, valid, {}
+
+    def mask(self, x: Any) -> Any:
+        """(B, 1, H, W) mask of the valid region at ``x``'s resolution, or None when nothing is padded."""
+        import torch
+
+        if self.canvas is None or self.valid is None:
+            return None
+        height, width = x.shape[-2:]
+        key = (height, width, x.dtype)
+        if key not in self._cache:
+            stride_h, stride_w = self.canvas[0] / height, self.canvas[1] / width
+            rows = torch.arange(height, device=x.device)[None, :] < torch.ceil(self.valid[:, :1] / stride_h)
+            cols = torch.arange(width, device=x.device)[None, :] < torch.ceil(self.valid[:, 1:] / stride_w)
+            self._cache[key] = (rows[:, None, :, None] & cols[:, None, None, :]).to(x.dtype)
+        return self._cache[key]
+
+
+def apply_padding_mask(model: Any, padding: PaddingMask) -> Any:
+    """Wrap the k x k convolutions and global average pools of an onnx2torch module with ``padding``'s mask."""
+    import torch
+
+    class MaskedInput(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            mask = padding.mask(x)
+            return self.inner(x if mask is None else x * mask)
+
+    class MaskedGlobalAveragePool(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            mask = padding.mask(x)
+            if mask is None:
+                return x.mean(dim=(2, 3), keepdim=True)
+            return (x * mask).sum(dim=(2, 3), keepdim=True) / mask.sum(dim=(2, 3), keepdim=True)
+
+    for name, module in list(model.named_children()):
+        kind = type(module).__name__
+        if isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1):
+            model._modules[name] = MaskedInput(module)
+        elif kind.startswith("OnnxGlobalAveragePool"):
+            model._modules[name] = MaskedGlobalAveragePool()
+        elif isinstance(module, torch.nn.ConvTranspose2d) and module.kernel_size != module.stride:
+            model._modules[name] = MaskedInput(module)  # overlapping windows would mix in padded values
+    return model
+
+
+@dataclass
+class _Page:
+    """One image on its way through the batch."""
+
+    raw_h: int
+    raw_w: int
+    img: np.ndarray  # after the size limits and letterbox (the coordinates of detection and the crops)
+    record: dict[str, float]
+    boxes: list[np.ndarray]
+
+
+class PpOcrPipeline:
+    """RapidOCR's PP-OCRv4 pipeline batched across images; subclasses run the three networks.
+
+    ``det_maps`` gets the resized images of a batch and returns each one's probability map; ``cls_probs`` and
+    ``rec_probs`` get normalised crop batches. Everything else (geometry, grouping, decoding) is shared, so the
+    onnxruntime and torch runtimes see the same inputs and give the same lines.
+    """
+
+    def __init__(self, rec_batch: int = 128, cls_batch: int = 256, rec_buckets: Sequence[int] = REC_WIDTH_BUCKETS,
+                 rec_step: int = REC_WIDTH_STEP) -> None:
+        self.rec_batch = rec_batch
+        self.cls_batch = cls_batch
+        self.rec_buckets = tuple(rec_buckets)
+        self.rec_step = rec_step
+        self.characters: list[str] = []
+        from rapidocr_onnxruntime.ch_ppocr_det.utils import DBPostProcess
+
+        self._postprocess = DBPostProcess(thresh=0.3, box_thresh=0.5, max_candidates=1000, unclip_ratio=1.6,
+                                          score_mode="fast", use_dilation=True)
+
+    # --- the networks (subclasses) ----------------------------------------------------------------------------
+
+    def det_maps(self, resized: list[np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def cls_probs(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def rec_probs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Best probability and its index per time step, ``(N, T)`` each."""
+        raise NotImplementedError
+
+    # --- the three steps --------------------------------------------------------------------------------------
+
+    def detect(self, images: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """Text boxes per image (in each image's pixels, RapidOCR order)."""
+        resized = [det_resize(img) for img in images]
+        present = [index for index, det_img in enumerate(resized) if det_img is not None]
+        maps = dict(zip(present, self.det_maps([resized[index] for index in present]))) if present else {}
+        results: list[list[np.ndarray]] = []
+        for index, img in enumerate(images):
+            if index not in maps:
+                results.append([])
+                continue
+            boxes, _scores = self._postprocess(maps[index][None, None], img.shape[:2])
+            results.append(sort_boxes(filter_boxes(boxes, img.shape[0], img.shape[1])))
+        return results
+
+    def classify(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+        """Angle classification: crops read upside down (label 180, score > 0.9) are turned."""
+        if not crops:
+            return crops
+        order = np.argsort(np.array([c.shape[1] / float(c.shape[0]) for c in crops]), kind="stable")
+        out = list(crops)
+        for start in range(0, len(order), self.cls_batch):
+            chunk = order[start : start + self.cls_batch]
+            probs = self.cls_probs(np.stack([cls_input(crops[i]) for i in chunk]))
+            labels = probs.argmax(axis=1)
+            for i, label, row in zip(chunk, labels, probs):
+                if label == 1 and row[label] > _CLS_THRESH:
+                    out[i] = cv2.rotate(crops[i], cv2.ROTATE_180)
+        return out
+
+    def read(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
+        """Recognition: crops sorted by width and grouped by width bucket, CTC decoding per forward."""
+        results: list[tuple[str, float]] = [("", 0.0)] * len(crops)
+        widths = [rec_target_width(c) for c in crops]
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i in np.argsort(np.array(widths), kind="stable"):
+            groups[bucket(widths[i], self.rec_buckets, self.rec_step)].append(int(i))
+        for canvas_width, members in sorted(groups.items()):
+            for start in range(0, len(members), self.rec_batch):
+                chunk = members[start : start + self.rec_batch]
+                best, indices = self.rec_probs(np.stack([rec_input(crops[i], canvas_width) for i in chunk]))
+                for i, decoded in zip(chunk, ctc_greedy_decode(indices, best, self.characters)):
+                    results[i] = decoded
+        return results
+
+    def recognize(self, images: list[np.ndarray]) -> list[list[tuple[list[list[float]], str, float]]]:
+        """``(box, text, score)`` lines per BGR image, in RapidOCR's order and coordinates."""
+        pages = []
+        for img in images:
+            prepared, record = prepare_image(img)
+            pages.append(_Page(img.shape[0], img.shape[1], prepared, record, []))
+        for page, boxes in zip(pages, self.detect([page.img for page in pages])):
+            page.boxes = boxes
+        crops = [crop_line(page.img, box.copy()) for page in pages for box in page.boxes]
+        texts = self.read(self.classify(crops))
+        found: list[list[tuple[list[list[float]], str, float]]] = [[] for _ in pages]
+        position = 0
+        for number, page in enumerate(pages):
+            count = len(page.boxes)
+            if count:
+                boxes = origin_points(page.boxes, page.record, page.raw_h, page.raw_w)
+                for box, (text, score) in zip(boxes, texts[position : position + count]):
+                    found[number].append((box.tolist(), text, score))
+            position += count
+        return found
+
+
+class PpOcrOnnxRuntime(PpOcrPipeline):
+    """The networks on onnxruntime sessions (RapidOCR's, possibly moved to CUDA). Detection runs one call per
+    distinct input size: onnxruntime takes dynamic shapes, and on a CPU padding would only add work."""
+
+    def __init__(self, det_session: Any, cls_session: Any, rec_session: Any, characters: list[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.det_session, self.cls_session, self.rec_session = det_session, cls_session, rec_session
+        self.characters = characters
+
+    @staticmethod
+    def _run(session: Any, batch: np.ndarray) -> np.ndarray:
+        return session.run(None, {session.get_inputs()[0].name: batch})[0]
+
+    def det_maps(self, resized: list[np.ndarray]) -> list[np.ndarray]:
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for index, img in enumerate(resized):
+            groups[img.shape].append(index)
+        maps: list[np.ndarray] = [np.empty(0)] * len(resized)
+        for members in groups.values():
+            batch = np.stack([((resized[i].astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1) for i in members])
+            prob = self._run(self.det_session, batch)[:, 0]
+            for slot, index in enumerate(members):
+                maps[index] = prob[slot]
+        return maps
+
+    def cls_probs(self, batch: np.ndarray) -> np.ndarray:
+        return self._run(self.cls_session, batch)
+
+    def rec_probs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probs = self._run(self.rec_session, batch)
+        return probs.max(axis=2), probs.argmax(axis=2)
+
+
+class PpOcrTorch(PpOcrPipeline):
+    """The networks as torch modules converted from the same ONNX files; one instance per device and thread.
+
+    Detection pads the images of a batch into fixed size buckets and runs one forward pass per bucket, with
+    ``PaddingMask`` keeping every image's answer what it would be alone.
+    """
+
+    def __init__(self, precision: OcrPrecision | None = None, det_buckets: Sequence[int] = DET_SIDE_BUCKETS,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.precision = precision or OcrPrecision()
+        self.det_buckets = tuple(det_buckets)
+        self.device: str | None = None
+        self.det: Any = None
+        self.cls: Any = None
+        self.rec: Any = None
+        self.dtypes: dict[str, Any] = {}
+        self.padding = PaddingMask()
+
+    def load(self, device: str) -> None:
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"OCR device {device}: this torch build has no CUDA ({torch.__version__}); install the CUDA build "
+                "(make env GPU=1, or deploy/install.sh on the GPU host) or set ocr.devices to cpu"
+            )
+        if device.startswith("cuda") and torch.backends.cudnn.enabled:
+            # OCR's input shapes change with every batch (size buckets x images per bucket, crop widths), and cuDNN
+            # builds its execution plans per new shape: measured on an H100, 30 images took 30 s with cuDNN and
+            # 0.9-1.3 s without it, same lines (docs/benchmarks.md, "OCR on CUDA"). The switch is process-wide
+            # (torch has no per-thread one); the vision models lose little without it (their cost is BLIP's
+            # decoding, not convolutions), and with process isolation it stays inside the OCR child.
+            torch.backends.cudnn.enabled = False
+            logger.info("cuDNN disabled for this process: the OCR torch runtime runs faster without it on changing shapes")
+        folder = model_dir()
+        self.dtypes = self.precision.resolve(device)
+        nets = {}
+        for net, name in MODEL_FILES.items():
+            path = folder / name
+            if not path.is_file():
+                raise FileNotFoundError(f"PP-OCR model {path} is missing: reinstall rapidocr_onnxruntime==1.4.4")
+            nets[net] = convert_model(path).to(device=device, dtype=self.dtypes[net])
+        self.det = apply_padding_mask(nets["det"], self.padding)
+        self.cls, self.rec = nets["cls"], nets["rec"]
+        self.characters = character_list(folder / MODEL_FILES["rec"])
+        self.device = device
+
+    def close(self) -> None:
+        self.det = self.cls = self.rec = None
+        if self.device and self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def _to_device(self, array: np.ndarray, dtype: Any) -> Any:
+        """Host array -> device tensor; on CUDA through pinned memory with a non-blocking copy."""
+        import torch
+
+        tensor = torch.from_numpy(array)
+        if self.device and self.device.startswith("cuda"):
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(dtype)
+
+    def det_buckets_of(self, resized: list[np.ndarray]) -> dict[tuple[int, int], list[int]]:
+        """Images grouped by their (height, width) bucket; one detection forward pass per group."""
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index, img in enumerate(resized):
+            h, w = img.shape[:2]
+            groups[(bucket(h, self.det_buckets, 512), bucket(w, self.det_buckets, 512))].append(index)
+        return dict(groups)
+
+    def det_maps(self, resized: list[np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        if self.det is None:
+            raise RuntimeError("PpOcrTorch used before load()")
+        maps: list[np.ndarray] = [np.empty(0)] * len(resized)
+        for (bucket_h, bucket_w), members in self.det_buckets_of(resized).items():
+            canvas = np.zeros((len(members), bucket_h, bucket_w, 3), dtype=np.uint8)  # uint8: a quarter of the copy
+            sizes = np.array([resized[i].shape[:2] for i in members], dtype=np.int64)
+            for slot, index in enumerate(members):
+                h, w = sizes[slot]
+                canvas[slot, :h, :w] = resized[index]
+            with torch.inference_mode():
+                x = self._to_device(canvas, torch.float32).permute(0, 3, 1, 2)
+                x = ((x * (1 / 255.0) - 0.5) / 0.5).to(self.dtypes["det"]).contiguous()
+                self.padding.set((bucket_h, bucket_w), self._to_device(sizes, torch.float32))
+                try:
+                    prob = self.det(x)[:, 0].float().cpu().numpy()
+                finally:
+                    self.padding.set(None, None)
+            for slot, index in enumerate(members):
+                h, w = sizes[slot]
+                maps[index] = prob[slot, :h, :w]
+        return maps
+
+    def cls_probs(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.cls(self._to_device(batch, self.dtypes["cls"])).float().cpu().numpy()
+
+    def rec_probs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            best, indices = self.rec(self._to_device(batch, self.dtypes["rec"])).max(dim=2)
+            return best.float().cpu().numpy(), indices.cpu().numpy()
+
+    def recognize(self, images: list[np.ndarray]) -> list[list[tuple[list[list[float]], str, float]]]:
+        if self.det is None:
+            raise RuntimeError("PpOcrTorch.recognize() called before load()")
+        return super().recognize(images)
+
+
+class UtilisationSampler:
+    """GPU busy percentage sampled through NVML every ``period_s`` on a background thread (for benchmarks)."""
+
+    def __init__(self, index: int = 0, period_s: float = 0.05) -> None:
+        self.index, self.period_s = index, period_s
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> UtilisationSampler:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
+
+        def sample() -> None:
+            while not self._stop.wait(self.period_s):
+                self.samples.append(int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def summary(self) -> dict[str, float]:
+        values = sorted(self.samples) or [0]
+        return {"mean": float(np.mean(values)), "p50": float(values[len(values) // 2]), "samples": len(self.samples)}
+
+
+def measure_ocr(images: list[Any], runtime: str, device: str, batch_size: int, precision: OcrPrecision | None = None,
+                min_images: int = 0, utilisation: bool = False) -> dict[str, Any]:
+    """Images/s of the real OCR stage (``stages.ocr.OcrStage``) over ``images`` (PIL, RGB) in batches of
+    ``batch_size``, repeated to at least ``min_images``; with the ``signals["ocr"]`` of the first pass. A warm-up
+    pass over every image comes first, so that each detection and recognition shape has been seen once."""
+    from stages.base import BatchPolicy, ImageItem
+    from stages.ocr import OcrOptions, OcrStage
+
+    stage = OcrStage(OcrOptions(runtime=runtime, precision=precision or OcrPrecision()), devices=[device],
+                     batch_policy=BatchPolicy(max_batch_size=batch_size))
+    stage.setup(device)
+    try:
+        def one_pass() -> list[dict[str, Any]]:
+            signals: list[dict[str, Any]] = []
+            for start in range(0, len(images), batch_size):
+                items = [ImageItem(key=i, source=str(i), image=image)
+                         for i, image in enumerate(images[start : start + batch_size])]
+                stage.process_batch(items)
+                signals.extend(item.signals["ocr"] for item in items)
+            return signals
+
+        first = one_pass()
+        passes = max(1, math.ceil(min_images / max(1, len(images))))
+        sampler = UtilisationSampler(_device_index(device)) if utilisation and device.startswith("cuda") else None
+        if sampler is not None:
+            sampler.__enter__()
+        started = time.perf_counter()
+        for _ in range(passes):
+            one_pass()
+        elapsed = time.perf_counter() - started
+        if sampler is not None:
+            sampler.__exit__(None, None, None)
+        result: dict[str, Any] = {"runtime": runtime, "device": device, "batch_size": batch_size,
+                                  "images": passes * len(images), "seconds": elapsed,
+                                  "images_per_s": passes * len(images) / elapsed, "signals": first}
+        if sampler is not None:
+            result["gpu_utilisation"] = sampler.summary()
+        return result
+    finally:
+        stage.teardown()
+
+
+def _device_index(device: str) -> int:
+    return int(device.split(":", 1)[1]) if ":" in device else 0
+
+
+def gpu_report(images_dir: str, out_path: str, device: str = "cuda:0", batch_sizes: Sequence[int] = (1, 8, 32),
+               min_images: int = 96) -> dict[str, Any]:
+    """The issue's GPU check in one call: OCR images/s at each batch size in fp32 and fp16 (torch runtime) with
+    NVML utilisation, and the lines of each against onnxruntime on CPU; written as JSON to ``out_path``."""
+    import csv
+    import json
+
+    from PIL import Image
+
+    folder = Path(images_dir)
+    with (folder / "labels.csv").open(newline="") as handle:
+        names = [row["file"] for row in csv.DictReader(handle)]
+    images = []
+    for name in names:
+        with Image.open(folder / name) as image:
+            images.append(image.convert("RGB"))
+    report: dict[str, Any] = {"names": names, "runs": []}
+
+    def save() -> None:
+        Path(out_path).write_text(json.dumps(report))
+
+    reference = measure_ocr(images, "onnxruntime", "cpu", 8)
+    report["reference"] = {k: v for k, v in reference.items()}
+    save()
+    variants = {"fp32": OcrPrecision("fp32", "fp32", "fp32"), "fp16": OcrPrecision("fp16", "fp16", "fp16"),
+                "auto": OcrPrecision()}
+    for label, precision in variants.items():
+        for size in batch_sizes:
+            run = measure_ocr(images, "torch", device, size, precision, min_images=min_images, utilisation=True)
+            run["precision"] = label
+            same = total = 0
+            for ref, got in zip(reference["signals"], run["signals"]):
+                a = Counter(line["text"] for line in ref["lines"])
+                b = Counter(line["text"] for line in got["lines"])
+                same += sum((a & b).values())
+                total += max(sum(a.values()), sum(b.values()))
+            run["lines_identical"] = [same, total]
+            if size != batch_sizes[-1]:
+                run["signals"] = None  # keep the report small: one set of signals per precision
+            report["runs"].append(run)
+            save()
+            print(label, size, round(run["images_per_s"], 1), "img/s", run.get("gpu_utilisation"), same, "/", total,
+                  flush=True)
+    return report
+
+
+def time_recognize(recognize: Callable[[list[np.ndarray]], Any], images: list[np.ndarray], batch_size: int,
+                   repeats: int = 1) -> float:
+    """Images per second of ``recognize`` over ``images`` in batches of ``batch_size`` (after one warm-up batch)."""
+    recognize(images[:batch_size])
+    started = time.perf_counter()
+    for _ in range(repeats):
+        for start in range(0, len(images), batch_size):
+            recognize(images[start : start + batch_size])
+    return repeats * len(images) / (time.perf_counter() - started)

@@ -1,0 +1,405 @@
+"""`binner once --engine ray` on a real two-node Ray cluster started on this machine's loopback addresses.
+
+The cluster is a head (``ray start --head``) plus a second node (``ray start --address``) that offers its own custom
+resource ``node2``. Both run under a private temp dir, with free ports and a random auth token, and are killed by
+that temp dir at the end (never ``ray stop``, which would stop every Ray of this user on the machine).
+
+Why 127.0.0.2 and 127.0.0.3: Ray 2.60 rewrites ``127.0.0.1`` and ``localhost`` in ``--node-ip-address`` and
+``--address`` to the machine's routable address (``services.resolve_ip_for_localhost``), so a cluster asked to use
+127.0.0.1 would listen on the LAN address instead. Other addresses of ``127.0.0.0/8`` are loopback too and are
+kept as given.
+
+Only the "same bins as the local engine" test runs the real models (offline-cpu.yaml); the crash tests use the
+synthetic stages, since what they test is the engine's bookkeeping, not the models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import IMAGES, REPO, require_shared
+
+pytestmark = pytest.mark.ray
+
+BIN = Path(sys.executable).parent
+HEAD_IP, NODE2_IP = "127.0.0.2", "127.0.0.3"
+SYNTHETIC = """
+loader: {workers: 2, batch_size: 4}
+ocr: {backend: synthetic, devices: [cpu], batch_size: 4, synthetic_ms: [100, 20]}
+vision: {backend: synthetic, devices: [cpu, cpu], batch_size: 4, synthetic_ms: [60, 10]}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.2):  # noqa: ANN001, ANN201
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def _processes() -> Iterator[tuple[int, int, str]]:
+    """(pid, ppid, command line) of every process we can read."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        yield int(entry), ppid, cmdline
+
+
+class LoopbackCluster:
+    """A two-node Ray cluster on loopback addresses, private to one test module."""
+
+    def __init__(self) -> None:
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="binray-"))  # short: Ray's socket paths must fit 107 bytes
+        self.port = free_port()
+        self.address = f"{HEAD_IP}:{self.port}"
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": secrets.token_hex(16), "PYTHONPATH": str(REPO)}
+        self.env.pop("RAY_ADDRESS", None)
+
+    def _start(self, args: list[str]) -> None:
+        ports = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                 "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
+        done = subprocess.run([str(BIN / "ray"), "start", *args, *ports, "--disable-usage-stats"], env=self.env,
+                              capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, f"ray start {args[0]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+
+    def start(self) -> None:
+        self._start(["--head", f"--node-ip-address={HEAD_IP}", f"--port={self.port}", f"--temp-dir={self.temp_dir}",
+                     "--num-cpus=4", "--include-dashboard=false", f"--dashboard-port={free_port()}"])
+        self.start_node2()
+
+    def start_node2(self) -> None:
+        self._start([f"--address={self.address}", f"--node-ip-address={NODE2_IP}", "--num-cpus=3",
+                     '--resources={"node2": 3}'])
+        nodes = wait_for(lambda: [found for found in [self.alive_nodes()] if len(found) == 2], 60,
+                         "both Ray nodes to be alive")[0]
+        self.node_ids = {node["id"][:12] for node in nodes}
+
+    def alive_nodes(self) -> list[dict]:
+        done = subprocess.run(
+            [sys.executable, "-c", "import json, ray; ray.init(address=__import__('sys').argv[1], logging_level='error');"
+             "print(json.dumps([{'id': n['NodeID'], 'ip': n['NodeManagerAddress'], 'resources': n['Resources']}"
+             " for n in ray.nodes() if n['Alive']]))", self.address],
+            env=self.env, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            return []
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def _kill(self, wanted: callable) -> int:  # noqa: ANN001
+        table = list(_processes())
+        roots = {pid for pid, _, cmd in table if str(self.temp_dir) in cmd and wanted(cmd) and pid != os.getpid()}
+        family = set(roots)
+        grew = True
+        while grew:  # workers and agents are children of the raylet and name no temp dir themselves
+            more = {pid for pid, ppid, _ in table if ppid in family} - family
+            family |= more
+            grew = bool(more)
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return len(family)
+
+    def stop_node2(self) -> int:
+        return self._kill(lambda cmd: NODE2_IP in cmd)
+
+    def stop(self) -> None:
+        self._kill(lambda cmd: True)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LoopbackCluster]:
+    pytest.importorskip("ray", reason="ray is not installed: `pip install -e '.[ray]'` (make test installs it)")
+    running = LoopbackCluster()
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+def binner(cluster: LoopbackCluster, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "binner"), *args], env=cluster.env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def start_binner(cluster: LoopbackCluster, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([str(BIN / "binner"), *args], env=cluster.env, cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def placed_files(output: Path) -> dict[str, str]:
+    """relative path inside its bin -> bin (or _quarantine/<reason>) of every file in the output tree."""
+    found: dict[str, str] = {}
+    for path in output.rglob("*"):
+        if path.is_file():
+            parts = path.relative_to(output).parts
+            where, rel = (parts[:2], parts[2:]) if parts[0] == "_quarantine" else (parts[:1], parts[1:])
+            key = "/".join(rel)
+            assert key not in found, f"{key} placed twice: in {found[key]} and {'/'.join(where)}"
+            found[key] = "/".join(where)
+    return found
+
+
+def ledger_rows(state: Path) -> list[dict]:
+    db = sqlite3.connect(f"file:{state / 'ledger.sqlite3'}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(row) for row in db.execute("SELECT * FROM files ORDER BY id")]
+    finally:
+        db.close()
+
+
+def count_finished(state: Path) -> int:
+    try:
+        return sum(row["status"] in ("done", "quarantined") for row in ledger_rows(state))
+    except sqlite3.Error:
+        return 0
+
+
+def assert_ledger_matches(state: Path, output: Path) -> None:
+    """Every finished row names a file that is where its bin says, and every placed file has exactly one row."""
+    rows = [row for row in ledger_rows(state) if row["status"] in ("done", "quarantined")]
+    placed = {str(p) for p in output.rglob("*") if p.is_file()}
+    assert sorted(row["output_path"] for row in rows) == sorted(placed)
+    for row in rows:
+        where = row["bin"] if row["status"] == "done" else f"_quarantine/{row['reason']}"
+        assert Path(row["output_path"]).relative_to(output).parts[0] == where.split("/")[0]
+    assert not [row for row in ledger_rows(state) if row["status"] in ("pending", "processing")]
+
+
+def synthetic_inbox(root: Path, count: int) -> tuple[Path, Path, Path, Path]:
+    from app.bench_common import make_images
+
+    inbox, output, state, config = root / "in", root / "out", root / "state", root / "synthetic.yaml"
+    make_images(inbox / "sub", count)
+    (inbox / "broken.png").write_bytes(b"not an image at all")
+    config.write_text(SYNTHETIC)
+    return inbox, output, state, config
+
+
+def test_without_ray_the_engine_says_how_to_install_it(tmp_path: Path) -> None:
+    """A Python that cannot import ray gets one line with the install command and exit code 2."""
+    blocker = tmp_path / "no_ray"
+    (blocker / "ray").mkdir(parents=True)
+    (blocker / "ray" / "__init__.py").write_text("raise ImportError('ray is not installed (test)')\n")
+    (tmp_path / "in").mkdir()
+    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{REPO}"}
+    done = subprocess.run([str(BIN / "binner"), "once", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--state",
+                           str(tmp_path / "state"), "--engine", "ray"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "pip install" in lines[0] and "[ray]" in lines[0], done.stderr
+
+
+def test_adapter_fails_only_the_poison_item_and_halves_its_batch_on_out_of_memory() -> None:
+    """The containment the Ray actors apply to any Stage (no cluster needed): as the local StageRunner does."""
+    from app.ray_engine import run_contained
+    from stages.base import ImageItem
+    from tests.fakes import RecordingStage
+
+    stage = RecordingStage("ocr", poison={"bad.png"}, oom_above=2)
+    stage.setup("cpu")
+    items = [ImageItem(key=index, source=f"/in/{name}") for index, name in enumerate(["a.png", "b.png", "bad.png",
+                                                                                         "c.png", "d.png"])]
+    items[3].fail("truncated", "already failed upstream")
+    assert run_contained(stage, items, cap=8) == 2
+    assert items[2].failure is not None and items[2].failure.reason == "ocr_error" and items[2].failure.retryable
+    assert items[3].failure is not None and items[3].failure.reason == "truncated"  # not run again
+    assert all(items[i].failure is None and items[i].image == "decoded" for i in (0, 1, 4))
+    assert 3 not in {key for _, _, keys in stage.log.batches for key in keys}
+
+
+def test_a_file_that_kills_its_worker_ends_quarantined_alone(tmp_path: Path) -> None:
+    """The driver's window logic without a cluster: a window holding a file that crashes its Ray worker fails as a
+    whole; it is run again, then split until that file fails alone. Only that file is charged attempts and ends
+    quarantined; every other file is done on its first attempt."""
+    pytest.importorskip("pyarrow", reason="pyarrow comes with the [ray] extra")
+    import json as json_module
+    from types import SimpleNamespace
+
+    from app.config import load_config
+    from app.ledger import Discovered, Ledger, Outcome
+    from app.ray_engine import RayRun
+    from app.wiring import build_stages
+
+    config = load_config(None, {"input": tmp_path / "in", "output": tmp_path / "out", "state_dir": tmp_path / "state",
+                                "ocr": {"backend": "synthetic", "devices": ["cpu"]},
+                                "vision": {"backend": "synthetic", "devices": ["cpu"]}})
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger.intake(Discovered(f"/in/{index}.png", f"{index}.png", 1, 1) for index in range(40))
+    poison = 23
+    windows: list[int] = []
+
+    class FakeClusterRun(RayRun):
+        def _wait_for_resources(self, timeout_s: float = 0) -> None:
+            pass
+
+        def _run_window(self, blocks: list, left: set[int]) -> str | None:
+            records = [record for block in blocks for record in block.to_pylist()]
+            windows.append(len(records))
+            outcomes = []
+            for record in records:
+                if record["failure"]:  # past its attempts: the finish task quarantines it without running it
+                    failure = json_module.loads(record["failure"])
+                    outcomes.append(Outcome(record["key"], "quarantined", reason=failure["reason"],
+                                            last_error=failure["message"]))
+                elif record["key"] == poison:
+                    raise RuntimeError("ray.exceptions.ActorDiedError: the worker process died unexpectedly")
+                else:
+                    outcomes.append(Outcome(record["key"], "done", bin="B", rule="weak"))
+            self._record(outcomes)
+            left.difference_update(outcome.id for outcome in outcomes)
+            return None
+
+    runtime = SimpleNamespace(config=config, ledger=ledger, placer=None)
+    stats = FakeClusterRun(runtime, build_stages(config), window_rows=32).run()
+    rows = {row.id: row for row in ledger.rows()}
+    assert rows[poison].status == "quarantined" and rows[poison].reason == "retries_exhausted"
+    assert "ActorDiedError" in (rows[poison].last_error or "")
+    assert all(row.status == "done" and row.attempts == 1 for key, row in rows.items() if key != poison)
+    assert stats.finished == 40 and stats.quarantined == {"retries_exhausted": 1}
+    assert windows[:3] == [32, 32, 16] and windows.count(1) >= config.max_attempts, windows
+
+
+def test_items_cross_the_wire_as_arrow_rows_with_pixels_and_byte_paths() -> None:
+    pytest.importorskip("pyarrow", reason="pyarrow comes with the [ray] extra")
+    from PIL import Image
+
+    from app.ray_engine import _Carried, decode_items, encode_items
+    from stages.base import ImageItem
+
+    source = os.fsdecode(b"/in/caf\xe9.png")  # not UTF-8: must round-trip byte for byte
+    item = ImageItem(key=7, source=source, size=10, sha256="ab" * 32, width=3, height=2)
+    item.image = Image.new("RGB", (3, 2), (10, 20, 30))
+    item.signals = {"ocr": {"char_count": 3}}
+    carried = _Carried(os.fsencode("caf\udce9.png"), 10, 5, 1, {"load": "node-a"})
+    failed = ImageItem(key=8, source="/in/x.png")
+    failed.fail("not_an_image", "nope", "load")
+    back = decode_items(encode_items([(item, carried), (failed, _Carried(b"x.png", 1, 1, 2, {}))], keep_image=True))
+    (got, got_carried), (got_failed, _) = back
+    assert os.fsencode(got.source) == b"/in/caf\xe9.png" and got_carried.rel_path == carried.rel_path
+    assert got.image.size == (3, 2) and got.image.getpixel((2, 1)) == (10, 20, 30)
+    assert got.signals == item.signals and got.sha256 == item.sha256 and got_carried.nodes == {"load": "node-a"}
+    assert got_failed.failure is not None and got_failed.failure.reason == "not_an_image" and got_failed.image is None
+    dropped = decode_items(encode_items([(item, carried)], keep_image=False))[0][0]
+    assert dropped.image is None  # after the last model stage no pixels travel
+
+
+def test_two_nodes_bin_the_labelled_images_like_the_local_engine(cluster: LoopbackCluster, tmp_path: Path) -> None:
+    require_shared()
+    config = REPO / "deploy" / "examples" / "offline-cpu.yaml"
+    results = {}
+    for engine in ("local", "ray"):
+        inbox = tmp_path / engine / "in"
+        shutil.copytree(IMAGES, inbox)
+        output, state = tmp_path / engine / "out", tmp_path / engine / "state"
+        extra = ["--engine", "ray", "--ray-address", cluster.address] if engine == "ray" else []
+        done = binner(cluster, "once", str(inbox), "-o", str(output), "--state", str(state), "-c", str(config),
+                      "--no-progress", *extra)
+        assert done.returncode == 0, f"{engine}:\n{done.stdout}\n{done.stderr[-4000:]}"
+        assert "bin A" in done.stdout and "not finished" in done.stdout  # the same summary table
+        assert not [p for p in inbox.rglob("*") if p.is_file()], "move mode leaves no input behind"
+        assert_ledger_matches(state, output)
+        results[engine] = (placed_files(output), state, output)
+    local, ray_bins = results["local"][0], results["ray"][0]
+    assert len(local) == 32
+    assert ray_bins == local, {k: (local.get(k), ray_bins.get(k)) for k in set(local) | set(ray_bins)
+                               if local.get(k) != ray_bins.get(k)}
+    # The ledgers agree row by row on the decisions, and `status` reads the Ray run's ledger unchanged.
+    decisions = {engine: {(row["rel_path"], row["status"], row["bin"], row["rule"], row["reason"])
+                          for row in ledger_rows(results[engine][1])} for engine in results}
+    assert decisions["ray"] == decisions["local"]
+    status = binner(cluster, "status", "--state", str(results["ray"][1]), "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["status"] == {"done": 30, "quarantined": 2}
+    # Both nodes did work: each row records the Ray node of every step it went through.
+    used = set()
+    for row in ledger_rows(results["ray"][1]):
+        used.update(json.loads(row["timings"] or "{}").get("ray_nodes", {}).values())
+    assert used == cluster.node_ids, f"work ran on {used}, the cluster has {cluster.node_ids}"
+
+
+def test_driver_killed_with_sigkill_then_run_again_places_everything_once(cluster: LoopbackCluster,
+                                                                          tmp_path: Path) -> None:
+    """The kill lands while files are placed but not yet in the ledger: the second run must place them again
+    onto themselves (placement is idempotent by content), never as ``name (1).png``."""
+    inbox, output, state, config = synthetic_inbox(tmp_path, 48)
+    args = ("once", str(inbox), "-o", str(output), "--state", str(state), "-c", str(config), "--no-progress",
+            "--engine", "ray", "--ray-address", cluster.address)
+
+    def placed_ahead_of_ledger() -> bool:
+        finished = count_finished(state)
+        return finished >= 4 and len([p for p in output.rglob("*") if p.is_file()]) > finished
+
+    first = start_binner(cluster, *args)
+    try:
+        wait_for(lambda: placed_ahead_of_ledger() or first.poll() is not None, 120, "files placed ahead of the ledger",
+                 every_s=0.02)
+        assert first.poll() is None, f"the run ended before it could be killed:\n{first.stdout.read()}"
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    time.sleep(2)  # the driver's Ray workers are stopped by Ray once it notices the driver is gone
+    finished_before = count_finished(state)
+    assert 0 < finished_before < 49, "the kill must land in the middle of the run"
+    assert len(placed_files(output)) > finished_before, "some files were placed but not yet recorded at the kill"
+    second = binner(cluster, *args)
+    assert second.returncode == 0, second.stdout + second.stderr[-4000:]
+    placed = placed_files(output)  # asserts that no file was placed twice
+    assert len(placed) == 49
+    assert not [name for name in placed if " (" in name], "a second copy was placed beside the first"
+    assert placed["broken.png"] == "_quarantine/not_an_image"
+    assert not [p for p in inbox.rglob("*") if p.is_file()]
+    assert_ledger_matches(state, output)
+
+
+def test_losing_the_second_node_mid_run_costs_retries_not_files(cluster: LoopbackCluster, tmp_path: Path) -> None:
+    inbox, output, state, config = synthetic_inbox(tmp_path, 48)
+    run = start_binner(cluster, "once", str(inbox), "-o", str(output), "--state", str(state), "-c", str(config),
+                       "--no-progress", "--engine", "ray", "--ray-address", cluster.address)
+    try:
+        wait_for(lambda: count_finished(state) >= 10 or run.poll() is not None, 120, "the first files to be placed")
+        assert run.poll() is None, "the run ended before the node could be stopped"
+        assert cluster.stop_node2() > 0
+        output_text, _ = run.communicate(timeout=240)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, output_text[-4000:]
+    assert count_finished(state) == 49
+    placed = placed_files(output)
+    assert len(placed) == 49
+    assert placed["broken.png"] == "_quarantine/not_an_image"
+    assert_ledger_matches(state, output)
