@@ -119,7 +119,7 @@ class StageRunner:
             replica = Replica(replica_stage, device, thread, max(1, int(cap)))
             self.metrics.batch_limit.labels(stage=self.stage.name, device=device).set(replica.batch_cap)
             self.replicas.append(replica)
-            log.info("stage ready", stage=self.stage.name, device=device, batch_cap=replica.batch_cap)
+            log.info("stage ready", stage=self.stage.name, replica=index, device=device, batch_cap=replica.batch_cap)
 
         async with anyio.create_task_group() as group:
             for index, device in enumerate(self.stage.devices):
@@ -179,11 +179,15 @@ class StageRunner:
         keys = [item.key for item in items]
         if self.mark_call is not None:
             self.mark_call(keys, self.stage.name)
-        replica.busy_since = time.monotonic()
+        replica.busy_since = since = time.monotonic()
         try:
             return replica.stage.process_batch(items)
         finally:
-            replica.busy_since = None
+            # Busy time is counted here, once per model call, and while the call runs by the metric's collector.
+            busy = self.metrics.busy_seconds
+            with busy.lock:
+                busy.labels(stage=self.stage.name, device=replica.device).inc(time.monotonic() - since)
+                replica.busy_since = None
             if self.mark_call is not None:
                 self.mark_call(keys, None)
 
@@ -235,7 +239,6 @@ class StageRunner:
         finally:
             elapsed = time.monotonic() - started
             self.metrics.batch_seconds.labels(stage=name, device=device).observe(elapsed)
-            self.metrics.busy_seconds.labels(stage=name, device=device).inc(elapsed)
             self.metrics.batch_size.labels(stage=name).observe(len(items))
             for item in items:
                 item.timings[f"{name}_batch"] = item.timings.get(f"{name}_batch", 0.0) + elapsed
@@ -344,6 +347,9 @@ class Pipeline:
     # --- lifecycle ------------------------------------------------------------------------------
     async def setup(self) -> None:
         """Load and warm every model copy; a failure names the stage and device and what went wrong."""
+        self.metrics.initialise_labels((runner.stage.name, device) for runner in self.runners
+                                       for device in runner.stage.devices)
+        self.metrics.busy_seconds.add_running_calls(self._running_calls)
         for runner in self.runners:
             try:
                 await runner.setup()
@@ -356,8 +362,14 @@ class Pipeline:
                 raise StageSetupError(f"stage {runner.stage.name} could not start: {error}") from error
         self.ready = True
 
+    def _running_calls(self) -> list[tuple[str, str, float]]:
+        """Model calls in flight, for the busy-time counter (it counts a call while it runs)."""
+        return [(runner.stage.name, replica.device, since) for runner in self.runners for replica in runner.replicas
+                if (since := replica.busy_since) is not None]
+
     async def teardown(self, timeout_s: float = 15.0) -> None:
         """Free the models; bounded, because a model call stuck on its thread cannot be interrupted."""
+        self.metrics.busy_seconds.remove_running_calls(self._running_calls)
         with anyio.move_on_after(timeout_s) as scope:
             for runner in self.runners:
                 await runner.teardown()

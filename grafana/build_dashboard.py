@@ -150,6 +150,25 @@ def panels() -> list[dict[str, Any]]:
                    "current cap.",
                    [(f"sum by (stage, device) (increase(binner_oom_total{{{SEL}}}[{RATE}]))", "OOM {{stage}} {{device}}"),
                     (f"max by (stage, device) (binner_batch_size_limit{{{SEL}}})", "limit {{stage}} {{device}}")]),
+        timeseries("Worker restarts", "Stage worker processes replaced (process isolation), per stage, device and "
+                   "cause (crashed, stuck).",
+                   [(f"sum by (stage, device, cause) (increase(binner_worker_restarts_total{{{SEL}}}[{RATE}]))",
+                     "{{stage}} {{device}} {{cause}}")]),
+        timeseries("Paused: output or state disk", "1 while placement waits for the output disk, or intake and "
+                   "placement wait for space on the state disk (the ledger cannot be written).",
+                   [(f"max by (instance) (binner_placement_paused{{{SEL}}})", "output {{instance}}"),
+                    (f"max by (instance) (binner_state_paused{{{SEL}}})", "state {{instance}}")], max_value=1),
+
+        row("Process"),
+        timeseries("Resident memory", "RSS of the binner process.",
+                   [(f"max by (instance) (process_resident_memory_bytes{{job=\"binner\", {SEL}}})", "{{instance}}")],
+                   unit="bytes"),
+        timeseries("CPU", "CPU seconds per second used by the binner process (1 = one core).",
+                   [(f"sum by (instance) (rate(process_cpu_seconds_total{{job=\"binner\", {SEL}}}[{RATE}]))",
+                     "{{instance}}")]),
+        timeseries("Open file descriptors", "Open fds against the process limit.",
+                   [(f"max by (instance) (process_open_fds{{job=\"binner\", {SEL}}})", "open {{instance}}"),
+                    (f"max by (instance) (process_max_fds{{job=\"binner\", {SEL}}})", "limit {{instance}}")]),
 
         row("GPUs (NVML)"),
         timeseries("GPU utilisation", "NVML busy ratio per GPU (absent without an NVIDIA GPU).",
