@@ -6,12 +6,13 @@ Errors name the key (``vision.detector.weights``) and the problem, so a user can
 from __future__ import annotations
 
 import contextvars
+import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from stages.rules import RuleThresholds
@@ -165,7 +166,8 @@ class BinnerConfig(BaseSettings):
     @field_validator("input", "output", "state_dir", mode="after")
     @classmethod
     def _absolute(cls, path: Path) -> Path:
-        """Relative paths are taken from the working directory once, at start-up (watch events are absolute)."""
+        """Relative paths from the environment and flags are taken from the working directory once, at start-up
+        (those in a configuration file were already anchored at the file's folder)."""
         return path.expanduser().absolute()
 
     @model_validator(mode="after")
@@ -196,6 +198,13 @@ class BinnerConfig(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _YamlSource(settings_cls))
 
+    _source_file: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source_file(self) -> Path | None:
+        """The YAML file this configuration was read from (absolute), or None for defaults, environment and flags."""
+        return self._source_file
+
     @property
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite3"
@@ -207,7 +216,7 @@ class _YamlSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         path = _yaml_path.get()
-        return read_yaml(path) if path else {}
+        return read_config_file(path) if path else {}
 
 
 class ConfigError(Exception):
@@ -228,17 +237,117 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _fields_of(loc: tuple[str, ...]) -> dict[str, Any]:
+    """The fields of the section that ``loc`` names (``("vision", "detector")``), or {} if it names none."""
+    model: Any = BinnerConfig
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return {}
+        model = field.annotation
+    return dict(getattr(model, "model_fields", {}))
+
+
+def did_you_mean(name: str, known: Any) -> str:
+    """'; did you mean `placement`?' for a near miss among ``known``, else ''."""
+    close = difflib.get_close_matches(name.lower(), [str(k).lower() for k in known], n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def _field_path(loc: tuple[Any, ...]) -> tuple[str, ...]:
+    """The configuration key of an error location, without pydantic's union member tags (``literal['auto']``)."""
+    path: list[str] = []
+    for part in loc:
+        text = str(part)
+        if isinstance(part, int) or "[" in text or text in _TYPE_TAGS:
+            if isinstance(part, int):
+                path.append(text)
+            continue
+        path.append(text)
+    return tuple(path)
+
+
+_TYPE_TAGS = {"int", "str", "float", "bool", "list", "tuple", "dict"}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A configuration file's mapping with its relative paths anchored at the file's folder (as binner reads it)."""
+    return _resolve_relative(read_yaml(path), path.absolute().parent)
+
+
 def _describe(error: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
+    """pydantic's errors reworded: one line per key, union alternatives merged, near misses suggested."""
+    merged: dict[tuple[str, ...], dict[str, Any]] = {}
     for problem in error.errors():
-        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        message = problem["msg"].removeprefix("Value error, ")
+        loc = _field_path(problem["loc"])
+        entry = merged.setdefault(loc, {"messages": [], "input": problem.get("input"), "type": problem["type"]})
+        message = problem["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
         if problem["type"] == "extra_forbidden":
-            message = "unknown key; `binner config show` lists the valid keys"
-        given = problem.get("input")
-        shown = "" if isinstance(given, dict) or problem["type"] == "extra_forbidden" else f" (got {given!r})"
-        lines.append(f"  {key}: {message}{shown}")
+            known = _fields_of(loc[:-1])
+            message = "unknown key" + (did_you_mean(loc[-1], known) or "; `binner config show` lists the valid keys")
+        elif message.startswith("Input should be "):
+            message = "should be " + message.removeprefix("Input should be ")
+        if message not in entry["messages"]:
+            entry["messages"].append(message)
+    lines = [f"invalid configuration ({source}):"]
+    for loc, entry in merged.items():
+        messages = entry["messages"]
+        if len(messages) > 1 and all(m.startswith("should be ") for m in messages):
+            message = "should be " + " or ".join(m.removeprefix("should be ").split(", unable")[0] for m in messages)
+        else:
+            message = "; ".join(messages)
+        given = entry["input"]
+        shown = "" if isinstance(given, dict) or entry["type"] == "extra_forbidden" or not loc else f" (got {given!r})"
+        lines.append(f"  {'.'.join(loc)}: {message}{shown}" if loc else f"  {message}")
     return "\n".join(lines)
+
+
+# BINNER_* variables that are not settings: the configuration file, and the installer's and tests' own.
+_NOT_SETTINGS = {"CONFIG", "USER", "EXTRAS", "CACHE_DIR", "BENCH_PARTIAL", "SYSTEMD_TEST_CONFIG"}
+
+
+def check_environment(environ: Any = None) -> None:
+    """A misspelled top-level ``BINNER_*`` variable is an error, not silently ignored (nested ones pydantic checks)."""
+    environ = os.environ if environ is None else environ
+    known = BinnerConfig.model_fields
+    for name in sorted(environ):
+        if not name.upper().startswith("BINNER_"):
+            continue
+        rest = name[len("BINNER_"):]
+        if rest.upper() in _NOT_SETTINGS:
+            continue
+        top = rest.split("__", 1)[0].lower()
+        if top in known:
+            continue
+        close = difflib.get_close_matches(top, [*known, *(k.lower() for k in _NOT_SETTINGS)], n=1, cutoff=0.6)
+        hint = f"; did you mean BINNER_{close[0].upper()}?" if close else (
+            "; settings are BINNER_<KEY> (e.g. BINNER_PLACEMENT) and BINNER_<SECTION>__<KEY> (e.g. BINNER_OCR__DEVICES)")
+        raise ConfigError(f"environment variable {name}: not a binner setting{hint} (unset it or fix the name)")
+
+
+def _resolve_relative(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative paths in a configuration file are taken from the file's own folder, not the working directory."""
+
+    def anchored(value: Any, explicit_only: bool) -> Any:
+        if not isinstance(value, str) or not value or value.startswith(("/", "~")):
+            return value
+        if explicit_only and not value.startswith(("./", "../")):
+            return value  # a bare file name or a model id (org/name), looked up elsewhere
+        return os.path.normpath(base / value)
+
+    for key in ("input", "output", "state_dir"):
+        if key in data:
+            data[key] = anchored(data[key], explicit_only=False)
+    ocr = data.get("ocr")
+    if isinstance(ocr, dict) and ocr.get("paddle_model_dir"):
+        ocr["paddle_model_dir"] = anchored(ocr["paddle_model_dir"], explicit_only=False)
+    vision = data.get("vision")
+    if isinstance(vision, dict):
+        for section, key in (("detector", "weights"), ("captioner", "model"), ("clip", "model")):
+            part = vision.get(section)
+            if isinstance(part, dict) and key in part:
+                part[key] = anchored(part[key], explicit_only=True)
+    return data
 
 
 def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> BinnerConfig:
@@ -246,10 +355,13 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
     yaml_path = Path(path) if path else None
     if yaml_path is None and os.environ.get("BINNER_CONFIG"):
         yaml_path = Path(os.environ["BINNER_CONFIG"])
+    check_environment()
     token = _yaml_path.set(yaml_path)
     try:
         clean = {key: value for key, value in (overrides or {}).items() if value is not None}
-        return BinnerConfig(**clean)
+        config = BinnerConfig(**clean)
+        config._source_file = yaml_path.absolute() if yaml_path else None
+        return config
     except ValidationError as error:
         source = f"{yaml_path}, BINNER_* environment and flags" if yaml_path else "BINNER_* environment and flags"
         raise ConfigError(_describe(error, source)) from None

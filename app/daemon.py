@@ -222,7 +222,7 @@ class Daemon:
     async def main(self) -> int:
         config = self.config
         prepare_dirs(config)  # a missing input is refused before any weight is fetched
-        preflight_weights(config)
+        preflight_weights(config, notifier=self.notifier)
         self.runtime = runtime = build_runtime(config, command="run")
         if config.http.enabled:
             self.http = StatusServer(config.http.host, config.http.port, runtime.metrics.registry,
@@ -230,6 +230,12 @@ class Daemon:
             log.info("serving /metrics, /healthz, /readyz", address=f"http://{config.http.host}:{self.http.port}")
         self.notifier.status("loading models")
         _quiet_model_progress_bars()
+        from app import __version__
+
+        log.info("starting binner", version=__version__,
+                 config=str(config.source_file) if config.source_file else "built-in defaults (no --config)",
+                 devices={r.stage.name: list(r.stage.devices) for r in runtime.pipeline.runners},
+                 input=str(config.input), output=str(config.output), state_dir=str(config.state_dir))
         log.info("loading models", stages=[r.stage.name for r in runtime.pipeline.runners])
         with anyio.CancelScope(shield=False) as cancel_during_setup:
             async with anyio.create_task_group() as group:
@@ -283,7 +289,7 @@ def serve(config: BinnerConfig, config_file: Path | None) -> int:
         code = int(run_async(daemon.main))
     except (ConfigError, StageSetupError) as error:
         # One message, on stderr (the journal under systemd): what is wrong and what to do.
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        report_error(str(error), as_json=config.log.format == "json")
         return 2
     deadline = time.monotonic() + 2.0
     for thread in threading.enumerate():
@@ -297,6 +303,13 @@ def serve(config: BinnerConfig, config_file: Path | None) -> int:
         sys.stdout.flush()
         os._exit(code)
     return code
+
+
+def report_error(message: str, as_json: bool) -> None:
+    """One message on stderr (the journal under systemd): a JSON log line under ``log.format: json``, else text."""
+    from app.logs import fatal_json_line, real_stream
+
+    print(fatal_json_line(message) if as_json else f"error: {message}", file=real_stream("stderr"), flush=True)
 
 
 def _quiet_model_progress_bars() -> None:

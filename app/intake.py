@@ -222,3 +222,21 @@ def finish_leftovers(ledger: Ledger, rows: list[Finished], move_mode: bool,
             ledger.requeue(row.id)
             requeued += 1
     return removed, requeued
+
+
+def prune_empty_dirs(root: Path) -> int:
+    """Remove the directories under ``root`` that a move-mode run left empty (deepest first); returns how many.
+
+    ``root`` itself stays. Links are never followed (``os.walk`` does not descend into them) and a directory
+    that is not empty, holds hidden files, or gains a file meanwhile is kept: ``rmdir`` removes only empty ones.
+    """
+    removed = 0
+    for current, _dirs, _files in os.walk(root, topdown=False, followlinks=False):
+        if current == str(root):
+            continue
+        try:
+            os.rmdir(current)
+            removed += 1
+        except OSError:
+            continue
+    return removed

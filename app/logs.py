@@ -1,13 +1,42 @@
-"""Structured logs: JSON lines under systemd/journald or when piped, readable console output in a terminal."""
+"""Structured logs: JSON lines under systemd/journald or when piped, readable console output in a terminal.
+
+Under ``log.format: json`` every line binner's process writes must parse as JSON, models loaded or not. Three
+kinds of writers would break that, and each is handled here:
+
+- the standard library's ``logging`` and the ``warnings`` module (torchvision, transformers, ray): a handler
+  on the root logger hands every record to structlog, so it is rendered like binner's own events;
+- library banners and progress bars (Ultralytics' settings banner and "Loading ... for LiteRT inference",
+  transformers' and huggingface_hub's progress bars): silenced through the switches those libraries read;
+- native code and libraries that print to the file descriptors 1 and 2 themselves (TFLite's "Created ...
+  XNNPACK delegate", Ultralytics' own stdout handler): :func:`capture_output` points fd 1 and 2 at pipes,
+  and a thread re-emits each line that arrives there as a log event. binner's own output (results, progress
+  bars, log lines) keeps writing to the original descriptors.
+"""
 
 from __future__ import annotations
 
+import atexit
+import io
+import json
 import logging
 import os
+import re
 import sys
-from typing import TextIO
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
 
 import structlog
+
+_real: dict[str, TextIO] = {}  # "stdout"/"stderr" -> a file on the original descriptor, once captured
+_readers: list[threading.Thread] = []
+_live_console: Any = None  # a rich Console showing a progress bar: log lines go above the bar
+_state_lock = threading.Lock()
+_json_lines = False
+_LEVELS = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
+_NATIVE_INFO = re.compile(r"^(INFO|I\d{4}|Loading|Created)\b")
 
 
 def wants_json(fmt: str, stream: TextIO) -> bool:
@@ -17,10 +46,98 @@ def wants_json(fmt: str, stream: TextIO) -> bool:
     return under_systemd or not stream.isatty()
 
 
+def json_active() -> bool:
+    """Whether :func:`configure_logging` last chose JSON lines."""
+    return _json_lines
+
+
+def fatal_json_line(message: str) -> str:
+    """The error a command stops with, as one JSON log line (first line as the event, the rest as details)."""
+    first, *rest = message.splitlines() or [""]
+    return json.dumps({"level": "error", "event": first, "details": [line.strip() for line in rest] or None,
+                       "fatal": True, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                      ensure_ascii=False)
+
+
+def real_stream(name: str) -> TextIO:
+    """The process's original stdout or stderr (``name``), also after :func:`capture_output` took fd 1 and 2."""
+    return _real.get(name) or getattr(sys, name)
+
+
+class _LineLogger:
+    """structlog's output end: one rendered line to the original stream, or above a live progress bar."""
+
+    def __init__(self, stream_name: str, fixed: TextIO | None) -> None:
+        self._stream_name = stream_name
+        self._fixed = fixed
+
+    def msg(self, message: str) -> None:
+        console = _live_console
+        if console is not None and self._fixed is None:
+            from rich.text import Text
+
+            console.print(Text.from_ansi(message), soft_wrap=True, highlight=False, markup=False, emoji=False)
+            return
+        stream = self._fixed or real_stream(self._stream_name)
+        with _state_lock:
+            stream.write(message + "\n")
+            stream.flush()
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = failure = err = msg
+
+
+class _ToStructlog(logging.Handler):
+    """Every stdlib record (and, through ``captureWarnings``, every warning) becomes a structlog event."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.name == "py.warnings":
+                message = _one_warning_line(message)
+            fields: dict[str, Any] = {"logger": record.name}
+            if record.exc_info:
+                fields["exc_info"] = record.exc_info
+            level = next((known for known in _LEVELS if record.levelno <= known), logging.CRITICAL)
+            structlog.get_logger(record.name).log(level, message, **fields)
+        except Exception:  # a log line must never take the pipeline down
+            self.handleError(record)
+
+
+def _one_warning_line(message: str) -> str:
+    """'path:12: UserWarning: text\\n  source line' -> 'UserWarning: text (path:12)'."""
+    first = message.strip().splitlines()[0] if message.strip() else message
+    match = re.match(r"^(?P<where>.+?:\d+): (?P<what>.*)$", first)
+    return f"{match['what']} ({match['where']})" if match else first
+
+
+def quiet_libraries(json_lines: bool, level: int) -> None:
+    """Switch off the banners and progress bars of the model libraries (read from the environment at import,
+    so call this before they are imported; spawned model processes inherit it)."""
+    if level > logging.DEBUG:
+        os.environ.setdefault("YOLO_VERBOSE", "False")  # Ultralytics: settings banner, "Loading ... for LiteRT"
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow/LiteRT native INFO and WARNING lines
+    if json_lines:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        transformers_logging = sys.modules.get("transformers.utils.logging")
+        if transformers_logging is not None:
+            transformers_logging.disable_progress_bar()
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+    """Render binner's events, stdlib logging and warnings alike, as JSON or console lines on ``stream``
+    (stdout by default; the CLI's one-shot commands pass stderr to keep stdout for their result)."""
     stream = stream or sys.stdout
+    stream_name = "stderr" if stream in (sys.stderr, _real.get("stderr"), sys.__stderr__) else "stdout"
+    fixed = None if stream in (sys.stdout, sys.stderr, *_real.values(), sys.__stdout__, sys.__stderr__) else stream
     numeric = getattr(logging, level.upper())
-    renderer = structlog.processors.JSONRenderer() if wants_json(fmt, stream) else structlog.dev.ConsoleRenderer()
+    json_lines = wants_json(fmt, stream)
+    global _json_lines
+    _json_lines = json_lines
+    renderer: Any = (structlog.processors.JSONRenderer(ensure_ascii=False) if json_lines
+                     else structlog.dev.ConsoleRenderer(colors=stream.isatty()))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -30,9 +147,108 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=lambda *args: _LineLogger(stream_name, fixed),
         cache_logger_on_first_use=False,
     )
-    # Libraries that use stdlib logging (ultralytics, transformers) go to the same stream, quieter.
-    logging.basicConfig(stream=stream, level=max(numeric, logging.WARNING), format="%(levelname)s %(name)s: %(message)s",
-                        force=True)
+    quiet_libraries(json_lines, numeric)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(_ToStructlog())
+    # Libraries (ultralytics, transformers, ray) are heard from at WARNING and above; binner's own at ``level``.
+    root.setLevel(max(numeric, logging.WARNING))
+    for own in ("app", "stages", "queues", "binner"):
+        logging.getLogger(own).setLevel(numeric)
+    logging.captureWarnings(True)
+
+
+def capture_output() -> bool:
+    """Point fd 1 and 2 at pipes whose lines come back as log events; binner keeps the original streams.
+
+    Returns False (and changes nothing) where the streams are not real files, e.g. under a test runner.
+    Idempotent; undone at exit, after the last captured lines are emitted.
+    """
+    if _real:
+        return True
+    try:
+        targets = {"stdout": sys.stdout.fileno(), "stderr": sys.stderr.fileno()}
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return False
+    if targets != {"stdout": 1, "stderr": 2}:
+        return False
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved: dict[str, int] = {}
+    for name, fd in targets.items():
+        saved[name] = os.dup(fd)
+        os.set_inheritable(saved[name], False)
+        _real[name] = io.TextIOWrapper(io.FileIO(saved[name], "w", closefd=False), encoding="utf-8",
+                                       errors="replace", line_buffering=True, write_through=True)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, fd)
+        os.close(write_end)
+        reader = threading.Thread(target=_relay, args=(read_end, name), name=f"binner-capture-{name}", daemon=True)
+        reader.start()
+        _readers.append(reader)
+    atexit.register(_restore, saved)
+    return True
+
+
+def _relay(read_end: int, name: str) -> None:
+    """Each line written to the captured descriptor becomes one event (JSON lines from child processes pass)."""
+    log = structlog.get_logger("binner.output")
+    with io.open(read_end, "rb", closefd=True) as pipe:
+        for raw in _lines(pipe):
+            line = raw.decode("utf-8", errors="replace").rstrip()
+            if not line.strip():
+                continue
+            if line.startswith("{") and _is_json_object(line):
+                with _state_lock:
+                    real_stream(name).write(line + "\n")
+                    real_stream(name).flush()
+                continue
+            # stdout carries banners and progress; stderr is a warning unless it says it is informational.
+            quiet = name == "stdout" or _NATIVE_INFO.match(line.strip()) is not None
+            (log.info if quiet else log.warning)(line.strip(), source=name)
+
+
+def _lines(pipe: io.BufferedReader) -> Iterator[bytes]:
+    """Lines, where a carriage return (progress bars redrawing) also ends a line."""
+    pending = b""
+    while chunk := pipe.read1(65536):
+        pending += chunk.replace(b"\r", b"\n")
+        *complete, pending = pending.split(b"\n")
+        yield from complete
+    if pending:
+        yield pending
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def _restore(saved: dict[str, int]) -> None:
+    """At exit: flush, give fd 1 and 2 back (closing the pipes' last write ends), let the readers finish."""
+    for name in ("stdout", "stderr"):
+        try:
+            getattr(sys, name).flush()
+        except (OSError, ValueError):
+            pass
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        os.dup2(saved[name], fd)
+    for reader in _readers:
+        reader.join(timeout=1.0)
+
+
+@contextmanager
+def lines_above(console: Any) -> Iterator[None]:
+    """While ``console`` shows a live progress bar, log lines print above it instead of cutting through it."""
+    global _live_console
+    previous, _live_console = _live_console, console
+    try:
+        yield
+    finally:
+        _live_console = previous

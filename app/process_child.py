@@ -105,15 +105,22 @@ def _forward_logs(channel: _Channel, level: str) -> None:
 
 
 class _Arena:
-    """The parent's shared-memory block, attached once per name (the parent makes a bigger one when needed)."""
+    """The parent's shared-memory block, attached once per name (the parent makes a bigger one when needed).
+
+    Once mapped here, the name is removed: the memory lives while the two processes map it, and nothing is left
+    in /dev/shm even when the whole process group is SIGKILLed (systemd's final kill).
+    """
 
     def __init__(self) -> None:
         self.block: SharedMemory | None = None
+        self.name: str | None = None
 
     def view(self, name: str) -> memoryview:
-        if self.block is None or self.block.name != name:
+        if self.block is None or self.name != name:
             self.close()
             self.block = SharedMemory(name=name)
+            self.name = name
+            self.block.unlink()
         return self.block.buf
 
     def close(self) -> None:

@@ -9,8 +9,9 @@ frees its GPU memory too).
 
 - Pixels go through one shared-memory block per replica, grown when a batch needs more; the pipe carries
   only the items' small records and the signals that come back.
-- A child that dies (segfault, abort, ``os._exit``, OOM killer, SIGKILL) is seen at once (pipe EOF or the
-  process sentinel): the call raises ``WorkerCrashed`` and a new child is started, set up and warmed.
+- A child that dies (segfault, abort, ``os._exit``, OOM killer, SIGKILL) is seen at once: during a call
+  (pipe EOF or the process sentinel), the call raises ``WorkerCrashed``; between calls, a watcher thread on
+  the sentinel notices. Either way a new child is started, set up and warmed, and ``on_restart`` is told why.
 - A call that runs past ``stall_timeout_s`` gets its child killed and replaced, and raises ``WorkerStuck``.
 - The stage classes do not know any of this: whether a stage runs in a thread or a child is the engine's call.
 """
@@ -87,8 +88,10 @@ class ProcessStage(Stage):
         self._warm = False
         self._closed = False
         self._restarting = False
-        # Every spawn and every pipe exchange happens on this one long-lived thread: the kernel's parent-death
-        # signal follows the thread that spawned a child, and one owner needs no locks.
+        # One call at a time: the worker thread's calls, and a watcher replacing a child that died between calls.
+        self._lock = threading.Lock()
+        # Children are spawned on this one long-lived thread: the kernel's parent-death signal follows the thread
+        # that forked, and a worker or watcher thread may end before the child should.
         self._keeper: ThreadPoolExecutor | None = None
 
     def replicate(self) -> ProcessStage:
@@ -99,30 +102,31 @@ class ProcessStage(Stage):
         process = self._process
         return None if process is None else process.pid
 
-    def _on_keeper(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _spawn(self) -> None:
         if self._keeper is None:
-            self._keeper = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-worker-keeper")
-        return self._keeper.submit(fn, *args).result()
+            self._keeper = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-spawner")
+        self._keeper.submit(self._start).result()
 
     # --- the stage calls ------------------------------------------------------------------------
     def setup(self, device: str) -> None:
         self.device = device
-        self._on_keeper(self._setup, device)
-
-    def _setup(self, device: str) -> None:
-        self._start()
-        self._call(("setup", device), None)
-        self._ready = True
+        with self._lock:
+            self._spawn()
+            self._call(("setup", device), None)
+            self._ready = True
 
     def probe_batch_size(self, device: str, ceiling: int) -> int:
-        return int(self._on_keeper(self._call, ("probe", device, ceiling), None))
+        with self._lock:
+            return int(self._call(("probe", device, ceiling), None))
 
     def warmup(self) -> None:
-        self._on_keeper(self._call, ("warmup",), None)
-        self._warm = True
+        with self._lock:
+            self._call(("warmup",), None)
+            self._warm = True
 
     def process_batch(self, items: list[ImageItem]) -> list[ImageItem]:
-        return self._on_keeper(self._process_batch, items)
+        with self._lock:
+            return self._process_batch(items)
 
     def _process_batch(self, items: list[ImageItem]) -> list[ImageItem]:
         if self._conn is None:  # an earlier restart failed: try again
@@ -139,12 +143,12 @@ class ProcessStage(Stage):
     def teardown(self) -> None:
         """Ask the child to free its models; kill it if it does not answer within ``teardown_timeout_s``."""
         self._closed = True
-        if self._keeper is None:
-            return
         try:
-            self._on_keeper(self._teardown)
+            with self._lock:
+                self._teardown()
         finally:
-            self._keeper.shutdown(wait=False)
+            if self._keeper is not None:
+                self._keeper.shutdown(wait=False)
 
     def _teardown(self) -> None:
         try:
@@ -167,7 +171,8 @@ class ProcessStage(Stage):
                 pass
 
     def _end_child(self) -> None:
-        """Kill (if needed), reap and forget the current child; on the keeper thread."""
+        """Kill (if needed), reap and forget the current child (the lock is held)."""
+        self._free_arena()  # a new child cannot map the old block: its name is gone (see process_child._Arena)
         process, conn = self._process, self._conn
         self._process = self._conn = None
         if conn is not None:
@@ -179,21 +184,19 @@ class ProcessStage(Stage):
             process.close()
 
     def _watch(self, process: Any, sentinel: int) -> None:
-        """Notice a child that dies between calls at once, and have the keeper replace it."""
+        """Notice a child that dies between calls at once, and replace it (a call in progress sees it itself)."""
         try:
             wait([sentinel])
         finally:
             os.close(sentinel)
-        keeper = self._keeper
-        if not self._closed and keeper is not None:
-            try:
-                keeper.submit(self._revive, process)
-            except RuntimeError:  # the keeper was shut down meanwhile
-                pass
-
-    def _revive(self, process: Any) -> None:
-        if self._process is process and not self._closed:  # not already handled by a call that saw it die
-            self._lost("crashed", "died while idle")
+        if self._closed:
+            return
+        with self._lock:
+            if self._process is process and not self._closed:  # not already handled by a call that saw it die
+                try:
+                    self._lost("crashed", "died while idle")
+                except Exception as error:  # never let the watcher die with an exception nobody reads
+                    log.error("stage worker could not be replaced", stage=self.name, device=self.device, error=str(error))
 
     # --- child lifecycle ------------------------------------------------------------------------
     def _start(self) -> None:
@@ -221,7 +224,7 @@ class ProcessStage(Stage):
             for attempt in range(1, RESTART_TRIES + 1):
                 self._end_child()
                 try:
-                    self._start()
+                    self._spawn()
                     assert self.device is not None
                     self._call(("setup", self.device), None)
                     if self._warm:
@@ -322,8 +325,8 @@ class ProcessStage(Stage):
 
     def _ensure_arena(self, size: int) -> SharedMemory:
         if self._arena is None or self._arena.size < size:
-            self._free_arena()
             old = 0 if self._arena is None else self._arena.size
+            self._free_arena()
             self._arena = SharedMemory(create=True, size=max(size, 2 * old, _MIN_ARENA))
         return self._arena
 
@@ -333,7 +336,7 @@ class ProcessStage(Stage):
             arena.close()
             try:
                 arena.unlink()
-            except FileNotFoundError:
+            except FileNotFoundError:  # the child removed the name once it had mapped the block (the usual case)
                 pass
 
 

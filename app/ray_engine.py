@@ -42,10 +42,10 @@ from typing import Any
 
 import structlog
 
-from app.engine import DISK_ERRNOS, RunStats
+from app.engine import Pipeline, RunStats
 from app.ledger import Outcome, Row
 from stages.base import ImageItem, Stage, is_out_of_memory
-from stages.rules import RuleThresholds, decide, text_dominant
+from stages.rules import RuleThresholds, text_dominant
 
 log = structlog.get_logger("binner.ray")
 
@@ -83,7 +83,8 @@ def _schema() -> Any:
 
     return pa.schema([
         ("key", pa.int64()), ("source", pa.binary()), ("rel_path", pa.binary()), ("size", pa.int64()),
-        ("mtime_ns", pa.int64()), ("attempts", pa.int64()), ("seen_at", pa.float64()), ("sha256", pa.string()),
+        ("mtime_ns", pa.int64()), ("inode", pa.int64()), ("ctime_ns", pa.int64()), ("attempts", pa.int64()),
+        ("seen_at", pa.float64()), ("sha256", pa.string()),
         ("width", pa.int64()), ("height", pa.int64()), ("image_width", pa.int64()), ("image_height", pa.int64()),
         ("pixels", pa.large_binary()), ("signals", pa.string()), ("timings", pa.string()), ("failure", pa.string()),
         ("skip_vision", pa.bool_()), ("nodes", pa.string()),
@@ -91,18 +92,20 @@ def _schema() -> Any:
 
 
 def row_record(row: Row, max_attempts: int) -> dict[str, Any]:
-    """A claimed ledger row as the first record of its item; rows past their attempts carry their failure."""
+    """A claimed ledger row as the first record of its item; rows past their attempts carry their failure
+    (the same rule as the local engine's ``Pipeline._admit``)."""
     failure = None
-    if row.attempts > max_attempts:
-        if row.last_error:
-            failure = {"reason": "retries_exhausted", "message": f"gave up after {row.attempts - 1} attempts: "
-                       f"{row.last_error}", "stage": "", "retryable": False}
-        else:
-            failure = {"reason": "crashed_repeatedly", "stage": "", "retryable": False,
-                       "message": f"interrupted {row.attempts - 1} times while being processed (the process died each time)"}
+    if row.crashes >= max_attempts:
+        failure = {"reason": "crashed_repeatedly", "stage": "", "retryable": False,
+                   "message": f"the process died {row.crashes} times in a row while this file was inside the "
+                              f"{row.crash_stage} model call"}
+    elif row.attempts > max_attempts and row.last_error:
+        failure = {"reason": "retries_exhausted", "message": f"gave up after {row.attempts - 1} attempts: "
+                   f"{row.last_error}", "stage": "", "retryable": False}
     return {
         "key": row.id, "source": os.fsencode(row.path), "rel_path": os.fsencode(row.rel_path), "size": row.size,
-        "mtime_ns": row.mtime_ns, "attempts": row.attempts, "seen_at": row.seen_at, "sha256": None, "width": None,
+        "mtime_ns": row.mtime_ns, "inode": row.inode, "ctime_ns": row.ctime_ns, "attempts": row.attempts,
+        "seen_at": row.seen_at, "sha256": None, "width": None,
         "height": None, "image_width": None, "image_height": None, "pixels": None, "signals": "{}", "timings": "{}",
         "failure": json.dumps(failure) if failure else None, "skip_vision": False, "nodes": "{}",
     }
@@ -117,6 +120,8 @@ class _Carried:
     mtime_ns: int | None
     attempts: int
     nodes: dict[str, str]
+    inode: int | None = None
+    ctime_ns: int | None = None
 
 
 def decode_items(table: Any) -> list[tuple[ImageItem, _Carried]]:
@@ -139,7 +144,7 @@ def decode_items(table: Any) -> list[tuple[ImageItem, _Carried]]:
             pixels = np.frombuffer(record["pixels"], dtype=np.uint8)
             item.image = Image.fromarray(pixels.reshape(record["image_height"], record["image_width"], 3), "RGB")
         carried = _Carried(record["rel_path"], record["size"], record["mtime_ns"], int(record["attempts"]),
-                           json.loads(record["nodes"] or "{}"))
+                           json.loads(record["nodes"] or "{}"), record["inode"], record["ctime_ns"])
         out.append((item, carried))
     return out
 
@@ -159,7 +164,8 @@ def encode_items(pairs: list[tuple[ImageItem, _Carried]], keep_image: bool) -> A
         failure = item.failure
         values = {
             "key": item.key, "source": os.fsencode(item.source), "rel_path": carried.rel_path, "size": carried.size,
-            "mtime_ns": carried.mtime_ns, "attempts": carried.attempts, "seen_at": item.seen_at, "sha256": item.sha256,
+            "mtime_ns": carried.mtime_ns, "inode": carried.inode, "ctime_ns": carried.ctime_ns,
+            "attempts": carried.attempts, "seen_at": item.seen_at, "sha256": item.sha256,
             "width": item.width, "height": item.height, "image_width": width, "image_height": height,
             "pixels": pixels, "signals": json.dumps(item.signals), "timings": json.dumps(item.timings),
             "failure": json.dumps(failure.__dict__) if failure is not None else None,
@@ -286,84 +292,74 @@ def load_batch(table: Any, stage: Stage, keep_image: bool) -> Any:
 
 
 # --- rules + placement, on the workers ---------------------------------------------------------------
+class _Finisher:
+    """The local engine's own finishing steps (rules, placement, per-file failures), borrowed from ``Pipeline``
+    so that both engines decide and place a file with one piece of code; they need only these attributes."""
+
+    _finish_one = Pipeline._finish_one
+    _quarantine = Pipeline._quarantine
+    _item_failed = Pipeline._item_failed
+    _refuses_whole_output = Pipeline._refuses_whole_output
+    _stat = staticmethod(Pipeline._stat)
+
+    def __init__(self, placer: Any, thresholds: RuleThresholds, max_attempts: int) -> None:
+        self.placer = placer
+        self.thresholds = thresholds
+        self.max_attempts = max_attempts
+
+
+def _row_of(item: ImageItem, carried: _Carried) -> Row:
+    """The claimed ledger row the item came from, as far as finishing needs it."""
+    return Row(id=item.key, path=item.source, rel_path=os.fsdecode(carried.rel_path), size=carried.size,
+               mtime_ns=carried.mtime_ns, sha256=None, status="processing", attempts=carried.attempts, bin=None,
+               rule=None, reason=None, decision=None, signals=None, output_path=None, last_error=None, timings=None,
+               seen_at=item.seen_at, updated_at=item.seen_at, finished_at=None, inode=carried.inode,
+               ctime_ns=carried.ctime_ns)
+
+
 def finish_batch(table: Any, thresholds: RuleThresholds, output_root: str, placement: str, max_attempts: int) -> Any:
-    """Decide and place every item of a block; returns one JSON outcome per item for the driver to record."""
+    """Decide and place every item of a block, as the local engine's sink does (``Pipeline._finish_batch``, whose
+    loop this repeats); returns one JSON outcome per item for the driver to record. A refusal of the whole output
+    (disk full, read-only) comes back as ``blocked``: the driver pauses and runs those files again."""
     import pyarrow as pa
 
-    from app.placement import Placer
+    from app.placement import Placer, SourceError
 
-    placer = Placer(Path(output_root), placement)  # type: ignore[arg-type]
+    finisher = _Finisher(Placer(Path(output_root), placement), thresholds, max_attempts)  # type: ignore[arg-type]
     node = _node_id()
     keys: list[int] = []
     results: list[str] = []
-    with placer.batch():
+    with finisher.placer.batch():
         for item, carried in decode_items(table):
             carried.nodes["finish"] = node
+            row = _row_of(item, carried)
+            result: dict[str, Any]
             try:
-                outcome = finish_item(item, carried, thresholds, placer, max_attempts)
-                result = {"outcome": outcome.__dict__}
+                outcome = finisher._finish_one(row, item)
+            except SourceError as error:  # the input, not the output disk: retry this file alone
+                outcome = finisher._item_failed(row, item, "unreadable", f"reading the input failed: {error}")
             except OSError as error:
-                if error.errno in DISK_ERRNOS:  # the output disk refused: the driver pauses and retries
-                    result = {"blocked": f"{error}", "errno": error.errno}
-                else:
-                    result = {"outcome": _failed_placement(item, error).__dict__}
-            if "outcome" in result:
-                result["outcome"]["timings"] = {**(result["outcome"]["timings"] or {}), "ray_nodes": carried.nodes}
+                if finisher._refuses_whole_output(error):
+                    keys.append(item.key)
+                    results.append(json.dumps({"blocked": str(error)}))
+                    continue
+                log.warning("placement refused for one file; the others go on", file=row.shown_path, error=str(error))
+                outcome = finisher._item_failed(row, item, "output_refused", f"placement failed: {error}")
+            result = {"outcome": outcome.__dict__}
+            result["outcome"]["timings"] = {**(outcome.timings or {}), "ray_nodes": carried.nodes}
             keys.append(item.key)
             results.append(json.dumps(result))
     return pa.table({"key": pa.array(keys, pa.int64()), "result": pa.array(results, pa.string())})
 
 
-def _failed_placement(item: ImageItem, error: OSError) -> Outcome:
-    from app.placement import SourceError
-
-    if isinstance(error, SourceError):  # the input, not the output disk: retry this file alone
-        return Outcome(item.key, "pending", last_error=f"reading the input failed: {error}")
-    return Outcome(item.key, "pending", last_error=f"placement failed: {error}")
-
-
-def finish_item(item: ImageItem, carried: _Carried, thresholds: RuleThresholds, placer: Any, max_attempts: int) -> Outcome:
-    """Rules and placement of one finished item. The same steps as the local engine's ``Pipeline._finish_one``
-    (kept beside it until both share one function)."""
-    path, rel_path = item.source, os.fsdecode(carried.rel_path)
-    timings = dict(item.timings)
-    failure = item.failure
-    if failure is not None:
-        if failure.reason == "vanished":
-            return Outcome(item.key, "vanished", last_error=failure.message, timings=timings)
-        if failure.retryable and carried.attempts < max_attempts:
-            return Outcome(item.key, "pending", last_error=failure.message, timings=timings)
-        try:
-            output = str(placer.quarantine(Path(path), rel_path, failure.reason, item.sha256))
-        except FileNotFoundError:
-            return Outcome(item.key, "vanished", last_error=failure.message)
-        return Outcome(item.key, "quarantined", sha256=item.sha256, reason=failure.reason, last_error=failure.message,
-                       output_path=output, signals=item.signals or None, timings=timings)
-    if item.skip_vision:
-        item.signals["vision_skipped"] = "text_dominant"
-    decision = decide(item.signals, thresholds)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return Outcome(item.key, "vanished", last_error="the input file disappeared before it could be placed")
-    if carried.size is not None and (st.st_size, st.st_mtime_ns) != (carried.size, carried.mtime_ns):
-        return Outcome(item.key, "pending", size=st.st_size, mtime_ns=st.st_mtime_ns,
-                       last_error="the input file changed while it was processed; it will be processed again")
-    try:
-        output = str(placer.place(Path(path), rel_path, decision.bin, item.sha256))
-    except FileNotFoundError:
-        return Outcome(item.key, "vanished", last_error="the input file disappeared before it could be placed")
-    return Outcome(item.key, "done", sha256=item.sha256, bin=decision.bin, rule=decision.rule,
-                   decision=decision.to_dict(), signals=item.signals, output_path=output, timings=timings)
-
-
 # --- the driver --------------------------------------------------------------------------------------
 def _stage_resources(stage: Stage) -> dict[str, Any]:
     """Per-actor resources: one GPU for a CUDA device list, else one CPU; pool size = number of devices."""
-    on_gpu = any(device.startswith("cuda") for device in stage.devices)
     import ray.data
 
-    return {"num_gpus": 1 if on_gpu else 0, "num_cpus": 1, "compute": ray.data.ActorPoolStrategy(size=max(1, len(stage.devices)))}
+    on_gpu = any(device.startswith("cuda") for device in stage.devices)
+    pool = ray.data.ActorPoolStrategy(size=max(1, len(stage.devices)))
+    return {"num_gpus": 1 if on_gpu else 0, "num_cpus": 1, "compute": pool}
 
 
 def build_dataset(blocks: list[Any], stages: list[Stage], config: Any) -> Any:
@@ -603,10 +599,10 @@ class RayRun:
         placer = self.runtime.placer
         for outcome in outcomes:
             path = self._claimed.get(outcome.id)
-            if self.move_mode and placer is not None and path is not None and outcome.status in ("done", "quarantined"):
+            if (self.move_mode and placer is not None and path is not None and outcome.output_path
+                    and outcome.status in ("done", "quarantined")):  # no output: the input was left where it is
                 with contextlib.suppress(FileNotFoundError):
-                    placer.remove_source(Path(path), Path(outcome.output_path) if outcome.output_path else None,
-                                         outcome.sha256)
+                    placer.remove_source(Path(path), Path(outcome.output_path), outcome.sha256)
             if outcome.status in ("done", "quarantined", "vanished"):
                 self._suspects.discard(outcome.id)
             account(self.stats, outcome)

@@ -10,10 +10,14 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import structlog
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from app.logs import lines_above
+
 DRAIN_REPORT_EVERY_S = 2.0
+log = structlog.get_logger("binner.run")
 
 
 def run_async(fn: Any, *args: Any) -> Any:
@@ -72,7 +76,7 @@ async def run_pipeline_once(runtime: Any, progress_total: int | None, show_progr
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=console, disable=not show_progress)
-    with progress:
+    with progress, lines_above(console if show_progress else None):
         task = progress.add_task("loading models", total=progress_total, rate=0.0)
         await pipeline.setup()
         progress.update(task, description="binning")
@@ -87,7 +91,9 @@ async def run_pipeline_once(runtime: Any, progress_total: int | None, show_progr
         def report(message: str) -> None:
             if show_progress:
                 progress.update(task, description=f"draining ({pipeline.in_flight} in flight; Ctrl-C again: stop now)")
-            console.print(message, highlight=False, markup=False, soft_wrap=True)
+                console.print(message, highlight=False, markup=False, soft_wrap=True)
+            else:  # no bar: a log event (warning, so `once`'s default level shows it; JSON under log.format json)
+                log.warning(message, in_flight=pipeline.in_flight)
 
         pipeline.on_finished = advance
         try:

@@ -1,10 +1,20 @@
-"""Building a ready-to-run pipeline from configuration, shared by `once`, `eval`, `bench` and `run`."""
+"""Building a ready-to-run pipeline from configuration, shared by `once`, `eval`, `bench` and `run`.
+
+The owner of "build from configuration": directories, the instance lock, the ledger, the weights, the stages
+(through ``app.wiring``) and the pipeline. Running what was built is ``app.run``; the CLI only parses and prints.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
-from collections.abc import Callable, Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -15,9 +25,39 @@ from app.instance_lock import InstanceLock
 from app.intake import finish_leftovers, scan, to_discovered
 from app.ledger import Discovered, IntakeResult, Ledger, Outcome, Row
 from app.metrics import Metrics
+from app.notify import SystemdNotifier
 from app.wiring import build_stages, vision_enabled
 
 log = structlog.get_logger("binner.runtime")
+OFFLINE_EXAMPLE = "deploy/examples/offline-cpu.yaml"
+# In the state directory: which configuration file the last writer (`binner run`, `once`) used, so that
+# `status`, `explain`, `rebin` and `config show` without --config use the daemon's configuration.
+CONFIG_RECORD = "config-source.json"
+
+
+def record_config_source(config: BinnerConfig, command: str) -> None:
+    """Write which configuration file this writer uses into its state directory (under the instance lock)."""
+    record = {"config_file": str(config.source_file) if config.source_file else None, "command": f"binner {command}",
+              "pid": os.getpid(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    path = config.state_dir / CONFIG_RECORD
+    partial = path.with_name(f".{CONFIG_RECORD}.{os.getpid()}.tmp")
+    try:
+        partial.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        os.replace(partial, path)
+    except OSError as error:  # only a convenience for the read commands: never stop a writer for it
+        log.warning("cannot record the configuration file in the state directory", path=str(path), error=str(error))
+
+
+def recorded_config_source(state_dir: Path) -> tuple[bool, Path | None, str]:
+    """(found, config file or None for built-in defaults, which command wrote it) from ``state_dir``."""
+    try:
+        record = json.loads((state_dir / CONFIG_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False, None, ""
+    if not isinstance(record, dict):
+        return False, None, ""
+    given = record.get("config_file")
+    return True, Path(given) if isinstance(given, str) and given else None, str(record.get("command") or "binner")
 
 
 def prepare_dirs(config: BinnerConfig, need_output: bool = True) -> None:
@@ -62,11 +102,36 @@ def open_ledger(config: BinnerConfig, *, read_only: bool = False) -> Ledger:
         raise ConfigError(f"state_dir: cannot open the ledger {path}: {reason}; {advice}") from None
 
 
-def preflight_weights(config: BinnerConfig, fetch: bool = True) -> None:
+@contextmanager
+def start_timeout_extended(notifier: SystemdNotifier | None, every_s: float = 20.0) -> Iterator[None]:
+    """While the block runs, keep asking systemd for more start-up time (``EXTEND_TIMEOUT_USEC``), so that a
+    first start that downloads weights is not killed by ``TimeoutStartSec``; a no-op outside systemd."""
+    if notifier is None or not notifier.enabled:
+        yield
+        return
+    done = threading.Event()
+
+    def extend() -> None:
+        while True:
+            notifier.extend_timeout(every_s * 3)  # overlapping extensions: one late ping is harmless
+            if done.wait(every_s):
+                return
+
+    pinger = threading.Thread(target=extend, name="binner-extend-start-timeout", daemon=True)
+    pinger.start()
+    try:
+        yield
+    finally:
+        done.set()
+        pinger.join(timeout=2.0)
+
+
+def preflight_weights(config: BinnerConfig, fetch: bool = True, notifier: SystemdNotifier | None = None) -> None:
     """Make sure every configured weight is here before loading anything.
 
-    With internet, a first start fetches the missing public weights (with progress bars); offline, it
-    stops at once listing every missing weight, the command that provides it, and the offline example.
+    With internet, a first start fetches the missing public weights (with progress bars; under systemd it
+    extends the start timeout meanwhile); offline, it stops at once listing every missing weight, the command
+    that provides it, and the offline example.
     """
     if config.vision.backend != "models" or not vision_enabled(config):
         return
@@ -81,13 +146,19 @@ def preflight_weights(config: BinnerConfig, fetch: bool = True) -> None:
     missing = missing_weights(*wanted)
     if missing and fetch and can_download(missing):
         log.info("fetching missing model weights (first start)", weights=[m.value for m in missing])
-        fetch_weights(*wanted, progress=True)
+        if notifier is not None:
+            notifier.status("downloading model weights (first start)")
+        with start_timeout_extended(notifier):
+            fetch_weights(*wanted, progress=True)
         missing = missing_weights(*wanted)
     if missing:
+        from app.weights import fetch_command
+
         lines = ["model weights are missing and cannot be fetched here:"]
         lines += [f"  - {m}" for m in missing]
-        lines.append("Provide them (with internet: `binner fetch-weights`), point the keys above at local copies, "
-                     "or try the offline example: --config deploy/examples/offline-cpu.yaml")
+        lines.append(f"Provide them (with internet: `{fetch_command()}`), point the keys above at local copies, "
+                     f"or try the offline example: `make run CONFIG={OFFLINE_EXAMPLE}` "
+                     f"(or --config {OFFLINE_EXAMPLE})")
         raise ConfigError("\n".join(lines))
 
 
@@ -117,6 +188,8 @@ def build_runtime(config: BinnerConfig, *, dry_run: bool = False, metrics: Metri
     lock = InstanceLock(config.state_dir).acquire(command)
     ledger: Ledger | None = None
     try:
+        if command in ("run", "once"):
+            record_config_source(config, command)
         ledger = open_ledger(config)
         return _assemble(config, ledger, lock, dry_run, metrics or Metrics(), on_finished)
     except BaseException:
@@ -141,6 +214,7 @@ def _assemble(config: BinnerConfig, ledger: Ledger, lock: InstanceLock, dry_run:
 
         prepare_ultralytics(config.state_dir / "ultralytics")
     q = config.queues
+    on_finished = _log_each_file(on_finished)
     pipeline = Pipeline(
         ledger=ledger, metrics=metrics, stages=stages, thresholds=config.rules, placer=placer,
         queue_capacities={"load": q.load, "ocr": q.ocr, "vision": q.vision, "sink": q.sink},
@@ -148,6 +222,18 @@ def _assemble(config: BinnerConfig, ledger: Ledger, lock: InstanceLock, dry_run:
         placement_mode=config.placement, on_finished=on_finished,
     )
     return Runtime(config, ledger, metrics, pipeline, placer, lock)
+
+
+def _log_each_file(then: Callable[[Row, Outcome], None] | None) -> Callable[[Row, Outcome], None]:
+    """One debug line per finished file (where it went and why), before ``then``."""
+
+    def finished(row: Row, outcome: Outcome) -> None:
+        log.debug("file finished", path=row.path, status=outcome.status, bin=outcome.bin, rule=outcome.rule,
+                  reason=outcome.reason, output=outcome.output_path)
+        if then is not None:
+            then(row, outcome)
+
+    return finished
 
 
 def take_files(runtime: Runtime, discovered: Iterable[Discovered]) -> tuple[IntakeResult, int]:
@@ -161,11 +247,12 @@ def take_files(runtime: Runtime, discovered: Iterable[Discovered]) -> tuple[Inta
     return result, requeued
 
 
-def intake_all(runtime: Runtime) -> dict[str, int]:
-    """Recover interrupted rows, scan the input and record every file in the ledger."""
+def intake_all(runtime: Runtime, only: Callable[[str], bool] | None = None) -> dict[str, int]:
+    """Recover interrupted rows, scan the input and record every file (or those whose relative path
+    ``only`` accepts, e.g. the labelled images of `eval`) in the ledger."""
     config = runtime.config
     recovered = runtime.ledger.recover_interrupted()
-    observations = scan(config.input)
+    observations = [seen for seen in scan(config.input) if only is None or only(seen.rel_path)]
     result, requeued = take_files(runtime, (to_discovered(config.input, seen) for seen in observations))
     return {"seen": len(observations), "new": result.new, "requeued": result.requeued + requeued,
             "recovered": recovered}

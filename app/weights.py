@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,6 @@ from urllib.parse import urlparse
 
 from app.config import ConfigError
 from stages.ultralytics_env import default_weights_dir, resolve_detector_weights
-from stages.vision import FETCH_COMMAND
 
 _HF_WEIGHT_FILES = (
     "model.safetensors",
@@ -29,6 +30,30 @@ _HF_WEIGHT_FILES = (
 )
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _CONNECT_TIMEOUT_S = 4.0
+
+
+def binner_command() -> str:
+    """How the user can run this binner again: ``binner`` when that is on PATH, else the executable's path
+    (``.venv/bin/binner`` after ``make run``, relative to the working directory where it can be)."""
+    candidates = [Path(sys.argv[0])] if Path(sys.argv[0]).name == "binner" else []
+    candidates.append(Path(sys.executable).parent / "binner")
+    for candidate in candidates:
+        if not candidate.is_file():
+            continue
+        found = shutil.which("binner")
+        if found and Path(found).resolve() == candidate.resolve():
+            return "binner"
+        absolute = candidate.absolute()
+        try:
+            return str(absolute.relative_to(Path.cwd()))
+        except ValueError:
+            return str(absolute)
+    return f"{sys.executable} -m app.cli"
+
+
+def fetch_command() -> str:
+    """The command that downloads the configured weights, as it can be typed here."""
+    return f"{binner_command()} fetch-weights"
 
 
 class WeightsError(ConfigError):
@@ -88,7 +113,7 @@ def _check_transformers_model(key: str, value: str) -> MissingWeight | None:
     return MissingWeight(
         key,
         value,
-        f"run `{FETCH_COMMAND}` with internet (or `hf download {value}`)",
+        f"run `{fetch_command()}` with internet (or `hf download {value}`)",
         reason="not in the Hugging Face cache",
     )
 
@@ -102,7 +127,7 @@ def _check_detector(value: str, weights_dir: Path | None) -> MissingWeight | Non
         return MissingWeight(
             key,
             value,
-            f"run `{FETCH_COMMAND}` with internet (downloads into {where})",
+            f"run `{fetch_command()}` with internet (downloads into {where})",
             reason="not a file here nor in the weights folder",
         )
     return MissingWeight(
@@ -219,7 +244,7 @@ def _fetch_transformers_model(key: str, repo_id: str) -> Path:
         path = snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.model", weights], etag_timeout=10)
     except Exception as error:  # noqa: BLE001 - a failed download, whatever the cause
         raise WeightsError(f"{key} = {repo_id!r}: download failed ({_one_line(error)}); run "
-                           f"`{FETCH_COMMAND}` again with internet, or set {key} to a local folder") from None
+                           f"`{fetch_command()}` again with internet, or set {key} to a local folder") from None
     return Path(path)
 
 

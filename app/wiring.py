@@ -1,4 +1,8 @@
-"""Configuration -> stage instances: device lists resolved and checked, batch policies, enabled models."""
+"""Configuration -> stage instances: device lists resolved and checked, batch policies, enabled models.
+
+A part of the build that ``app.runtime`` owns: ``build_runtime`` is the one entry point from configuration to a
+ready pipeline, and calls ``build_stages`` here; only ``config check`` calls it directly, to validate.
+"""
 
 from __future__ import annotations
 
@@ -47,9 +51,15 @@ def resolve_devices(spec: str | list[str], role: Literal["ocr", "vision"], gpu_c
             count = cuda_device_count() if gpu_count is None else gpu_count
         if int(match.group(1)) >= count:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")
+            if count == 0:
+                raise ConfigError(
+                    f"{role}.devices: {device} does not exist: this machine shows no CUDA device "
+                    f"(CUDA_VISIBLE_DEVICES={visible}, or a CPU-only torch build). Use `auto` (picks cpu here) or `[cpu]`."
+                )
+            choices = "cuda:0" if count == 1 else f"cuda:0..cuda:{count - 1}"
             raise ConfigError(
                 f"{role}.devices: {device} does not exist: this machine shows {count} CUDA device(s) "
-                f"(CUDA_VISIBLE_DEVICES={visible}). Use `auto`, `[cpu]`, or devices cuda:0..cuda:{max(count - 1, 0)}."
+                f"(CUDA_VISIBLE_DEVICES={visible}). Use `auto`, `[cpu]`, or {choices}."
             )
     return devices
 

@@ -19,6 +19,9 @@ from typing import Any
 
 OUTPUT = Path(__file__).resolve().parent / "binner.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+# The data source that grafana/provisioning/datasources/binner.yaml creates; the dashboard's data source
+# variable starts on it, and any other Prometheus can be picked in the variable's menu.
+PROVISIONED_DATASOURCE_UID = "binner-prometheus"
 SEL = 'instance=~"$instance"'
 RATE = "$__rate_interval"
 
@@ -216,7 +219,8 @@ def build_dashboard() -> dict[str, Any]:
         "links": [],
         "templating": {"list": [
             {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
-             "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": []},
+             "current": {"text": PROVISIONED_DATASOURCE_UID, "value": PROVISIONED_DATASOURCE_UID},
+             "hide": 0, "refresh": 1, "regex": "", "options": []},
             {"name": "instance", "label": "Instance", "type": "query", "datasource": DATASOURCE,
              "query": {"query": "label_values(binner_build_info, instance)", "refId": "instance"},
              "definition": "label_values(binner_build_info, instance)", "refresh": 2, "multi": True,

@@ -183,22 +183,16 @@ class TorchOcrBackend:
     """The same PP-OCRv4 models converted to torch (``stages.ppocr_torch.PpOcrTorch``): detection batched in size
     buckets, crops of all images classified and read together, fp16 per network on CUDA."""
 
-    def __init__(self, precision: OcrPrecision | None = None, cpu_threads: int | None = None) -> None:
+    def __init__(self, precision: OcrPrecision | None = None) -> None:
         self.precision = precision or OcrPrecision()
-        self.cpu_threads = cpu_threads
         self.runtime: Any = None
         self.device: str | None = None
 
     def load(self, device: str) -> None:
         _cuda_index(device)
-        try:
-            import torch
-        except ImportError as error:  # pragma: no cover - torch is a dependency
-            raise RuntimeError("ocr.runtime 'torch' needs torch: pip install torch") from error
         from stages.ppocr_torch import PpOcrTorch
 
-        if device == "cpu":
-            torch.set_num_threads(self.cpu_threads or min(usable_cpus(), 8))
+        # CPU threads are torch's process-wide setting: left to the process, as other stages share it.
         runtime = PpOcrTorch(precision=self.precision)
         runtime.load(device)
         self.runtime = runtime

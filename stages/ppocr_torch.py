@@ -47,7 +47,8 @@ _REC_HEIGHT, _REC_MIN_WIDTH = 48, 320
 
 @dataclass(frozen=True)
 class OcrPrecision:
-    """Per-network precision on CUDA (``auto``: det fp32, cls and rec fp16); on CPU every network runs fp32."""
+    """Per-network precision on CUDA (``auto``: det fp32, cls and rec fp16); on CPU every network runs fp32.
+    fp16 means autocast (mixed precision) with fp32 weights, see ``PpOcrTorch._precision``."""
 
     det: str = "auto"
     cls: str = "auto"
@@ -364,7 +365,9 @@ def apply_padding_mask(model: Any, padding: PaddingMask) -> Any:
             mask = padding.mask(x)
             if mask is None:
                 return x.mean(dim=(2, 3), keepdim=True)
-            return (x * mask).sum(dim=(2, 3), keepdim=True) / mask.sum(dim=(2, 3), keepdim=True)
+            # fp32: a sum over a large fp16 feature map would overflow fp16's range.
+            total = (x.float() * mask.float()).sum(dim=(2, 3), keepdim=True)
+            return (total / mask.float().sum(dim=(2, 3), keepdim=True)).to(x.dtype)
 
     for name, module in list(model.named_children()):
         kind = type(module).__name__
@@ -563,7 +566,7 @@ class PpOcrTorch(PpOcrPipeline):
             path = folder / name
             if not path.is_file():
                 raise FileNotFoundError(f"PP-OCR model {path} is missing: reinstall rapidocr_onnxruntime==1.4.4")
-            nets[net] = convert_model(path).to(device=device, dtype=self.dtypes[net])
+            nets[net] = convert_model(path).to(device=device)  # fp32 weights; fp16 runs under autocast
         self.det = apply_padding_mask(nets["det"], self.padding)
         self.cls, self.rec = nets["cls"], nets["rec"]
         self.characters = character_list(folder / MODEL_FILES["rec"])
@@ -575,6 +578,17 @@ class PpOcrTorch(PpOcrPipeline):
             import torch
 
             torch.cuda.empty_cache()
+
+    def _precision(self, net: str) -> Any:
+        """fp16 as autocast (mixed precision): convolutions and matrix products in fp16, while the reductions,
+        powers and softmax of rec's attention and layer norms stay fp32, so nothing overflows fp16's range."""
+        import torch
+
+        half = self.dtypes[net] == torch.float16
+        return torch.autocast(device_type="cuda", dtype=torch.float16, enabled=half and self._on_cuda())
+
+    def _on_cuda(self) -> bool:
+        return bool(self.device and self.device.startswith("cuda"))
 
     def _to_device(self, array: np.ndarray, dtype: Any) -> Any:
         """Host array -> device tensor; on CUDA through pinned memory with a non-blocking copy."""
@@ -607,10 +621,12 @@ class PpOcrTorch(PpOcrPipeline):
                 canvas[slot, :h, :w] = resized[index]
             with torch.inference_mode():
                 x = self._to_device(canvas, torch.float32).permute(0, 3, 1, 2)
-                x = ((x * (1 / 255.0) - 0.5) / 0.5).to(self.dtypes["det"]).contiguous()
+                x = ((x * (1 / 255.0) - 0.5) / 0.5).contiguous()
                 self.padding.set((bucket_h, bucket_w), self._to_device(sizes, torch.float32))
                 try:
-                    prob = self.det(x)[:, 0].float().cpu().numpy()
+                    with self._precision("det"):
+                        prob = self.det(x)[:, 0]
+                    prob = prob.float().cpu().numpy()
                 finally:
                     self.padding.set(None, None)
             for slot, index in enumerate(members):
@@ -622,13 +638,17 @@ class PpOcrTorch(PpOcrPipeline):
         import torch
 
         with torch.inference_mode():
-            return self.cls(self._to_device(batch, self.dtypes["cls"])).float().cpu().numpy()
+            with self._precision("cls"):
+                probs = self.cls(self._to_device(batch, torch.float32))
+            return probs.float().cpu().numpy()
 
     def rec_probs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         with torch.inference_mode():
-            best, indices = self.rec(self._to_device(batch, self.dtypes["rec"])).max(dim=2)
+            with self._precision("rec"):
+                probs = self.rec(self._to_device(batch, torch.float32))
+            best, indices = probs.float().max(dim=2)
             return best.float().cpu().numpy(), indices.cpu().numpy()
 
     def recognize(self, images: list[np.ndarray]) -> list[list[tuple[list[list[float]], str, float]]]:

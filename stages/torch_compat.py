@@ -183,10 +183,11 @@ def ensure_torchvision() -> None:
                 # operators it guards are now defined, so let the calls through.
                 extension._has_ops = lambda: True
             logger.warning(
-                "torchvision's compiled operators could not be loaded (%s; typically a CUDA build of "
-                "torchvision on a host without CUDA libraries); using pure-PyTorch kernels for "
-                "torchvision::%s in this process. Detection results are the same; NMS is slower. "
-                "Install the torchvision build that matches torch to remove this warning.",
+                "torchvision's compiled operators are not available here (%s): PyPI's torchvision wheel is "
+                "built for CUDA and this host has no CUDA libraries, as on a CPU-only machine. binner runs "
+                "torchvision::%s with pure-PyTorch kernels instead: detection results are the same, NMS is a "
+                "little slower. Nothing needs fixing; a CPU build of torchvision "
+                "(--index-url https://download.pytorch.org/whl/cpu) makes this note go away.",
                 match.group(0),
                 ", torchvision::".join(_substituted),
             )

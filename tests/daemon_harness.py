@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from app.config import read_config_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,9 +40,17 @@ def binner(*args: str, timeout: float = 120, env: dict[str, str] | None = None) 
 
 
 def error_lines(text: str) -> list[str]:
-    """The user-facing error lines of a command's output (and proof there is no traceback)."""
+    """The user-facing error lines of a command's output (and proof there is no traceback); under
+    ``log.format: json`` the error is a JSON line marked ``fatal``, returned here as ``error: <event>``."""
     assert "Traceback" not in text, text
-    return [line for line in text.splitlines() if line.startswith("error:")]
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("error:"):
+            lines.append(line)
+        elif line.startswith("{") and '"fatal": true' in line:
+            event = json.loads(line)
+            lines.append(" ".join(["error:", event["event"], *(event.get("details") or [])]))
+    return lines
 
 
 def free_port() -> int:
@@ -114,7 +125,8 @@ class DaemonProcess:
         self.input, self.output, self.state = root / "inbox", root / "bins", root / "state"
         self.input.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        config = yaml.safe_load(base_config.read_text()) if base_config else {}
+        # As binner reads it: relative paths anchored at the base file's folder (the copy lives elsewhere).
+        config = read_config_file(base_config) if base_config else {}
         config = deep_merge(config, {
             "input": str(self.input), "output": str(self.output), "state_dir": str(self.state),
             "http": {"enabled": True, "host": "127.0.0.1", "port": self.port}, "log": {"format": "json"},

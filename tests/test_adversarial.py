@@ -317,3 +317,19 @@ def test_a_full_state_disk_at_intake_pauses_without_crashing_and_resumes(tmp_pat
     anyio.run(daemon._rescan)
     assert paused() == 0 and runtime.ledger.backlog()[0] == 3
     runtime.ledger.close()
+
+
+def test_prune_empty_dirs_removes_only_empty_real_directories(tmp_path: Path) -> None:
+    from app.intake import prune_empty_dirs
+
+    root = tmp_path / "in"
+    (root / "a" / "b" / "c").mkdir(parents=True)
+    (root / "keep").mkdir()
+    (root / "keep" / ".hidden").write_bytes(b"x")
+    outside = tmp_path / "outside"
+    (outside / "empty").mkdir(parents=True)
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    assert prune_empty_dirs(root) == 3
+    assert sorted(p.name for p in root.iterdir()) == ["keep", "link"]
+    assert (outside / "empty").is_dir(), "a linked directory is never walked into"
+    assert root.is_dir()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.config import read_config_file
 from tests.conftest import REPO
 from tests.corpus import CORPUS_LIMITS, make_bad_corpus
 from tests.daemon_harness import error_lines, files_under, sha256
@@ -38,7 +39,7 @@ def _env() -> dict[str, str]:
 
 
 def config_with(tmp_path: Path, extra: dict) -> Path:
-    config = yaml.safe_load(OFFLINE.read_text())
+    config = read_config_file(OFFLINE)  # its relative paths anchored at deploy/examples, as binner reads them
     for key, value in extra.items():
         config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
     path = tmp_path / "config.yaml"
@@ -139,8 +140,15 @@ def test_default_public_weights_offline_stop_at_once_with_what_to_do(tmp_path: P
     assert result.returncode == 2
     message = result.stderr
     for needle in ("vision.detector.weights", "vision.captioner.model", "vision.clip.model",
-                   "binner fetch-weights", "deploy/examples/offline-cpu.yaml"):
+                   "binner fetch-weights", "make run CONFIG=deploy/examples/offline-cpu.yaml"):
         assert needle in message, f"{needle!r} missing from:\n{message}"
+    # Said once, as text (no second copy as a log line with escaped newlines), on stderr only.
+    assert message.count("model weights are missing") == 1 and "\\n" not in message, message
+    assert "model weights are missing" not in result.stdout
+    # The command it suggests is one that exists from here: `binner` on PATH, or the executable's own path.
+    suggested = message.split("(with internet: `", 1)[1].split(" fetch-weights`", 1)[0]
+    executable = shutil.which(suggested) if suggested == "binner" else (REPO / suggested)
+    assert executable and Path(executable).exists(), suggested
 
 
 def _ledger_with_rows(state: Path, count: int = 3000) -> Path:

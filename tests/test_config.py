@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from typer.testing import CliRunner
 from app.cli import cli
 from app.config import ConfigError, load_config
 from app.wiring import resolve_devices
+from tests.conftest import REPO
 
 
 def write(path: Path, text: str) -> Path:
@@ -104,3 +106,65 @@ def test_a_missing_input_is_refused_unless_configured_to_create_it(tmp_path: Pat
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(ConfigError, match=r"input: .*a-file is not a directory"):
         prepare_dirs(load_config(None, {"input": tmp_path / "a-file", **places}))
+
+
+def test_a_misspelled_top_level_environment_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BINNER_PLACEMNT", "copy")
+    with pytest.raises(ConfigError, match=r"BINNER_PLACEMNT: not a binner setting; did you mean BINNER_PLACEMENT\?"):
+        load_config(None)
+    monkeypatch.delenv("BINNER_PLACEMNT")
+    monkeypatch.setenv("BINNER_CONFIG", "")  # binner's own variables that are not settings stay allowed
+    monkeypatch.setenv("BINNER_PLACEMENT", "copy")
+    assert load_config(None).placement == "copy"
+
+
+def test_errors_never_show_pydantic_wording_and_suggest_near_misses(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as union:
+        load_config(write(tmp_path / "a.yaml", "ocr:\n  batch_size: lots\n"))
+    text = str(union.value)
+    assert "ocr.batch_size: should be 'auto' or a valid integer (got 'lots')" in text, text
+    assert "literal[" not in text and ".int:" not in text and text.count("ocr.batch_size") == 1
+    with pytest.raises(ConfigError) as top:
+        load_config(None, {"input": tmp_path, "output": tmp_path / "bins"})
+    assert "(top level)" not in str(top.value) and "Value error" not in str(top.value)
+    with pytest.raises(ConfigError, match=r"placemnt: unknown key; did you mean `placement`\?"):
+        load_config(write(tmp_path / "b.yaml", "placemnt: copy\n"))
+    with pytest.raises(ConfigError, match=r"vision\.detector\.wieghts: unknown key; did you mean `weights`\?"):
+        load_config(write(tmp_path / "c.yaml", "vision:\n  detector:\n    wieghts: x.pt\n"))
+
+
+def test_cuda_devices_on_a_cpu_only_machine_get_a_sensible_hint() -> None:
+    with pytest.raises(ConfigError) as error:
+        resolve_devices(["cuda:0"], "ocr", gpu_count=0)
+    text = str(error.value)
+    assert "shows no CUDA device" in text and "`[cpu]`" in text, text
+    assert "``" not in text and "cuda:0..cuda:0" not in text, text
+
+
+def test_relative_paths_in_a_file_are_taken_from_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "etc" / "binner"
+    folder.mkdir(parents=True)
+    config_file = write(folder / "binner.yaml", "input: ./inbox\noutput: ../bins\nstate_dir: state\n"
+                                                "vision:\n  detector:\n    weights: ./models/yolo.pt\n"
+                                                "  captioner:\n    model: Salesforce/blip-image-captioning-base\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(config_file)
+    assert config.input == folder / "inbox" and config.output == tmp_path / "etc" / "bins"
+    assert config.state_dir == folder / "state"
+    assert config.vision.detector.weights == str(folder / "models" / "yolo.pt")
+    assert config.vision.captioner.model == "Salesforce/blip-image-captioning-base", "model ids stay as they are"
+    assert load_config(None, {"input": "flag-inbox"}).input == elsewhere / "flag-inbox", "flags: working directory"
+    from app.runtime import prepare_dirs
+
+    with pytest.raises(ConfigError, match=re.escape(f"input: {folder / 'inbox'} does not exist")):
+        prepare_dirs(config)
+
+
+def test_every_shipped_configuration_loads(shared_images: Path) -> None:
+    example = load_config(REPO / "deploy" / "examples" / "offline-cpu.yaml")
+    assert Path(example.vision.detector.weights).is_file(), example.vision.detector.weights
+    assert example.input == REPO / "inbox" and example.state_dir == REPO / ".binner"  # as `make run` had them
+    production = load_config(REPO / "deploy" / "binner.yaml")
+    assert production.input.is_absolute() and production.http.port

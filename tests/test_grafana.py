@@ -334,3 +334,29 @@ def test_every_panel_returns_data_from_a_real_prometheus(
     assert "BinnerNoProgress" in loaded and "BinnerDown" in loaded, rules
     assert all(rule["health"] == "ok" for group in rules["data"]["groups"] for rule in group["rules"]
                if rule.get("lastEvaluation", "").startswith("2")), rules
+
+
+# -- provisioning -----------------------------------------------------------------------------------------------
+PROVISIONING = REPO / "grafana" / "provisioning"
+
+
+def test_provisioning_files_load_the_dashboard_on_the_shipped_data_source(dashboard: dict[str, Any]) -> None:
+    sources = yaml.safe_load((PROVISIONING / "datasources" / "binner.yaml").read_text())
+    providers = yaml.safe_load((PROVISIONING / "dashboards" / "binner.yaml").read_text())
+    assert sources["apiVersion"] == 1 and providers["apiVersion"] == 1
+    (source,) = sources["datasources"]
+    assert source["type"] == "prometheus" and source["url"].startswith("http")
+    (provider,) = providers["providers"]
+    assert provider["type"] == "file"
+    folder = provider["options"]["path"]
+    # The README's install step puts the committed dashboard into the provider's folder; the Docker recipe
+    # mounts grafana/ there. Either way the dashboard file must exist and land where the provider reads.
+    readme = (REPO / "README.md").read_text()
+    assert f"grafana/binner.json {folder}/binner.json" in readme, "README install step and provider path disagree"
+    assert f'"$PWD/grafana:{folder}"' in readme
+    assert DASHBOARD.is_file() and json.loads(DASHBOARD.read_text())["uid"]
+    # The dashboard's data source variable starts on the provisioned data source.
+    variable = next(v for v in dashboard["templating"]["list"] if v["type"] == "datasource")
+    assert variable["current"]["value"] == source["uid"], (variable["current"], source["uid"])
+    assert variable["query"] == source["type"]
+    assert all(panel["datasource"]["uid"] == "${datasource}" for panel in dashboard["panels"] if "datasource" in panel)

@@ -161,6 +161,16 @@ def test_cuda_device_without_cuda_provider_names_the_device() -> None:
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("onnxruntime has CUDA here; the error path is for CPU-only installs")
-    gpu = OcrStage(OcrOptions(), ["cuda:1"], BatchPolicy())
-    with pytest.raises(RuntimeError, match="cuda:1"):
+    gpu = OcrStage(OcrOptions(runtime="onnxruntime"), ["cuda:1"], BatchPolicy())
+    with pytest.raises(RuntimeError, match="cuda:1.*ocr.runtime torch"):
+        gpu.setup("cuda:1")
+
+
+def test_cuda_device_without_cuda_torch_names_the_device() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("torch has CUDA here; the error path is for CPU-only installs")
+    gpu = OcrStage(OcrOptions(), ["cuda:1"], BatchPolicy())  # runtime auto: torch on a CUDA device
+    with pytest.raises(RuntimeError, match="cuda:1.*GPU=1"):
         gpu.setup("cuda:1")

@@ -21,7 +21,7 @@ from stages.ppocr_torch import DET_SIDE_BUCKETS, PpOcrTorch, bucket, ctc_greedy_
 from stages.rules import RuleThresholds, decide
 from tests.conftest_models import IMAGES, require_shared
 
-pytestmark = pytest.mark.models
+pytestmark = [pytest.mark.models, pytest.mark.filterwarnings("ignore:Using a non-tuple sequence")]
 
 MAX_SIDE = OcrOptions().max_side
 
@@ -54,6 +54,17 @@ def det_calls(runtime: PpOcrTorch) -> list[int]:
     calls: list[int] = []
     runtime.det.register_forward_hook(lambda _module, args, _output: calls.append(int(args[0].shape[0])))
     return calls
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """torch's CPU thread pool spins; on a shared 2-core box one thread is several times faster and steadier."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +289,15 @@ def test_oom_inside_the_torch_backend_is_reported_as_out_of_device_memory(torch_
             torch_stage.backend.recognize([text_card(0), text_card(1)])
     finally:
         runtime.det_maps = original
+
+
+def test_configuration_reaches_the_stage() -> None:
+    from app.config import load_config
+    from app.wiring import build_stages
+
+    config = load_config(overrides={"ocr": {"runtime": "torch", "precision": {"rec": "fp32"}, "devices": ["cpu"]},
+                                    "vision": {"backend": "synthetic", "devices": ["cpu"]}})
+    ocr = next(stage for stage in build_stages(config, gpu_count=0) if stage.name == "ocr")
+    options = getattr(ocr, "options", None) or ocr.inner.options  # thread mode, or the process-isolation driver
+    assert options.runtime == "torch"
+    assert (options.precision.det, options.precision.rec) == ("auto", "fp32")

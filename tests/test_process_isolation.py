@@ -234,6 +234,8 @@ def test_kill_9_of_the_daemon_leaves_no_child_behind(tmp_path: Path) -> None:
         bench.make_images(daemon.input, 4, size=32)
         wait_for(lambda: (daemon.metric("binner_items_total", stage="load") or 0) >= 4, 30, "the files to be loaded")
         time.sleep(1.5)  # the OCR child is now inside a one-minute call: only the kernel's signal can end it soon
+        mapped = [line for line in Path(f"/proc/{children['ocr@cpu']}/maps").read_text().splitlines() if "/dev/shm/" in line]
+        assert mapped and all(line.endswith("(deleted)") for line in mapped), "a SIGKILL of the group would leak these"
         os.kill(pid, signal.SIGKILL)  # the daemon alone, not its process group
         daemon.process.wait(10)
         survivors = [c for c in children.values() if alive(c)]

@@ -102,6 +102,7 @@ class LoopbackCluster:
         nodes = wait_for(lambda: [found for found in [self.alive_nodes()] if len(found) == 2], 60,
                          "both Ray nodes to be alive")[0]
         self.node_ids = {node["id"][:12] for node in nodes}
+        self.node2_id = next(node["id"][:12] for node in nodes if node["ip"] == NODE2_IP)
 
     def alive_nodes(self) -> list[dict]:
         done = subprocess.run(
@@ -156,6 +157,17 @@ def binner(cluster: LoopbackCluster, *args: str, timeout: float = 240) -> subpro
 def start_binner(cluster: LoopbackCluster, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([str(BIN / "binner"), *args], env=cluster.env, cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def summary_of(stdout: str) -> dict:
+    """What `once` reported: its JSON summary line (stdout is not a terminal), or the rows of its table."""
+    for line in stdout.splitlines():
+        if line.startswith("{") and '"once finished"' in line:
+            record = json.loads(line)
+            return {key: record[key] for key in ("bins", "quarantined", "vanished", "not_finished", "finished")}
+    rows = [line for line in stdout.splitlines() if "bin " in line or "quarantined" in line or "not finished" in line]
+    assert rows, f"no summary in the output:\n{stdout}"
+    return {"table": rows}
 
 
 def placed_files(output: Path) -> dict[str, str]:
@@ -319,7 +331,7 @@ def test_items_cross_the_wire_as_arrow_rows_with_pixels_and_byte_paths() -> None
 def test_two_nodes_bin_the_labelled_images_like_the_local_engine(cluster: LoopbackCluster, tmp_path: Path) -> None:
     require_shared()
     config = REPO / "deploy" / "examples" / "offline-cpu.yaml"
-    results = {}
+    results, summaries = {}, {}
     for engine in ("local", "ray"):
         inbox = tmp_path / engine / "in"
         shutil.copytree(IMAGES, inbox)
@@ -328,10 +340,11 @@ def test_two_nodes_bin_the_labelled_images_like_the_local_engine(cluster: Loopba
         done = binner(cluster, "once", str(inbox), "-o", str(output), "--state", str(state), "-c", str(config),
                       "--no-progress", *extra)
         assert done.returncode == 0, f"{engine}:\n{done.stdout}\n{done.stderr[-4000:]}"
-        assert "bin A" in done.stdout and "not finished" in done.stdout  # the same summary table
+        summaries[engine] = summary_of(done.stdout)
         assert not [p for p in inbox.rglob("*") if p.is_file()], "move mode leaves no input behind"
         assert_ledger_matches(state, output)
         results[engine] = (placed_files(output), state, output)
+    assert summaries["ray"] == summaries["local"]  # the same summary (table in a terminal, one JSON line here)
     local, ray_bins = results["local"][0], results["ray"][0]
     assert len(local) == 32
     assert ray_bins == local, {k: (local.get(k), ray_bins.get(k)) for k in set(local) | set(ray_bins)
@@ -347,6 +360,22 @@ def test_two_nodes_bin_the_labelled_images_like_the_local_engine(cluster: Loopba
     for row in ledger_rows(results["ray"][1]):
         used.update(json.loads(row["timings"] or "{}").get("ray_nodes", {}).values())
     assert used == cluster.node_ids, f"work ran on {used}, the cluster has {cluster.node_ids}"
+
+
+def test_a_stage_that_cannot_start_on_the_cluster_stops_the_run_with_its_reason(cluster: LoopbackCluster,
+                                                                                 tmp_path: Path) -> None:
+    """PaddleOCR is not installed here: the actor's setup fails, and the run stops at once naming the stage and
+    what to do (exit 2), leaving the files pending for the next run instead of charging them attempts."""
+    inbox, output, state, config = synthetic_inbox(tmp_path, 2)
+    config.write_text(SYNTHETIC.replace("backend: synthetic, devices: [cpu], batch_size: 4, synthetic_ms: [100, 20]",
+                                        "backend: paddleocr, devices: [cpu], batch_size: 4"))
+    done = binner(cluster, "once", str(inbox), "-o", str(output), "--state", str(state), "-c", str(config),
+                  "--no-progress", "--engine", "ray", "--ray-address", cluster.address, timeout=180)
+    assert done.returncode == 2, done.stdout + done.stderr[-3000:]
+    last = [line for line in done.stderr.splitlines() if line.strip()][-1]
+    assert "stage ocr could not start" in last and "pip install" in last, last
+    assert {row["status"] for row in ledger_rows(state)} == {"pending"}
+    assert all(row["attempts"] == 0 for row in ledger_rows(state))
 
 
 def test_driver_killed_with_sigkill_then_run_again_places_everything_once(cluster: LoopbackCluster,
@@ -399,6 +428,9 @@ def test_losing_the_second_node_mid_run_costs_retries_not_files(cluster: Loopbac
             run.kill()
     assert run.returncode == 0, output_text[-4000:]
     assert count_finished(state) == 49
+    worked_on = [row for row in ledger_rows(state) if cluster.node2_id in json.loads(row["timings"] or "{}")
+                 .get("ray_nodes", {}).values()]
+    assert worked_on, "the second node did no work before it was stopped: the test proves nothing"
     placed = placed_files(output)
     assert len(placed) == 49
     assert placed["broken.png"] == "_quarantine/not_an_image"

@@ -550,7 +550,9 @@ def _free_port() -> int:
 def _test_config(base: Path | None, port: int) -> str:
     import yaml
 
-    config: dict = yaml.safe_load(base.read_text()) if base and base.exists() else {}
+    from app.config import read_config_file
+
+    config: dict = read_config_file(base) if base and base.exists() else {}  # relative paths anchored at base
     config = config or {}
     config.update(
         input="/srv/binner/inbox", output="/srv/binner/bins", state_dir="/srv/binner/state",
