@@ -129,7 +129,7 @@ def once(
     state: Path | None = StateOption,
     placement: str | None = typer.Option(None, help="move (default), copy or hardlink"),
     progress: bool = typer.Option(True, help="show a progress bar"),
-    engine: str = typer.Option("local", help="local (this machine) or ray (a Ray cluster; extra [ray])"),
+    engine: str = typer.Option("local", help="local (this machine) or ray (a Ray cluster; extra \\[ray])"),
     ray_address: str | None = typer.Option(None, help="with --engine ray: host:port of the cluster (default: local Ray)"),
 ) -> None:
     """Bin every image under INPUT once (backfills), then print a summary and exit."""
@@ -167,6 +167,10 @@ def once(
         stats = run_guarded(runtime, backlog, progress)
     elapsed = time.monotonic() - started
     remaining, _ = runtime.ledger.backlog()
+    if cfg.placement == "move" and not remaining:
+        from app.intake import prune_empty_dirs
+
+        prune_empty_dirs(cfg.input)  # a backfill leaves no empty folders behind in its input
     if json_lines:
         emit_json({"event": "once finished", "input": str(cfg.input), "output": str(cfg.output),
                    "bins": {name: stats.bins.get(name, 0) for name in ("A", "B", "C")},
@@ -206,8 +210,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (scores and the misbinned files)"),
     state: Path | None = typer.Option(None, "--state", help="keep the evaluation ledger here (default: temporary)"),
 ) -> None:
-    """Run the pipeline on a labelled set without placing files; print the confusion matrix, accuracy and
-    every misbinned file with the rule that sent it there."""
+    """Run the pipeline on a labelled set without placing files; print accuracy and every misbinned file."""
     from app.runtime import build_runtime, intake_all, preflight_weights
 
     with labels.open(newline="", encoding="utf-8") as handle:
@@ -484,8 +487,7 @@ def rebin(config: Path | None = ConfigOption, state: Path | None = StateOption,
 
 @config_cli.command("show")
 def config_show(config: Path | None = ConfigOption, state: Path | None = StateOption) -> None:
-    """Print the effective configuration (file < BINNER_* environment < flags); without --config, the one the
-    state directory's daemon uses."""
+    """Print the effective configuration (file < BINNER_* environment < flags; by default the daemon's file)."""
     out.print(dump_config(load(daemon_config(config, state), state_dir=state)), highlight=False, markup=False)
 
 

@@ -11,6 +11,9 @@ kinds of writers would break that, and each is handled here:
   XNNPACK delegate", Ultralytics' own stdout handler): :func:`capture_output` points fd 1 and 2 at pipes,
   and a thread re-emits each line that arrives there as a log event. binner's own output (results, progress
   bars, log lines) keeps writing to the original descriptors.
+
+In a terminal (console format) the same capture keeps third-party lines from cutting through `once`'s and
+`eval`'s progress bar: while a bar is shown (:func:`lines_above`), every line goes above it.
 """
 
 from __future__ import annotations
@@ -44,11 +47,6 @@ def wants_json(fmt: str, stream: TextIO) -> bool:
         return fmt == "json"
     under_systemd = "INVOCATION_ID" in os.environ or "JOURNAL_STREAM" in os.environ
     return under_systemd or not stream.isatty()
-
-
-def json_active() -> bool:
-    """Whether :func:`configure_logging` last chose JSON lines."""
-    return _json_lines
 
 
 def fatal_json_line(message: str) -> str:
@@ -126,6 +124,11 @@ def quiet_libraries(json_lines: bool, level: int) -> None:
             transformers_logging.disable_progress_bar()
 
 
+# Ultralytics gives its logger a handler of its own on stdout and stops propagation at import; once imported, its
+# lines are taken back to the root handler here (before import, the captured fd 1 turns them into events).
+_SELF_HANDLED_LOGGERS = ("ultralytics",)
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     """Render binner's events, stdlib logging and warnings alike, as JSON or console lines on ``stream``
     (stdout by default; the CLI's one-shot commands pass stderr to keep stdout for their result)."""
@@ -155,6 +158,11 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.addHandler(_ToStructlog())
+    for name in _SELF_HANDLED_LOGGERS:  # libraries that print through their own handler once imported
+        library = logging.getLogger(name)
+        for handler in list(library.handlers):
+            library.removeHandler(handler)
+        library.propagate = True
     # Libraries (ultralytics, transformers, ray) are heard from at WARNING and above; binner's own at ``level``.
     root.setLevel(max(numeric, logging.WARNING))
     for own in ("app", "stages", "queues", "binner"):
@@ -182,8 +190,8 @@ def capture_output() -> bool:
     for name, fd in targets.items():
         saved[name] = os.dup(fd)
         os.set_inheritable(saved[name], False)
-        _real[name] = io.TextIOWrapper(io.FileIO(saved[name], "w", closefd=False), encoding="utf-8",
-                                       errors="replace", line_buffering=True, write_through=True)
+        _real[name] = io.TextIOWrapper(io.BufferedWriter(io.FileIO(saved[name], "w", closefd=False)),
+                                       encoding="utf-8", errors="replace", line_buffering=True, write_through=True)
         read_end, write_end = os.pipe()
         os.dup2(write_end, fd)
         os.close(write_end)
@@ -195,32 +203,41 @@ def capture_output() -> bool:
 
 
 def _relay(read_end: int, name: str) -> None:
-    """Each line written to the captured descriptor becomes one event (JSON lines from child processes pass)."""
+    """What arrives on a captured descriptor: with JSON logs, or while a progress bar is on screen, each line
+    becomes one event (JSON lines from model processes pass unchanged); otherwise it passes through as written,
+    so that a download's progress bar in a terminal keeps redrawing in place."""
     log = structlog.get_logger("binner.output")
-    with io.open(read_end, "rb", closefd=True) as pipe:
-        for raw in _lines(pipe):
-            line = raw.decode("utf-8", errors="replace").rstrip()
-            if not line.strip():
-                continue
-            if line.startswith("{") and _is_json_object(line):
-                with _state_lock:
-                    real_stream(name).write(line + "\n")
-                    real_stream(name).flush()
-                continue
-            # stdout carries banners and progress; stderr is a warning unless it says it is informational.
-            quiet = name == "stdout" or _NATIVE_INFO.match(line.strip()) is not None
-            (log.info if quiet else log.warning)(line.strip(), source=name)
-
-
-def _lines(pipe: io.BufferedReader) -> Iterator[bytes]:
-    """Lines, where a carriage return (progress bars redrawing) also ends a line."""
     pending = b""
-    while chunk := pipe.read1(65536):
-        pending += chunk.replace(b"\r", b"\n")
-        *complete, pending = pending.split(b"\n")
-        yield from complete
+    with io.open(read_end, "rb", closefd=True) as pipe:
+        while chunk := pipe.read1(65536):
+            if not _json_lines and _live_console is None:
+                with _state_lock:
+                    real = real_stream(name)
+                    real.flush()
+                    real.buffer.write(pending + chunk)
+                    real.buffer.flush()
+                pending = b""
+                continue
+            pending += chunk.replace(b"\r", b"\n")  # a carriage return (a bar redrawing) also ends a line
+            *complete, pending = pending.split(b"\n")
+            for raw in complete:
+                _emit_line(raw, name, log)
     if pending:
-        yield pending
+        _emit_line(pending, name, log)
+
+
+def _emit_line(raw: bytes, name: str, log: Any) -> None:
+    line = raw.decode("utf-8", errors="replace").strip()
+    if not line:
+        return
+    if line.startswith("{") and _is_json_object(line):
+        with _state_lock:
+            real_stream(name).write(line + "\n")
+            real_stream(name).flush()
+        return
+    # stdout carries banners and progress; stderr is a warning unless it says it is informational.
+    quiet = name == "stdout" or _NATIVE_INFO.match(line) is not None
+    (log.info if quiet else log.warning)(line, source=name)
 
 
 def _is_json_object(line: str) -> bool:

@@ -212,3 +212,21 @@ def test_fetch_weights_offline_is_one_line(tmp_path: Path) -> None:
     assert result.returncode != 0
     (line,) = error_lines(result.stderr)
     assert "vision.captioner.model" in line and "binner-tests/no-such-blip" in line and "internet" in line, line
+
+
+def test_once_in_move_mode_leaves_no_empty_folders_in_its_input(tmp_path: Path) -> None:
+    from app.bench import make_images
+
+    inbox = tmp_path / "in"
+    make_images(inbox / "2024" / "trip", 3)
+    make_images(inbox / "2025", 2, start=3)
+    (inbox / "keep").mkdir()
+    (inbox / "keep" / "notes.txt").write_text("not an image, quarantined, so its folder empties too")
+    config = tmp_path / "synthetic.yaml"
+    config.write_text(yaml.safe_dump(SYNTHETIC))
+    result = binner("once", str(inbox), "--output", str(tmp_path / "out"), "--state", str(tmp_path / "state"),
+                    "--config", str(config), "--no-progress", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert inbox.is_dir()
+    assert list(inbox.iterdir()) == [], f"left behind: {sorted(p for p in inbox.rglob('*'))}"
+    assert len(files_under(tmp_path / "out")) == 6
