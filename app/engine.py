@@ -210,38 +210,43 @@ class StageRunner:
                 out.extend(await self._process(replica, items[start : start + chunk]))
             return out
         started = time.monotonic()
+        error: Exception | None = None
         try:
             result = await replica.thread.run(self._call_on_thread, replica, items)
             if len(result) != len(items):
                 raise RuntimeError(f"stage {name} returned {len(result)} items for a batch of {len(items)}")
-            return result
-        except Exception as error:
-            if isinstance(error, WorkerCrashed):  # the child died or hung in this call and has been replaced
-                return await self._after_lost_worker(replica, items, error)
-            if is_out_of_memory(error):
-                self.metrics.oom.labels(stage=name, device=device).inc()
-                if len(items) == 1:
-                    items[0].fail("out_of_memory", f"{name} on {device}: out of memory for a single image", name, True)
-                    return items
-                replica.batch_cap = max(1, min(replica.batch_cap, len(items)) // 2)
-                self.metrics.batch_limit.labels(stage=name, device=device).set(replica.batch_cap)
-                log.warning("out of device memory: halving batch cap", stage=name, device=device,
-                            batch=len(items), new_cap=replica.batch_cap)
-                return await self._process(replica, items)
-            if len(items) == 1:
-                item = items[0]
-                log.warning("stage failed on an item", stage=name, device=device, file=shown(item.source),
-                            error=f"{type(error).__name__}: {error}")
-                item.fail(f"{name}_error", f"{name} on {device}: {type(error).__name__}: {error}", name, True)
-                return items
-            middle = len(items) // 2
-            return await self._process(replica, items[:middle]) + await self._process(replica, items[middle:])
+        except Exception as caught:
+            error = caught
         finally:
             elapsed = time.monotonic() - started
             self.metrics.batch_seconds.labels(stage=name, device=device).observe(elapsed)
             self.metrics.batch_size.labels(stage=name).observe(len(items))
             for item in items:
                 item.timings[f"{name}_batch"] = item.timings.get(f"{name}_batch", 0.0) + elapsed
+        if error is None:
+            return result
+        # Retries run outside the ``except`` block: an error raised by a retry must not carry this one as its
+        # ``__context__``, or ``is_out_of_memory`` (which follows the chain) would read a later failure as OOM.
+        if isinstance(error, WorkerCrashed):  # the child died or hung in this call and has been replaced
+            return await self._after_lost_worker(replica, items, error)
+        if is_out_of_memory(error):
+            self.metrics.oom.labels(stage=name, device=device).inc()
+            if len(items) == 1:
+                items[0].fail("out_of_memory", f"{name} on {device}: out of memory for a single image", name, True)
+                return items
+            replica.batch_cap = max(1, min(replica.batch_cap, len(items)) // 2)
+            self.metrics.batch_limit.labels(stage=name, device=device).set(replica.batch_cap)
+            log.warning("out of device memory: halving batch cap", stage=name, device=device,
+                        batch=len(items), new_cap=replica.batch_cap)
+            return await self._process(replica, items)
+        if len(items) == 1:
+            item = items[0]
+            log.warning("stage failed on an item", stage=name, device=device, file=shown(item.source),
+                        error=f"{type(error).__name__}: {error}")
+            item.fail(f"{name}_error", f"{name} on {device}: {type(error).__name__}: {error}", name, True)
+            return items
+        middle = len(items) // 2
+        return await self._process(replica, items[:middle]) + await self._process(replica, items[middle:])
 
     async def _after_lost_worker(self, replica: Replica, items: list[ImageItem], error: WorkerCrashed) -> list[ImageItem]:
         """A batch whose worker process died or hung runs again in halves on the new worker, so the rest of the

@@ -122,6 +122,20 @@ def test_out_of_memory_halves_the_batch_cap_and_retries_the_same_items(tmp_path:
     assert set(vision.log.processed().values()) == {1}
 
 
+def test_a_poison_item_after_an_out_of_memory_retry_is_a_stage_error_not_out_of_memory(tmp_path: Path) -> None:
+    """The retry after an OOM must not carry the OOM along: the poison item fails as vision_error, and the
+    batch cap is not halved for it."""
+    load = RecordingStage("load", batch_size=16)
+    vision = RecordingStage("vision", batch_size=8, max_wait_ms=50, oom_above=4, poison={"f0005.png"})
+    pipeline, ledger, metrics = build(tmp_path, [load, vision], count=16, capacity=16, max_attempts=1)
+    run_until_idle(pipeline)
+    rows = {Path(row.path).name: row for row in ledger.rows()}
+    bad = rows.pop("f0005.png")
+    assert bad.status == "quarantined" and bad.reason == "vision_error", (bad.reason, bad.last_error)
+    assert {row.status for row in rows.values()} == {"done"}
+    assert sample(metrics, "binner_batch_size_limit", stage="vision", device="cpu") == 4
+
+
 def test_text_dominant_images_skip_vision(tmp_path: Path) -> None:
     def text_heavy(item: Any) -> dict[str, Any]:
         heavy = item.key % 2 == 0
