@@ -635,6 +635,14 @@ def missing_resources(stages: list[Stage]) -> str | None:
             "; add nodes, or list fewer devices per stage (each device is one actor)")
 
 
+def ray_stages(stages: list[Stage]) -> list[Stage]:
+    """The stages themselves, out of their ``isolation: process`` wrapper: every Ray actor is already a process of
+    its own (that is the isolation), and the wrapper, which owns a child process, locks and pipes, cannot travel."""
+    from app.process_worker import ProcessStage
+
+    return [stage.inner if isinstance(stage, ProcessStage) else stage for stage in stages]
+
+
 def gpu_count_of_cluster() -> int:
     import ray
 
@@ -661,7 +669,7 @@ def run_on_ray(runtime: Any, address: str | None, total: int | None, show_progre
             from app.config import ConfigError
 
             try:
-                stages = build_stages(config, gpu_count=gpu_count_of_cluster())
+                stages = ray_stages(build_stages(config, gpu_count=gpu_count_of_cluster()))
             except ConfigError as error:
                 raise RayEngineError(str(error)) from None
             if problem := missing_resources(stages):

@@ -135,6 +135,7 @@ class RapidOcrBackend:
         self.pipeline = PpOcrOnnxRuntime(engine.text_det.infer.session, engine.text_cls.infer.session,
                                          engine.text_rec.session.session,
                                          character_list(model_dir() / MODEL_FILES["rec"]))
+        self.pipeline.set_device(device)
         self._engine = engine
         self.device = device
 
@@ -175,6 +176,8 @@ class RapidOcrBackend:
         return [_lines(found) for found in self.pipeline.recognize([_to_bgr(image) for image in images])]
 
     def close(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.shutdown()
         self._engine = None
         self.pipeline = None
 
@@ -205,6 +208,10 @@ class TorchOcrBackend:
             found = self.runtime.recognize([_to_bgr(image) for image in images])
         except Exception as error:
             if is_out_of_memory(error):
+                if self.device and self.device.startswith("cuda"):
+                    import torch
+
+                    torch.cuda.empty_cache()  # give the halved retry the cached blocks of the failed batch
                 raise OutOfDeviceMemory(f"OCR on {self.device}: out of memory for {len(images)} images") from error
             raise
         return [_lines(lines) for lines in found]

@@ -1,26 +1,29 @@
-"""PP-OCRv4 (detection, angle classification, recognition) on torch, batched across images.
+"""PP-OCRv4 (detection, angle classification, recognition) batched across images, on torch or onnxruntime.
 
-The three networks are the ONNX files inside the ``rapidocr_onnxruntime`` wheel, converted to torch modules with
-``onnx2torch`` at first use (nothing is fetched). Pre- and post-processing follow RapidOCR 1.4.4 step by step
-(resize rules, normalisation, DB post-processing, box order, crops, 180-degree rule, CTC decoding) so that the lines
-match the onnxruntime path; what differs is the batching:
+The three networks are the ONNX files inside the ``rapidocr_onnxruntime`` wheel: run by onnxruntime
+(``PpOcrOnnxRuntime``, RapidOCR's own sessions) or converted to torch modules with ``onnx2torch`` at load
+(``PpOcrTorch``; nothing is fetched). Pre- and post-processing follow RapidOCR 1.4.4 step by step (resize rules,
+normalisation, DB post-processing, box order, crops, 180-degree rule, CTC decoding) in one shared pipeline
+(``PpOcrPipeline``), so both runtimes read the same lines. What differs from RapidOCR is the batching:
 
-- detection: each image is resized by RapidOCR's rule, then padded (bottom/right) into a fixed size bucket; one
-  forward pass per bucket for the whole batch. The bucket depends only on the image, so a result never depends
-  on which other images share the batch;
+- detection: each image is resized by RapidOCR's rule; torch pads it (bottom/right) into a fixed size bucket and
+  runs one forward pass per bucket, with the padding masked (``PaddingMask``) so that each image gets the answer
+  it would get alone; onnxruntime runs one call per distinct size;
 - classification and recognition: the text-line crops of all images go through together, sorted by width and
-  padded to width buckets (again chosen per crop), with CTC greedy decoding vectorised over the batch.
+  padded to width buckets chosen per crop (never by the other crops of the batch), with CTC greedy decoding
+  vectorised over the batch. A result therefore never depends on which other images share the batch.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,8 @@ DET_SIDE_BUCKETS: tuple[int, ...] = (736, 1024, 1344, 1664, 2048)
 REC_WIDTH_BUCKETS: tuple[int, ...] = (320,)
 REC_WIDTH_STEP = 64
 PRECISIONS = ("auto", "fp16", "fp32")
+CPU_CROP_BATCH, CUDA_CROP_BATCH = 6, 128
+HOST_THREADS = min(8, max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
 
 _DET_LIMIT_SIDE = 736
 _MAX_SIDE, _MIN_SIDE, _MIN_HEIGHT, _WIDTH_HEIGHT_RATIO = 2000, 30, 30, 8
@@ -399,10 +404,17 @@ class PpOcrPipeline:
     onnxruntime and torch runtimes see the same inputs and give the same lines.
     """
 
-    def __init__(self, rec_batch: int = 128, cls_batch: int = 256, rec_buckets: Sequence[int] = REC_WIDTH_BUCKETS,
+    def __init__(self, rec_batch: int | None = None, cls_batch: int | None = None,
+                 rec_buckets: Sequence[int] = REC_WIDTH_BUCKETS,
                  rec_step: int = REC_WIDTH_STEP) -> None:
-        self.rec_batch = rec_batch
-        self.cls_batch = cls_batch
+        # Crops per cls/rec call; None: by device (``set_device``). Results do not depend on it (each crop's canvas
+        # width is its own bucket), only speed does: a CPU is fastest on small calls (RapidOCR's 6; 128 crops
+        # took a third longer on one core), a GPU wants large ones.
+        self.rec_batch = rec_batch or CPU_CROP_BATCH
+        self.cls_batch = cls_batch or CPU_CROP_BATCH
+        self._fixed_batches = (rec_batch, cls_batch)
+        self.host_threads = 1
+        self._pool: Any = None
         self.rec_buckets = tuple(rec_buckets)
         self.rec_step = rec_step
         self.characters: list[str] = []
@@ -410,6 +422,32 @@ class PpOcrPipeline:
 
         self._postprocess = DBPostProcess(thresh=0.3, box_thresh=0.5, max_candidates=1000, unclip_ratio=1.6,
                                           score_mode="fast", use_dilation=True)
+
+    def set_device(self, device: str) -> None:
+        """Crop batch sizes for ``device`` where the constructor left them open, and host threads: on a GPU the
+        per-image work on the host (resizes, DB post-processing, crops; OpenCV releases the GIL) is what the
+        device waits for, so it runs on a few threads; on a CPU the networks already use every core."""
+        default = CPU_CROP_BATCH if device == "cpu" else CUDA_CROP_BATCH
+        self.rec_batch = self._fixed_batches[0] or default
+        self.cls_batch = self._fixed_batches[1] or default
+        self.host_threads = 1 if device == "cpu" else HOST_THREADS
+
+    def shutdown(self) -> None:
+        """Stop the host threads (if any were started)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _map(self, function: Any, items: Any) -> list[Any]:
+        """``[function(item) for item in items]``, in order, on ``host_threads`` threads."""
+        items = list(items)
+        if self.host_threads <= 1 or len(items) < 2:
+            return [function(item) for item in items]
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.host_threads, thread_name_prefix="ocr-host")
+        return list(self._pool.map(function, items))
 
     # --- the networks (subclasses) ----------------------------------------------------------------------------
 
@@ -427,17 +465,18 @@ class PpOcrPipeline:
 
     def detect(self, images: list[np.ndarray]) -> list[list[np.ndarray]]:
         """Text boxes per image (in each image's pixels, RapidOCR order)."""
-        resized = [det_resize(img) for img in images]
+        resized = self._map(det_resize, images)
         present = [index for index, det_img in enumerate(resized) if det_img is not None]
         maps = dict(zip(present, self.det_maps([resized[index] for index in present]))) if present else {}
-        results: list[list[np.ndarray]] = []
-        for index, img in enumerate(images):
+
+        def boxes_of(index: int) -> list[np.ndarray]:
             if index not in maps:
-                results.append([])
-                continue
+                return []
+            img = images[index]
             boxes, _scores = self._postprocess(maps[index][None, None], img.shape[:2])
-            results.append(sort_boxes(filter_boxes(boxes, img.shape[0], img.shape[1])))
-        return results
+            return sort_boxes(filter_boxes(boxes, img.shape[0], img.shape[1]))
+
+        return self._map(boxes_of, range(len(images)))
 
     def classify(self, crops: list[np.ndarray]) -> list[np.ndarray]:
         """Angle classification: crops read upside down (label 180, score > 0.9) are turned."""
@@ -447,7 +486,7 @@ class PpOcrPipeline:
         out = list(crops)
         for start in range(0, len(order), self.cls_batch):
             chunk = order[start : start + self.cls_batch]
-            probs = self.cls_probs(np.stack([cls_input(crops[i]) for i in chunk]))
+            probs = self.cls_probs(np.stack(self._map(cls_input, [crops[i] for i in chunk])))
             labels = probs.argmax(axis=1)
             for i, label, row in zip(chunk, labels, probs):
                 if label == 1 and row[label] > _CLS_THRESH:
@@ -464,20 +503,19 @@ class PpOcrPipeline:
         for canvas_width, members in sorted(groups.items()):
             for start in range(0, len(members), self.rec_batch):
                 chunk = members[start : start + self.rec_batch]
-                best, indices = self.rec_probs(np.stack([rec_input(crops[i], canvas_width) for i in chunk]))
+                inputs = self._map(lambda crop, width=canvas_width: rec_input(crop, width), [crops[i] for i in chunk])
+                best, indices = self.rec_probs(np.stack(inputs))
                 for i, decoded in zip(chunk, ctc_greedy_decode(indices, best, self.characters)):
                     results[i] = decoded
         return results
 
     def recognize(self, images: list[np.ndarray]) -> list[list[tuple[list[list[float]], str, float]]]:
         """``(box, text, score)`` lines per BGR image, in RapidOCR's order and coordinates."""
-        pages = []
-        for img in images:
-            prepared, record = prepare_image(img)
-            pages.append(_Page(img.shape[0], img.shape[1], prepared, record, []))
+        pages = [_Page(img.shape[0], img.shape[1], *prepare_image(img), []) for img in images]
         for page, boxes in zip(pages, self.detect([page.img for page in pages])):
             page.boxes = boxes
-        crops = [crop_line(page.img, box.copy()) for page in pages for box in page.boxes]
+        crops = self._map(lambda job: crop_line(job[0], job[1].copy()), [(page.img, box) for page in pages
+                                                                              for box in page.boxes])
         texts = self.read(self.classify(crops))
         found: list[list[tuple[list[list[float]], str, float]]] = [[] for _ in pages]
         position = 0
@@ -570,9 +608,11 @@ class PpOcrTorch(PpOcrPipeline):
         self.det = apply_padding_mask(nets["det"], self.padding)
         self.cls, self.rec = nets["cls"], nets["rec"]
         self.characters = character_list(folder / MODEL_FILES["rec"])
+        self.set_device(device)
         self.device = device
 
     def close(self) -> None:
+        self.shutdown()
         self.det = self.cls = self.rec = None
         if self.device and self.device.startswith("cuda"):
             import torch
@@ -780,14 +820,3 @@ def gpu_report(images_dir: str, out_path: str, device: str = "cuda:0", batch_siz
             print(label, size, round(run["images_per_s"], 1), "img/s", run.get("gpu_utilisation"), same, "/", total,
                   flush=True)
     return report
-
-
-def time_recognize(recognize: Callable[[list[np.ndarray]], Any], images: list[np.ndarray], batch_size: int,
-                   repeats: int = 1) -> float:
-    """Images per second of ``recognize`` over ``images`` in batches of ``batch_size`` (after one warm-up batch)."""
-    recognize(images[:batch_size])
-    started = time.perf_counter()
-    for _ in range(repeats):
-        for start in range(0, len(images), batch_size):
-            recognize(images[start : start + batch_size])
-    return repeats * len(images) / (time.perf_counter() - started)

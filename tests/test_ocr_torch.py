@@ -301,3 +301,20 @@ def test_configuration_reaches_the_stage() -> None:
     options = getattr(ocr, "options", None) or ocr.inner.options  # thread mode, or the process-isolation driver
     assert options.runtime == "torch"
     assert (options.precision.det, options.precision.rec) == ("auto", "fp32")
+
+
+def test_host_threads_give_the_same_lines(both_runtimes: tuple[dict[str, Any], dict[str, Any], list[int]],
+                                          images: dict[str, Image.Image], torch_stage: OcrStage) -> None:
+    """On CUDA the host work (resizes, DB post-processing, crops) runs on a thread pool; same answers."""
+    assert isinstance(torch_stage.backend, TorchOcrBackend)
+    runtime = torch_stage.backend.runtime
+    names = [name for name in sorted(images) if name.startswith("text/")][:4]
+    runtime.host_threads = 3
+    try:
+        threaded = run(torch_stage, [images[name] for name in names])
+    finally:
+        runtime.shutdown()
+        runtime.host_threads = 1
+    assert runtime._pool is None
+    for name, got in zip(names, threaded):
+        assert got["lines"] == both_runtimes[1][name]["lines"], name
