@@ -163,6 +163,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
         for handler in list(library.handlers):
             library.removeHandler(handler)
         library.propagate = True
+        library.setLevel(logging.NOTSET)  # its own level (ERROR when YOLO_VERBOSE=False) yields to the root's
     # Libraries (ultralytics, transformers, ray) are heard from at WARNING and above; binner's own at ``level``.
     root.setLevel(max(numeric, logging.WARNING))
     for own in ("app", "stages", "queues", "binner"):
