@@ -38,6 +38,7 @@ class Daemon:
         self.notifier = SystemdNotifier()
         self.runtime: Runtime | None = None
         self.stop_intake = anyio.Event()
+        self.settle_changed = anyio.Event()  # a watch event arrived (or a stop): the intake loop looks again
         self.settle = SettleTracker(config.input, config.settle_ms / 1000.0)
         self.http: StatusServer | None = None
         self.last_rescan = 0.0
@@ -121,6 +122,7 @@ class Daemon:
                 ready: list[Any] = []
                 for path in paths:
                     ready.extend(self.settle.hint(path))
+                self.settle_changed.set()  # the intake loop recomputes when the next file is due
                 if ready:
                     await anyio.to_thread.run_sync(self._intake, ready)
                     assert self.runtime is not None
@@ -132,8 +134,11 @@ class Daemon:
     async def _intake_loop(self) -> None:
         settle_s = max(self.config.settle_ms / 1000.0, 0.05)
         while not self.stop_intake.is_set():
-            with anyio.move_on_after(min(settle_s / 2, 1.0)):
-                await self.stop_intake.wait()
+            due = self.settle.next_due_s()
+            wait_s = min(settle_s / 2, 1.0) if due is None else min(max(due, 0.005), 1.0)
+            with anyio.move_on_after(wait_s):
+                await self.settle_changed.wait()
+            self.settle_changed = anyio.Event()
             if self.stop_intake.is_set():
                 return
             if time.monotonic() - self.last_rescan >= self.config.rescan_interval_s:
@@ -203,6 +208,7 @@ class Daemon:
         self.drain_until = time.monotonic() + self.config.drain_timeout_s
         self.notifier.stopping()
         self.stop_intake.set()
+        self.settle_changed.set()
         self.runtime.pipeline.request_stop()
         scope.deadline = min(scope.deadline, anyio.current_time() + self.config.drain_timeout_s)
 

@@ -173,6 +173,21 @@ class SettleTracker:
                 ready.append(to_discovered(self.root, seen))
         return ready
 
+    def next_due_s(self) -> float | None:
+        """Seconds until the earliest watched file may have settled (None when nothing is watched).
+
+        Lets the daemon look again exactly then instead of polling every settle_ms/2: a file then waits
+        ``settle_ms``, not ``settle_ms`` plus up to half a polling period.
+        """
+        if not self._watching:
+            return None
+        now_wall_ns, now = time.time_ns(), time.monotonic()
+        due = min(
+            min((mtime_ns + self.settle_s * 1e9 - now_wall_ns) / 1e9, first_seen + self.settle_s - now)
+            for _, mtime_ns, first_seen in self._watching.values()
+        )
+        return max(0.0, due)
+
     def hint(self, path: Path) -> list[Discovered]:
         """A watch event for ``path``: look at it now."""
         seen = observe(self.root, self.root_real, path)

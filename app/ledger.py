@@ -506,7 +506,10 @@ class Ledger:
         while a row that really kills the process still dies with it every time it is tried.
         """
         now = time.time()
-        with self._tx() as db:
+        # Not fsynced: a claim lost to a power cut leaves its rows pending, which is what a restart does with
+        # them anyway (recover_interrupted); the next durable commit syncs it with the WAL. One fsync less on
+        # every file's path from intake to placement.
+        with self._tx(durable=False) as db:
             rows = db.execute(
                 "SELECT * FROM files WHERE status = 'pending' AND crashes = 0 AND id > ? ORDER BY id LIMIT ?",
                 (after_id, limit),
