@@ -378,14 +378,6 @@ class Ledger:
             return int(self._db.execute("PRAGMA synchronous").fetchone()[0])
 
     # --- intake -----------------------------------------------------------------------------------
-    def known(self, path: str) -> Row | None:
-        """The newest row for an input path."""
-        with self._lock:
-            found = self._db.execute(
-                "SELECT * FROM files WHERE path = ? ORDER BY id DESC LIMIT 1", (sql_path(path),)
-            ).fetchone()
-        return Row.from_sql(found) if found else None
-
     def intake(self, files: Iterable[Discovered], chunk: int = 500) -> IntakeResult:
         """Record complete files as ``pending``.
 

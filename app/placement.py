@@ -123,16 +123,6 @@ class Placer:
         _check_reason(reason)
         return self._put(Path(source), (QUARANTINE_DIR, reason), rel_path, sha256)
 
-    def find_existing(self, rel_path: str, bin: str, sha256: str) -> Path | None:
-        """The already placed copy of content ``sha256`` for ``rel_path`` in ``bin`` (crash recovery), if any."""
-        _check_bin(bin)
-        return self._find((bin,), rel_path, sha256)
-
-    def find_quarantined(self, rel_path: str, reason: str, sha256: str) -> Path | None:
-        """Like ``find_existing``, under ``_quarantine/<reason>``."""
-        _check_reason(reason)
-        return self._find((QUARANTINE_DIR, reason), rel_path, sha256)
-
     def remove_source(self, source: Path, placed: Path | None = None, sha256: str | None = None) -> bool:
         """Delete the input once the output and the ledger row are durable (move mode).
 
@@ -318,29 +308,6 @@ class Placer:
                 raise
 
     # --- lookup --------------------------------------------------------------------------------
-    def _find(self, prefix: tuple[str, ...], rel_path: str, sha256: str) -> Path | None:
-        relative = safe_relative_path(rel_path)
-        dest_dir = self.output_root.joinpath(*prefix, *relative.parts[:-1])
-        name = relative.parts[-1]
-        first = dest_dir / name
-        if _is_file(first) and sha256_file(first) == sha256:
-            return first
-        if not dest_dir.is_dir():
-            return None
-        stem, suffix = _split_name(name)
-        pattern = re.compile(re.escape(stem) + r" \((\d+)\)" + re.escape(suffix))
-        numbered: list[tuple[int, str]] = []
-        with os.scandir(dest_dir) as entries:
-            for entry in entries:
-                match = pattern.fullmatch(entry.name)
-                if match and entry.is_file(follow_symlinks=False):
-                    numbered.append((int(match.group(1)), entry.name))
-        for _, candidate in sorted(numbered):
-            path = dest_dir / candidate
-            if sha256_file(path) == sha256:
-                return path
-        return None
-
     def _still_placed(self, source: Path, source_stat: os.stat_result, placed: Path | None, sha256: str | None) -> bool:
         if placed is not None:
             try:

@@ -42,7 +42,7 @@ from typing import Any
 
 import structlog
 
-from app.engine import Pipeline, RunStats
+from app.engine import RunStats
 from app.ledger import Outcome, Row
 from stages.base import ImageItem, Stage, is_out_of_memory
 from stages.rules import RuleThresholds, text_dominant
@@ -292,22 +292,6 @@ def load_batch(table: Any, stage: Stage, keep_image: bool) -> Any:
 
 
 # --- rules + placement, on the workers ---------------------------------------------------------------
-class _Finisher:
-    """The local engine's own finishing steps (rules, placement, per-file failures), borrowed from ``Pipeline``
-    so that both engines decide and place a file with one piece of code; they need only these attributes."""
-
-    _finish_one = Pipeline._finish_one
-    _quarantine = Pipeline._quarantine
-    _item_failed = Pipeline._item_failed
-    _refuses_whole_output = Pipeline._refuses_whole_output
-    _stat = staticmethod(Pipeline._stat)
-
-    def __init__(self, placer: Any, thresholds: RuleThresholds, max_attempts: int) -> None:
-        self.placer = placer
-        self.thresholds = thresholds
-        self.max_attempts = max_attempts
-
-
 def _row_of(item: ImageItem, carried: _Carried) -> Row:
     """The claimed ledger row the item came from, as far as finishing needs it."""
     return Row(id=item.key, path=item.source, rel_path=os.fsdecode(carried.rel_path), size=carried.size,
@@ -318,37 +302,33 @@ def _row_of(item: ImageItem, carried: _Carried) -> Row:
 
 
 def finish_batch(table: Any, thresholds: RuleThresholds, output_root: str, placement: str, max_attempts: int) -> Any:
-    """Decide and place every item of a block, as the local engine's sink does (``Pipeline._finish_batch``, whose
-    loop this repeats); returns one JSON outcome per item for the driver to record. A refusal of the whole output
-    (disk full, read-only) comes back as ``blocked``: the driver pauses and runs those files again."""
+    """Decide and place every item of a block with the local engine's own ``Finisher`` (rules, placement,
+    per-file failures); returns one JSON outcome per item for the driver to record. A refusal of the whole output
+    (disk full, read-only) comes back as ``blocked`` for the items from there on: the driver pauses and runs
+    those files again."""
     import pyarrow as pa
 
-    from app.placement import Placer, SourceError
+    from app.finishing import Finisher
+    from app.placement import Placer
 
-    finisher = _Finisher(Placer(Path(output_root), placement), thresholds, max_attempts)  # type: ignore[arg-type]
+    finisher = Finisher(Placer(Path(output_root), placement), thresholds, max_attempts)  # type: ignore[arg-type]
     node = _node_id()
+    decoded = decode_items(table)
+    for _item, carried in decoded:
+        carried.nodes["finish"] = node
+    pairs = [(_row_of(item, carried), item) for item, carried in decoded]
+    with finisher.placer.batch():
+        finished, refusal, stopped = finisher.place_batch(pairs)
     keys: list[int] = []
     results: list[str] = []
-    with finisher.placer.batch():
-        for item, carried in decode_items(table):
-            carried.nodes["finish"] = node
-            row = _row_of(item, carried)
-            result: dict[str, Any]
-            try:
-                outcome = finisher._finish_one(row, item)
-            except SourceError as error:  # the input, not the output disk: retry this file alone
-                outcome = finisher._item_failed(row, item, "unreadable", f"reading the input failed: {error}")
-            except OSError as error:
-                if finisher._refuses_whole_output(error):
-                    keys.append(item.key)
-                    results.append(json.dumps({"blocked": str(error)}))
-                    continue
-                log.warning("placement refused for one file; the others go on", file=row.shown_path, error=str(error))
-                outcome = finisher._item_failed(row, item, "output_refused", f"placement failed: {error}")
-            result = {"outcome": outcome.__dict__}
-            result["outcome"]["timings"] = {**(outcome.timings or {}), "ray_nodes": carried.nodes}
-            keys.append(item.key)
-            results.append(json.dumps(result))
+    for (row, outcome), (_item, carried) in zip(finished, decoded):
+        result: dict[str, Any] = {"outcome": outcome.__dict__}
+        result["outcome"]["timings"] = {**(outcome.timings or {}), "ray_nodes": carried.nodes}
+        keys.append(row.id)
+        results.append(json.dumps(result))
+    for item, _carried in decoded[stopped:]:
+        keys.append(item.key)
+        results.append(json.dumps({"blocked": str(refusal)}))
     return pa.table({"key": pa.array(keys, pa.int64()), "result": pa.array(results, pa.string())})
 
 

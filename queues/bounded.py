@@ -101,15 +101,6 @@ class BoundedQueue(Generic[T]):
                     raise QueueClosed(f"queue {self.name!r} was closed while a producer waited")
             self._append(item)
 
-    def put_nowait(self, item: T) -> bool:
-        """Append without waiting; False when full. Only for callers that can hold the item themselves."""
-        if self._closed:
-            raise QueueClosed(f"queue {self.name!r} is closed")
-        if len(self._items) >= self.capacity:
-            return False
-        self._append(item)
-        return True
-
     def _append(self, item: T) -> None:
         self._items.append((item, time.monotonic()))
         depth = len(self._items)

@@ -111,8 +111,7 @@ class RapidOcrBackend:
     to fall back to the CPU silently.
     """
 
-    def __init__(self, cpu_threads: int | None = None) -> None:
-        self.cpu_threads = cpu_threads
+    def __init__(self) -> None:
         self._engine: Any = None
         self.pipeline: Any = None
         self.device: str | None = None
@@ -125,7 +124,7 @@ class RapidOcrBackend:
                 "ocr.backend 'rapidocr' needs the package rapidocr_onnxruntime: pip install 'rapidocr_onnxruntime==1.4.4'"
             ) from error
         index = _cuda_index(device)
-        threads = self.cpu_threads or min(usable_cpus(), 8)
+        threads = min(usable_cpus(), 8)
         # text_score=0: keep every line here; the stage applies ocr.min_confidence itself.
         engine = RapidOCR(text_score=0.0, intra_op_num_threads=threads, inter_op_num_threads=1)
         if index is not None:
@@ -240,9 +239,8 @@ class PaddleOcrBackend:
     Supports PaddleOCR 3.x (``predict``) and 2.x (``ocr``).
     """
 
-    def __init__(self, model_dir: str | None = None, lang: str | None = None) -> None:
+    def __init__(self, model_dir: str | None = None) -> None:
         self.model_dir = Path(model_dir).expanduser() if model_dir else None
-        self.lang = lang
         self._engine: Any = None
         self._major = 0
         self.device: str | None = None
@@ -279,8 +277,6 @@ class PaddleOcrBackend:
                 "show_log": False,
             }
             kwargs.update({f"{name}_model_dir": str(path) for name, path in dirs.items()})
-        if self.lang:
-            kwargs["lang"] = self.lang
         self._engine = paddleocr.PaddleOCR(**kwargs)
         self.device = device
 

@@ -200,18 +200,18 @@ def test_dedicated_thread_runs_every_call_on_one_thread_off_the_loop() -> None:
 
 
 def test_nowait_calls_with_nobody_waiting_schedule_no_waker_tasks() -> None:
-    """A get_nowait/put_nowait with no task waiting on the other side must not create a task per item."""
+    """A put/get_nowait with no task waiting on the other side must not create a task per item."""
     import asyncio
 
     async def main() -> None:
         queue: BoundedQueue[int] = BoundedQueue("q", 64)
         before = len(asyncio.all_tasks())
         for i in range(50):
-            assert queue.put_nowait(i)
+            await queue.put(i)
         assert [queue.get_nowait() for _ in range(50)] == list(range(50))
         assert len(asyncio.all_tasks()) == before
 
-        # ...but a waiting consumer is still woken by put_nowait, and a blocked producer by get_nowait
+        # ...but a waiting consumer is still woken by put, and a blocked producer by get_nowait
         got: list[int] = []
 
         async def consume() -> None:
@@ -220,10 +220,10 @@ def test_nowait_calls_with_nobody_waiting_schedule_no_waker_tasks() -> None:
         async with anyio.create_task_group() as group:
             group.start_soon(consume)
             await anyio.sleep(0.01)
-            queue.put_nowait(7)
+            await queue.put(7)
         assert got == [7]
         small: BoundedQueue[int] = BoundedQueue("small", 1)
-        small.put_nowait(1)
+        await small.put(1)
         with anyio.fail_after(2):
             async with anyio.create_task_group() as group:
                 group.start_soon(small.put, 2)
