@@ -168,6 +168,9 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     root.setLevel(max(numeric, logging.WARNING))
     for own in ("app", "stages", "queues", "binner"):
         logging.getLogger(own).setLevel(numeric)
+    # Re-installed on every call: after an earlier configuration (another command in the same process), the
+    # warnings module's hook may have been swapped by someone else (a test runner's recorder, a library).
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
 
 
