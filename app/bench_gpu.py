@@ -412,21 +412,16 @@ def _probes(paths: dict[str, str], device: str, ceiling: int, max_new_tokens: in
     import torch
 
     found: dict[str, Any] = {"ceiling": ceiling}
-    stage = _ocr_stage("torch", None, device, ceiling)
-    try:
-        started = time.perf_counter()
-        found["ocr"] = stage.probe_batch_size(device, ceiling)
-        found["ocr_seconds"] = round(time.perf_counter() - started, 2)
-    finally:
-        stage.teardown()
-    torch.cuda.empty_cache()
-    vision = _vision_stage(paths, "fp16", device, max_new_tokens)
-    try:
-        started = time.perf_counter()
-        found["vision"] = vision.probe_batch_size(device, ceiling)
-        found["vision_seconds"] = round(time.perf_counter() - started, 2)
-    finally:
-        vision.teardown()
+    for name, load in (("ocr", lambda: _ocr_stage("torch", None, device, ceiling)),
+                        ("vision", lambda: _vision_stage(paths, "fp16", device, max_new_tokens))):
+        loaded = load()
+        try:
+            started = time.perf_counter()
+            found[name] = loaded.probe_batch_size(device, ceiling)
+            found[f"{name}_seconds"] = round(time.perf_counter() - started, 2)
+        finally:
+            loaded.teardown()
+        torch.cuda.empty_cache()
     return found
 
 
