@@ -98,13 +98,11 @@ class NvmlSampler:
             into["gpu_utilisation"] = summary
 
 
-def _machine() -> dict[str, Any]:
-    import platform
-
+def _stack() -> dict[str, Any]:
+    """The software and GPUs behind the figures (the report's ``machine`` already has the host, CPUs and Python)."""
     import torch
 
-    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "cuda": torch.version.cuda, "cpus": os.cpu_count()}
+    info: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda}
     if torch.cuda.is_available():
         info["gpus"] = [
             {"name": torch.cuda.get_device_name(i),
@@ -183,7 +181,7 @@ class _Report:
     """The scenario's dict, written to ``partial_path`` after every step so that a cut-off run keeps its figures."""
 
     def __init__(self, partial_path: Path | None, budget_s: float) -> None:
-        self.data: dict[str, Any] = {"machine": _machine(), "notes": []}
+        self.data: dict[str, Any] = {"stack": _stack(), "notes": []}
         self.partial_path = partial_path
         self.deadline = time.monotonic() + budget_s
 
