@@ -494,11 +494,12 @@ def config_show(config: Path | None = ConfigOption, state: Path | None = StateOp
 @config_cli.command("check")
 def config_check(config: Path | None = ConfigOption) -> None:
     """Validate the configuration, its devices and its model weights."""
-    from app.runtime import preflight_weights
+    from app.runtime import check_disjoint, preflight_weights
     from app.wiring import build_stages
 
     cfg = load(config)
     try:
+        check_disjoint(cfg)
         stages = build_stages(cfg)
         preflight_weights(cfg)
     except ConfigError as error:

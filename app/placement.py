@@ -137,6 +137,12 @@ class Placer:
             raise SourceVanished(errno.ENOENT, "the input is gone (or a directory on its path became a link)",
                                  str(source)) from None
         try:
+            if placed is not None and _same_entry(parent, name, Path(placed)):
+                # The last line of defence: an input that *is* its output (an input folder inside the output, seen
+                # through any spelling or mount) would be deleted together with the only copy.
+                log.error("refusing to remove an input that is the output it was placed at; left where it is",
+                          file=_shown(source), output=_shown(placed))
+                return False
             info = os.stat(name, dir_fd=parent, follow_symlinks=False)
             if not stat.S_ISREG(info.st_mode):
                 log.warning("input is no longer a regular file; left alone", file=_shown(source))
@@ -509,6 +515,18 @@ def _reading(source: Path) -> Iterator[None]:
             "disk it is on; it will be tried again",
             error.errno,
         ) from error
+
+
+def _same_entry(source_dir: int, source_name: str, placed: Path) -> bool:
+    """Whether ``placed`` names the very directory entry ``source_name`` in the directory ``source_dir``: the
+    same name in the same directory (device and inode), whatever path or mount leads to either."""
+    if os.fsencode(placed.name) != os.fsencode(source_name):
+        return False
+    try:
+        here, there = os.fstat(source_dir), os.stat(placed.parent)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _fsync_dir(directory: Path) -> None:
