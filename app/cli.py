@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, NoReturn
@@ -21,7 +19,6 @@ from typer.core import TyperOption
 from app import __version__
 from app.config import BinnerConfig, ConfigError, dump_config, load_config
 from app.logs import configure_logging
-from app.run import run_async, run_pipeline_once
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="binner: sort images into bins A (clean content), B (everything else), C (text-dominant).")
@@ -111,16 +108,6 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def run_guarded(runtime: Any, total: int, show_progress: bool) -> Any:
-    """Run the pipeline to idle; model start-up errors become a clear message and exit code 2."""
-    from app.engine import StageSetupError
-
-    try:
-        return run_async(run_pipeline_once, runtime, total, show_progress, err)
-    except StageSetupError as error:
-        fail(str(error))
-
-
 @cli.command()
 def once(
     input: Path = typer.Argument(..., help="directory of images to bin", exists=True, file_okay=False),
@@ -133,72 +120,46 @@ def once(
     ray_address: str | None = typer.Option(None, help="with --engine ray: host:port of the cluster (default: local Ray)"),
 ) -> None:
     """Bin every image under INPUT once (backfills), then print a summary and exit."""
-    from app.runtime import build_runtime, intake_all
+    from app.engine import StageSetupError
+    from app.once import bin_once
+    from app.ray_data import RayEngineError, ray_missing
 
     if engine not in ("local", "ray"):
         fail(f"--engine {engine}: use local or ray")
-    if engine == "ray":
-        from app.ray_engine import ray_missing
-
-        if problem := ray_missing():
-            fail(problem)
+    if engine == "ray" and (problem := ray_missing()):
+        fail(problem)
     cfg = load(config, input=input, output=output, state_dir=state, placement=placement)
     start_logging(cfg, "warning" if cfg.log.level == "info" else cfg.log.level, "stderr")
     json_lines = cfg.log.format == "json"  # asked for JSON only: the summary is a JSON line, and no bar
-    progress = progress and not json_lines
     try:
-        from app.runtime import preflight_weights
-
-        preflight_weights(cfg)
-        runtime = build_runtime(cfg, command="once")
-    except ConfigError as error:
+        summary = bin_once(cfg, "ray" if engine == "ray" else "local", ray_address, progress and not json_lines, err)
+    except (ConfigError, StageSetupError, RayEngineError) as error:
         fail(str(error))
-    intake = intake_all(runtime)
-    backlog, _ = runtime.ledger.backlog()
-    started = time.monotonic()
-    if engine == "ray":
-        from app.ray_engine import RayEngineError, run_on_ray
-
-        try:
-            stats = run_on_ray(runtime, ray_address, backlog, progress)
-        except RayEngineError as error:
-            fail(str(error))
-    else:
-        stats = run_guarded(runtime, backlog, progress)
-    elapsed = time.monotonic() - started
-    remaining, _ = runtime.ledger.backlog()
-    if cfg.placement == "move" and not remaining:
-        from app.intake import prune_empty_dirs
-
-        prune_empty_dirs(cfg.input)  # a backfill leaves no empty folders behind in its input
+    stats = summary.stats
     if json_lines:
         emit_json({"event": "once finished", "input": str(cfg.input), "output": str(cfg.output),
                    "bins": {name: stats.bins.get(name, 0) for name in ("A", "B", "C")},
                    "quarantined": dict(sorted(stats.quarantined.items())), "vanished": stats.vanished,
-                   "not_finished": remaining, "finished": stats.finished, "seconds": round(elapsed, 3),
-                   "images_per_second": round(stats.finished / max(elapsed, 1e-9), 3), "new": intake["new"],
-                   "already_done": intake["seen"] - intake["new"] - intake["requeued"]})
-        runtime.close()
-        if remaining:
-            fail(f"{remaining} files are not finished (interrupted); run the same command again to finish them", 1)
-        return
-    out.print(f"binner once: {cfg.input} -> {cfg.output}", highlight=False, markup=False)
-    table = Table()
-    table.add_column("outcome")
-    table.add_column("files", justify="right")
-    for name in ("A", "B", "C"):
-        table.add_row(f"bin {name}", str(stats.bins.get(name, 0)))
-    for reason, count in sorted(stats.quarantined.items()):
-        table.add_row(f"quarantined: {reason}", str(count))
-    if stats.vanished:
-        table.add_row("vanished before placement", str(stats.vanished))
-    table.add_row("not finished", str(remaining))
-    out.print(table)
-    out.print(f"{stats.finished} files in {elapsed:.1f} s = {stats.finished / max(elapsed, 1e-9):.2f} images/s "
-              f"(new {intake['new']}, already done {intake['seen'] - intake['new'] - intake['requeued']})")
-    runtime.close()
-    if remaining:
-        fail(f"{remaining} files are not finished (interrupted); run the same command again to finish them", 1)
+                   "not_finished": summary.not_finished, "finished": stats.finished,
+                   "seconds": round(summary.seconds, 3), "images_per_second": round(summary.images_per_second, 3),
+                   "new": summary.intake["new"], "already_done": summary.already_done})
+    else:
+        out.print(f"binner once: {cfg.input} -> {cfg.output}", highlight=False, markup=False)
+        table = Table()
+        table.add_column("outcome")
+        table.add_column("files", justify="right")
+        for name in ("A", "B", "C"):
+            table.add_row(f"bin {name}", str(stats.bins.get(name, 0)))
+        for reason, count in sorted(stats.quarantined.items()):
+            table.add_row(f"quarantined: {reason}", str(count))
+        if stats.vanished:
+            table.add_row("vanished before placement", str(stats.vanished))
+        table.add_row("not finished", str(summary.not_finished))
+        out.print(table)
+        out.print(f"{stats.finished} files in {summary.seconds:.1f} s = {summary.images_per_second:.2f} images/s "
+                  f"(new {summary.intake['new']}, already done {summary.already_done})")
+    if summary.not_finished:
+        fail(f"{summary.not_finished} files are not finished (interrupted); run the same command again to finish them", 1)
 
 
 @cli.command("eval")
@@ -211,32 +172,15 @@ def evaluate(
     state: Path | None = typer.Option(None, "--state", help="keep the evaluation ledger here (default: temporary)"),
 ) -> None:
     """Run the pipeline on a labelled set without placing files; print accuracy and every misbinned file."""
-    from app.runtime import build_runtime, intake_all, preflight_weights
+    from app.engine import StageSetupError
+    from app.evaluate import LabelsError, evaluate, read_labels
 
-    with labels.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or "file" not in rows[0] or "expected_bin" not in rows[0]:
-        fail(f"{labels}: needs a header with at least the columns file,expected_bin")
-    labelled = {row["file"].strip() for row in rows}
-    with tempfile.TemporaryDirectory(prefix="binner-eval-") as scratch:
-        state_dir = state or Path(scratch) / "state"
-        cfg = load(config, input=images, output=Path(scratch) / "out", state_dir=state_dir)
-        start_logging(cfg, "error", "stderr")
-        json_lines = cfg.log.format == "json"
-        try:
-            preflight_weights(cfg)
-            runtime = build_runtime(cfg, dry_run=True, command="eval")
-        except ConfigError as error:
-            fail(str(error))
-        intake_all(runtime, only=labelled.__contains__)  # the labelled images, not README.md or labels.csv
-        backlog, _ = runtime.ledger.backlog()
-        started = time.monotonic()
-        with contextlib.redirect_stdout(sys.stderr):  # model libraries print; keep stdout for the result
-            stats = run_guarded(runtime, backlog, not (as_json or json_lines))
-        elapsed = time.monotonic() - started
-        result = score(runtime.ledger, rows)
-        result["images_per_second"] = round(stats.finished / max(elapsed, 1e-9), 3)
-        runtime.close()
+    try:
+        rows = read_labels(labels)
+        result = evaluate(images, rows, config, state, not as_json, err,
+                          on_config=lambda cfg: start_logging(cfg, "error", "stderr"))
+    except (LabelsError, ConfigError, StageSetupError) as error:
+        fail(str(error))
     if as_json:
         emit_json(result)
         return
@@ -265,60 +209,12 @@ def evaluate(
     out.print(wrong)
 
 
-# Categories whose label allows more than one bin (../shared/data/images/README.md: "mixed" photos are B,
-# "a few are text-heavy enough that C is defensible"). A labels column acceptable_bins (e.g. B|C) overrides it.
-ACCEPTABLE_BINS = {"mixed": ("B", "C")}
-
-
 def _accuracy_text(line: dict[str, Any]) -> str:
     exact = f"{line['accuracy']:.0%}"
     if set(line["acceptable_bins"]) == {line["expected_bin"]}:
         return exact
     either = " or ".join(line["acceptable_bins"])
     return f"{exact} exactly {line['expected_bin']}, {line['acceptable_accuracy']:.0%} {either}"
-
-
-def score(ledger: Any, labels: list[dict[str, str]]) -> dict[str, Any]:
-    """Per-category accuracy (exact, and within the acceptable bins), confusion, and every misbinned file."""
-    confusion: dict[str, dict[str, int]] = {}
-    per_category: dict[str, dict[str, Any]] = {}
-    misbinned: list[dict[str, Any]] = []
-    for label in labels:
-        rel = label["file"].strip()
-        category = (label.get("category") or rel.split("/", 1)[0]).strip()
-        expected = label["expected_bin"].strip().upper()
-        given = (label.get("acceptable_bins") or "").replace(",", "|").upper().split("|")
-        acceptable = tuple(b.strip() for b in given if b.strip()) or ACCEPTABLE_BINS.get(category, (expected,))
-        if expected not in acceptable:
-            acceptable = (expected, *acceptable)
-        found = ledger.find(rel)
-        row = found[0] if found else None
-        got = "missing"
-        if row is not None:
-            got = row.bin if row.status == "done" and row.bin else ("quarantined" if row.status == "quarantined" else "missing")
-        cell = confusion.setdefault(category, {"A": 0, "B": 0, "C": 0, "quarantined": 0, "missing": 0})
-        cell[got] += 1
-        line = per_category.setdefault(category, {"n": 0, "correct": 0, "acceptable": 0, "expected_bin": expected,
-                                                  "acceptable_bins": list(acceptable)})
-        line["n"] += 1
-        line["correct"] += int(got == expected)
-        line["acceptable"] += int(got in acceptable)
-        if got != expected:
-            rule = (row.rule if row is not None and row.status == "done" else
-                    (f"quarantined: {row.reason}" if row is not None and row.reason else None))
-            misbinned.append({"file": rel, "category": category, "expected": expected, "actual": got, "rule": rule,
-                              "acceptable": got in acceptable,
-                              "reason": (row.decision or {}).get("reason") if row is not None else None})
-    for line in per_category.values():
-        line["accuracy"] = line["correct"] / line["n"] if line["n"] else 0.0
-        line["acceptable_accuracy"] = line["acceptable"] / line["n"] if line["n"] else 0.0
-    total = sum(line["n"] for line in per_category.values())
-    correct = sum(line["correct"] for line in per_category.values())
-    acceptable_total = sum(line["acceptable"] for line in per_category.values())
-    return {"per_category": per_category, "confusion": confusion, "misbinned": misbinned,
-            "overall": {"n": total, "correct": correct, "accuracy": correct / total if total else 0.0,
-                        "acceptable": acceptable_total,
-                        "acceptable_accuracy": acceptable_total / total if total else 0.0}}
 
 
 @cli.command()
@@ -329,7 +225,7 @@ def run(
     state: Path | None = StateOption,
 ) -> None:
     """The daemon: watch INPUT, bin every complete file, serve /metrics, notify systemd."""
-    from app.daemon import serve
+    from app.service import serve
 
     cfg = load(config, input=input, output=output, state_dir=state)
     start_logging(cfg, cfg.log.level, "stdout")
@@ -340,7 +236,7 @@ def run(
 def daemon_config(config: Path | None, state: Path | None) -> Path | None:
     """The configuration file a read or maintenance command should use, said on stderr: --config or
     BINNER_CONFIG when given, else the one the state directory's writer (`binner run`) recorded."""
-    from app.runtime import recorded_config_source
+    from app.build import recorded_config_source
 
     if config is not None or os.environ.get("BINNER_CONFIG"):
         chosen = config or Path(os.environ["BINNER_CONFIG"])
@@ -366,8 +262,8 @@ def daemon_config(config: Path | None, state: Path | None) -> Path | None:
 def open_ledger(config: Path | None, state: Path | None, *, read_only: bool = True,
                 command: str = "") -> tuple[BinnerConfig, Any]:
     """The configured ledger: read-only (works beside a running daemon), or for writing under the instance lock."""
-    from app.instance_lock import InstanceLock
-    from app.runtime import open_ledger as open_configured_ledger
+    from app.build import open_ledger as open_configured_ledger
+    from app.store import InstanceLock
 
     cfg = load(daemon_config(config, state), state_dir=state)
     if not cfg.ledger_path.exists():
@@ -473,7 +369,7 @@ def _signal_summary(signals: dict[str, Any]) -> dict[str, Any]:
 def rebin(config: Path | None = ConfigOption, state: Path | None = StateOption,
           dry_run: bool = typer.Option(False, "--dry-run", help="only show what would move")) -> None:
     """Re-apply the current thresholds to stored signals and move files between bins (no model runs)."""
-    from app.rebin import rebin_all
+    from app.store import rebin_all
 
     cfg, ledger = open_ledger(config, state, read_only=dry_run, command="rebin")
     report = rebin_all(cfg, ledger, dry_run=dry_run)
@@ -494,8 +390,7 @@ def config_show(config: Path | None = ConfigOption, state: Path | None = StateOp
 @config_cli.command("check")
 def config_check(config: Path | None = ConfigOption) -> None:
     """Validate the configuration, its devices and its model weights."""
-    from app.runtime import check_disjoint, preflight_weights
-    from app.wiring import build_stages
+    from app.build import build_stages, check_disjoint, preflight_weights
 
     cfg = load(config)
     try:

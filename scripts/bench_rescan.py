@@ -46,8 +46,8 @@ def build(work: Path, files: int, finished: int, repo: Path) -> None:
     code = f"""
 import json, sqlite3, sys
 from pathlib import Path
-from app.intake import scan, to_discovered
-from app.ledger import Ledger
+from app.store import scan, to_discovered
+from app.store import Ledger
 inbox = Path({str(inbox)!r})
 ledger = Ledger(Path({str(work / "state" / "ledger.sqlite3")!r}))
 seen = [s for s in scan(inbox)]
@@ -69,8 +69,8 @@ import json, os, resource, sys, time
 from pathlib import Path
 import anyio
 from app.config import load_config
-from app.daemon import Daemon
-from app.runtime import build_runtime
+from app.service import Daemon
+from app.build import build_runtime
 
 work, mode = Path(sys.argv[1]), sys.argv[2]
 synthetic = {"backend": "synthetic", "devices": ["cpu"]}

@@ -56,7 +56,9 @@ class ImageItem:
     signals: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     failure: ItemFailure | None = None
-    skip_vision: bool = False
+    # Stages the router passed this item by, with why (``{"vision": "text_dominant"}``): their signals were not
+    # needed for the decision. Recorded with the decision, so ``explain`` and ``rebin`` know what is missing.
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def fail(self, reason: str, message: str, stage: str = "", retryable: bool = False) -> None:
         self.failure = ItemFailure(reason=reason, message=message, stage=stage, retryable=retryable)
@@ -83,6 +85,9 @@ class Stage(ABC):
     """One step of the pipeline; one instance (one model copy) per device, owned by one thread."""
 
     name: str = "stage"
+    #: The signals this stage writes (keys of ``ImageItem.signals``). The engine passes an item by the stage when
+    #: the rules need none of them for its decision; a stage that writes none (the loader) always runs.
+    produces: frozenset[str] = frozenset()
 
     def __init__(self, devices: list[str] | None = None, batch_policy: BatchPolicy | None = None) -> None:
         self.devices: list[str] = list(devices or ["cpu"])

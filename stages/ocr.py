@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from stages.base import BatchPolicy, ImageItem, OutOfDeviceMemory, Stage, is_out_of_memory
+from stages.devices import parse_device
 from stages.ppocr_torch import OcrPrecision
 
 RUNTIMES = ("auto", "onnxruntime", "torch")
@@ -69,14 +70,8 @@ class OcrBackend(Protocol):
 
 
 def _cuda_index(device: str) -> int | None:
-    """``"cuda:N"`` -> N, ``"cuda"`` -> 0, ``"cpu"`` -> None; anything else is a configuration error."""
-    if device == "cpu":
-        return None
-    if device == "cuda":
-        return 0
-    if device.startswith("cuda:") and device[5:].isdigit():
-        return int(device[5:])
-    raise ValueError(f"unsupported OCR device {device!r}: use 'cpu' or 'cuda:N'")
+    """The CUDA index of an OCR device, None on the CPU; an unknown name is an error naming ``ocr.devices``."""
+    return parse_device(device, "ocr.devices").index
 
 
 def usable_cpus() -> int:
@@ -207,7 +202,7 @@ class TorchOcrBackend:
             found = self.runtime.recognize([_to_bgr(image) for image in images])
         except Exception as error:
             if is_out_of_memory(error):
-                if self.device and self.device.startswith("cuda"):
+                if self.device and parse_device(self.device).is_cuda:
                     import torch
 
                     torch.cuda.empty_cache()  # give the halved retry the cached blocks of the failed batch
@@ -385,6 +380,7 @@ class OcrStage(Stage):
     """Runs the OCR backend on a micro-batch and fills ``signals["ocr"]``; boxes are in ``item.image`` pixels."""
 
     name = "ocr"
+    produces = frozenset({"ocr"})
 
     def __init__(self, options: OcrOptions, devices: list[str], batch_policy: BatchPolicy) -> None:
         super().__init__(devices=devices, batch_policy=batch_policy)

@@ -29,6 +29,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from stages.devices import parse_device
+
 logger = logging.getLogger(__name__)
 
 # Bucket ladders. Detection: per side, after RapidOCR's resize (shorter side to 736, multiples of 32); beyond the
@@ -66,7 +68,7 @@ class OcrPrecision:
             value = getattr(self, net)
             if value not in PRECISIONS:
                 raise ValueError(f"ocr.precision.{net} must be one of {', '.join(PRECISIONS)} (got {value!r})")
-            if not device.startswith("cuda"):
+            if not parse_device(device).is_cuda:
                 value = "fp32"  # fp16 convolutions on CPU are slow or missing
             elif value == "auto":
                 value = defaults[net]
@@ -582,12 +584,12 @@ class PpOcrTorch(PpOcrPipeline):
     def load(self, device: str) -> None:
         import torch
 
-        if device.startswith("cuda") and not torch.cuda.is_available():
+        if parse_device(device).is_cuda and not torch.cuda.is_available():
             raise RuntimeError(
                 f"OCR device {device}: this torch build has no CUDA ({torch.__version__}); install the CUDA build "
                 "(make env GPU=1, or deploy/install.sh on the GPU host) or set ocr.devices to cpu"
             )
-        if device.startswith("cuda") and torch.backends.cudnn.enabled:
+        if parse_device(device).is_cuda and torch.backends.cudnn.enabled:
             # OCR's input shapes change with every batch (size buckets x images per bucket, crop widths), and cuDNN
             # builds its execution plans per new shape: measured on an H100, 30 images took 30 s with cuDNN and
             # 0.9-1.3 s without it, same lines (docs/benchmarks.md, "OCR on CUDA"). The switch is process-wide
@@ -612,7 +614,7 @@ class PpOcrTorch(PpOcrPipeline):
     def close(self) -> None:
         self.shutdown()
         self.det = self.cls = self.rec = None
-        if self.device and self.device.startswith("cuda"):
+        if self.device is not None and parse_device(self.device).is_cuda:
             import torch
 
             torch.cuda.empty_cache()
@@ -626,14 +628,14 @@ class PpOcrTorch(PpOcrPipeline):
         return torch.autocast(device_type="cuda", dtype=torch.float16, enabled=half and self._on_cuda())
 
     def _on_cuda(self) -> bool:
-        return bool(self.device and self.device.startswith("cuda"))
+        return bool(self.device is not None and parse_device(self.device).is_cuda)
 
     def _to_device(self, array: np.ndarray, dtype: Any) -> Any:
         """Host array -> device tensor; on CUDA through pinned memory with a non-blocking copy."""
         import torch
 
         tensor = torch.from_numpy(array)
-        if self.device and self.device.startswith("cuda"):
+        if self.device is not None and parse_device(self.device).is_cuda:
             tensor = tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(dtype)
 

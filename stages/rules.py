@@ -65,6 +65,30 @@ def text_dominant(signals: dict[str, Any], t: RuleThresholds) -> Decision | None
     return None
 
 
+def settled(signals: dict[str, Any], t: RuleThresholds) -> Decision | None:
+    """The decision that the signals computed so far already fix, whatever the missing ones would say; None while
+    a signal still to come could change the bin. A text-dominant image is C before vision runs
+    (``short_circuit_text``); nothing else settles early."""
+    if t.short_circuit_text:
+        return text_dominant(signals, t)
+    return None
+
+
+# Why a stage was passed by, per rule that settled the bin first (the words ``explain`` shows).
+SKIP_REASONS = {"text_area": "text_dominant", "text_chars": "text_dominant", "text_lines": "text_dominant"}
+
+
+def unneeded(produces: frozenset[str], signals: dict[str, Any], t: RuleThresholds) -> str | None:
+    """Why a stage writing ``produces`` is not needed for this image's decision (``"text_dominant"``), or None
+    when it is. A stage that writes no signal (the loader) is always needed."""
+    if not produces:
+        return None
+    decision = settled(signals, t)
+    if decision is None:
+        return None
+    return SKIP_REASONS.get(decision.rule, decision.rule)
+
+
 def decide(signals: dict[str, Any], t: RuleThresholds) -> Decision:
     """The bin for one image's signals under thresholds ``t``."""
     dominant = text_dominant(signals, t)

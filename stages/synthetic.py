@@ -47,6 +47,7 @@ class SyntheticOcrStage(_SleepStage):
     """Benchmark stand-in for ``OcrStage`` (never for real data): sleeps, then writes empty OCR signals."""
 
     name = "ocr"
+    produces = frozenset({"ocr"})
 
     def _annotate(self, item: ImageItem) -> None:
         item.signals["ocr"] = summarize([], 1, 1, min_confidence=0.0)
@@ -60,9 +61,7 @@ class SyntheticVisionStage(_SleepStage):
     """
 
     name = "vision"
-
-    def _active(self, items: list[ImageItem]) -> list[ImageItem]:
-        return [item for item in super()._active(items) if not item.skip_vision]
+    produces = frozenset({"detections", "caption", "clip_similarity"})
 
     def _annotate(self, item: ImageItem) -> None:
         item.signals["detections"] = []

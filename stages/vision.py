@@ -16,6 +16,8 @@ from typing import Any
 from PIL import Image
 
 from stages.base import BatchPolicy, ImageItem, OutOfDeviceMemory, Stage, is_out_of_memory
+from stages.devices import parse_device
+from stages.devices import torch_device as torch_device_of
 
 logger = logging.getLogger(__name__)
 
@@ -57,26 +59,6 @@ class ModelUnavailableError(RuntimeError):
     """A configured model cannot be loaded from this machine; the message names the key and the fix."""
 
 
-def check_device(device: str) -> Any:
-    """``"cpu"`` / ``"cuda:N"`` -> ``torch.device``, or a clear error when that device does not exist."""
-    import torch
-
-    if device == "cpu":
-        return torch.device("cpu")
-    if device == "cuda":
-        device = "cuda:0"
-    if not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise ValueError(f"unsupported vision device {device!r}: use 'cpu' or 'cuda:N'")
-    index = int(device[5:])
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if index >= count:
-        raise RuntimeError(
-            f"vision device {device} does not exist: this machine has {count} CUDA device(s) visible"
-            f"{' (check CUDA_VISIBLE_DEVICES and the driver)' if count == 0 else ''}; fix vision.devices"
-        )
-    return torch.device(device)
-
-
 def resolve_dtype(precision: str, device: str) -> Any:
     """The torch dtype for ``vision.precision`` on ``device``: auto is fp16 on CUDA and fp32 on CPU.
 
@@ -87,7 +69,7 @@ def resolve_dtype(precision: str, device: str) -> Any:
 
     if precision not in PRECISIONS:
         raise VisionConfigError(f"vision.precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    on_cuda = device.startswith("cuda")
+    on_cuda = parse_device(device).is_cuda
     if precision == "fp32":
         return torch.float32
     if precision == "auto":
@@ -131,6 +113,7 @@ class VisionStage(Stage):
     ``clip_similarity`` (a disabled model's key stays absent). Boxes are in ``item.image`` pixels."""
 
     name = "vision"
+    produces = frozenset({"detections", "caption", "clip_similarity"})
 
     def __init__(
         self,
@@ -181,7 +164,7 @@ class VisionStage(Stage):
         from stages.ultralytics_env import prepare_ultralytics
 
         ensure_torchvision()
-        torch_device = check_device(device)
+        torch_device = torch_device_of(device, "vision.devices")
         dtype = resolve_dtype(self.precision, device)
         self.torch_device, self.dtype = torch_device, dtype
         if self.detector_options is not None:
@@ -322,7 +305,7 @@ class VisionStage(Stage):
     def process_batch(self, items: list[ImageItem]) -> list[ImageItem]:
         if self.device is None:
             raise RuntimeError("VisionStage.process_batch() called before setup(device)")
-        active = [item for item in items if item.failure is None and item.image is not None and not item.skip_vision]
+        active = [item for item in items if item.failure is None and item.image is not None]
         if not active:
             return items
         try:
@@ -351,7 +334,7 @@ class VisionStage(Stage):
     def probe_batch_size(self, device: str, ceiling: int) -> int:
         """Largest batch (``ceiling``, halved until it fits) that runs on ``device`` with full-length
         captions and peaks under 90% of the memory available to this stage; CPU returns ``ceiling``."""
-        if not device.startswith("cuda"):
+        if not parse_device(device).is_cuda:
             return ceiling
         import torch
 

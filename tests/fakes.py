@@ -11,6 +11,9 @@ from typing import Any
 
 from stages.base import BatchPolicy, ImageItem, OutOfDeviceMemory, Stage
 
+# What the real stages of these names write (``Stage.produces``), so that routing treats a fake like the real one.
+PRODUCES = {"ocr": frozenset({"ocr"}), "vision": frozenset({"detections", "caption", "clip_similarity"})}
+
 
 class RecordingStage(Stage):
     """Sleeps ``base_s + per_item_s * n`` per batch (releases the GIL like a GPU call) and records every batch."""
@@ -21,6 +24,7 @@ class RecordingStage(Stage):
                  signals: Callable[[ImageItem], dict[str, Any]] | None = None) -> None:
         super().__init__(devices or ["cpu"], BatchPolicy(batch_size, max_wait_ms))
         self.name = name
+        self.produces = PRODUCES.get(name, frozenset())
         self.base_s, self.per_item_s, self.jitter_s = base_s, per_item_s, jitter_s
         self.poison = poison or set()
         self.oom_above = oom_above

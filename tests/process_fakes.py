@@ -98,11 +98,9 @@ def gil_experiment(count: int = 1500, sleep_ms: float = 20.0, python_ms: float =
 
     import anyio
 
-    from app.engine import Pipeline
-    from app.intake import scan, to_discovered
-    from app.ledger import Ledger
+    from app.engine import Hosting, Pipeline
     from app.metrics import Metrics
-    from app.process_worker import ProcessStage
+    from app.store import Ledger, scan, to_discovered
     from stages.rules import RuleThresholds
 
     rates: dict[str, float] = {}
@@ -115,11 +113,10 @@ def gil_experiment(count: int = 1500, sleep_ms: float = 20.0, python_ms: float =
             ledger = Ledger(Path(scratch) / "ledger.sqlite3")
             ledger.intake(to_discovered(inbox, seen) for seen in scan(inbox))
             stages: list[Stage] = [GilBoundStage("ocr", sleep_ms, python_ms), GilBoundStage("vision", sleep_ms, python_ms)]
-            if mode == "process":
-                stages = [ProcessStage(stage) for stage in stages]
+            hosting = {stage.name: Hosting("process") for stage in stages} if mode == "process" else {}
             pipeline = Pipeline(ledger=ledger, metrics=Metrics(), stages=stages, thresholds=RuleThresholds(),
                                 placer=None, queue_capacities={"ocr": 32, "vision": 32, "sink": 64}, max_attempts=2,
-                                placement_mode="copy")
+                                placement_mode="copy", hosting=hosting)
             clock: dict[str, float] = {}
 
             async def main() -> None:

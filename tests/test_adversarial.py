@@ -250,7 +250,7 @@ def test_repeated_kill_9_right_after_start_up_quarantines_no_good_image(tmp_path
     finally:
         daemon.kill()
     assert status["quarantined"] == {}, status
-    assert sum(status["bins"].values()) == 40
+    assert sum(status["bins"].values()) == 40, status
 
 
 @pytest.mark.timeout(180)
@@ -289,9 +289,9 @@ def test_once_over_links_loops_and_odd_names_in_copy_mode(tmp_path: Path) -> Non
 def test_a_full_state_disk_at_intake_pauses_without_crashing_and_resumes(tmp_path: Path) -> None:
     import anyio
 
+    from app.build import build_runtime
     from app.config import load_config
-    from app.daemon import Daemon
-    from app.runtime import build_runtime
+    from app.service import Daemon
 
     synthetic = {"backend": "synthetic", "devices": ["cpu"]}
     config = load_config(None, {"input": tmp_path / "in", "output": tmp_path / "out", "state_dir": tmp_path / "state",
@@ -320,7 +320,7 @@ def test_a_full_state_disk_at_intake_pauses_without_crashing_and_resumes(tmp_pat
 
 
 def test_prune_empty_dirs_removes_only_empty_real_directories(tmp_path: Path) -> None:
-    from app.intake import prune_empty_dirs
+    from app.store import prune_empty_dirs
 
     root = tmp_path / "in"
     (root / "a" / "b" / "c").mkdir(parents=True)

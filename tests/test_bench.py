@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app import bench
-from app.bench_common import BenchOptions, parse_ms, percentile, stage_limit
+from app.bench.common import BenchOptions, parse_ms, percentile, stage_limit
 from app.cli import cli
 
 COMMON_KEYS = {"images_per_second", "p95_latency_s", "stage_utilisation", "peak_rss_mib", "target", "bottleneck"}
@@ -117,7 +117,7 @@ def test_gpu_scenario_dispatches_to_the_gpu_module(monkeypatch: pytest.MonkeyPat
         return {"images_per_second": 1.0, "p95_latency_s": None, "stage_utilisation": {"ocr": 0.5},
                 "peak_rss_mib": 1.0}
 
-    monkeypatch.setitem(sys.modules, "app.bench_gpu", types.SimpleNamespace(run_gpu_scenario=run_gpu_scenario))
+    monkeypatch.setitem(sys.modules, "app.bench.gpu", types.SimpleNamespace(run_gpu_scenario=run_gpu_scenario))
     report = bench.run_benchmarks(["gpu"], BenchOptions(source=tmp_path))
     assert len(calls) == 1 and calls[0][1] == tmp_path
     assert type(calls[0][0]).__name__ == "BinnerConfig"

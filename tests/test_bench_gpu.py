@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app import bench_gpu
+from app.bench import gpu as bench_gpu
 from app.config import load_config
 from tests.conftest_models import IMAGES, YOLO_TFLITE, require_shared
 

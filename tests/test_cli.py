@@ -152,7 +152,7 @@ def test_default_public_weights_offline_stop_at_once_with_what_to_do(tmp_path: P
 
 
 def _ledger_with_rows(state: Path, count: int = 3000) -> Path:
-    from app.ledger import Discovered, Ledger
+    from app.store import Discovered, Ledger
 
     ledger = Ledger(state / "ledger.sqlite3")
     ledger.intake(Discovered(f"/nowhere/{i}.png", f"{i}.png", 1, 1) for i in range(count))

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from app.cli import cli
 from app.config import ConfigError, load_config
-from app.wiring import resolve_devices
+from app.devices import resolve_devices
 from tests.conftest import REPO
 
 
@@ -91,7 +91,7 @@ def test_a_state_dir_inside_the_input_is_refused_naming_both_keys(tmp_path: Path
 
 
 def test_a_missing_input_is_refused_unless_configured_to_create_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.runtime import prepare_dirs
+    from app.build import prepare_dirs
 
     typo = tmp_path / "inbx"
     places = {"output": tmp_path / "bins", "state_dir": tmp_path / "state"}
@@ -156,7 +156,7 @@ def test_relative_paths_in_a_file_are_taken_from_its_folder(tmp_path: Path, monk
     assert config.vision.detector.weights == str(folder / "models" / "yolo.pt")
     assert config.vision.captioner.model == "Salesforce/blip-image-captioning-base", "model ids stay as they are"
     assert load_config(None, {"input": "flag-inbox"}).input == elsewhere / "flag-inbox", "flags: working directory"
-    from app.runtime import prepare_dirs
+    from app.build import prepare_dirs
 
     with pytest.raises(ConfigError, match=re.escape(f"input: {folder / 'inbox'} does not exist")):
         prepare_dirs(config)

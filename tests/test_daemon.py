@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 
 from app import bench
-from app.http import StatusServer
+from app.service.http import StatusServer
 from tests.conftest import REPO
 from tests.daemon_harness import DaemonProcess, NotifyListener, binner, error_lines, files_under, sha256, wait_for
 
@@ -395,7 +395,7 @@ def test_the_stall_clock_starts_when_work_arrives_not_at_the_last_placement(tmp_
     from types import SimpleNamespace
 
     from app.config import load_config
-    from app.daemon import Daemon
+    from app.service import Daemon
     from queues.bounded import BoundedQueue
 
     config = load_config(None, {**SYNTHETIC, "input": tmp_path / "in", "output": tmp_path / "out",

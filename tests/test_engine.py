@@ -10,9 +10,8 @@ import anyio
 import pytest
 
 from app.engine import Pipeline
-from app.intake import scan, to_discovered
-from app.ledger import Ledger
 from app.metrics import Metrics
+from app.store import Ledger, scan, to_discovered
 from stages.rules import RuleThresholds
 from tests.fakes import RecordingStage
 
@@ -278,7 +277,7 @@ def test_files_deleted_or_changed_during_processing(tmp_path: Path, vanish: bool
 def test_full_output_disk_pauses_placement_and_loses_nothing(tmp_path: Path) -> None:
     import errno
 
-    from app.placement import Placer
+    from app.store import Placer
 
     refusals = {"left": 3}
 
@@ -317,7 +316,7 @@ def test_full_output_disk_pauses_placement_and_loses_nothing(tmp_path: Path) -> 
 # --- degrade, don't die ---------------------------------------------------------------------------------
 def test_one_refused_output_path_fails_that_file_and_the_rest_flows(tmp_path: Path) -> None:
     """A directory under a bin that is a link leading out of the output root: never followed, never paused."""
-    from app.placement import Placer
+    from app.store import Placer
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -390,7 +389,7 @@ def test_a_full_state_disk_pauses_and_resumes_without_crashing(tmp_path: Path) -
 def test_the_done_row_is_durable_before_the_input_is_removed(tmp_path: Path) -> None:
     import sqlite3
 
-    from app.placement import Placer
+    from app.store import Placer
 
     pipeline, ledger, _ = build(tmp_path, [RecordingStage("load")], count=5)
     assert ledger.synchronous() == 2, "FULL: the WAL is fsynced at every commit, so the row survives a power loss"
@@ -415,8 +414,7 @@ def test_the_done_row_is_durable_before_the_input_is_removed(tmp_path: Path) -> 
 @pytest.mark.parametrize("mode", ["hardlink", "copy", "move"])
 def test_a_rescan_after_placement_takes_nothing_again(tmp_path: Path, mode: str) -> None:
     """Linking an input changes its ctime: the row keeps the identity the file has after placement."""
-    from app.intake import finish_leftovers
-    from app.placement import Placer
+    from app.store import Placer, finish_leftovers
 
     pipeline, ledger, _ = build(tmp_path, [RecordingStage("load")], count=6)
     pipeline.placer = Placer(tmp_path / "out", mode)  # type: ignore[assignment]
@@ -432,7 +430,7 @@ def test_a_rescan_after_placement_takes_nothing_again(tmp_path: Path, mode: str)
 
 def test_a_pending_input_re_pointed_at_an_outside_file_is_never_read(tmp_path: Path) -> None:
     """`ln -sfn OUTSIDE/secret INPUT/f0001.png` while its row is pending: copy mode writes no outside byte."""
-    from app.placement import Placer
+    from app.store import Placer
     from stages.loader import LoaderOptions, LoaderStage
 
     secret = tmp_path / "outside" / "secret.png"

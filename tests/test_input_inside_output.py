@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.build import check_disjoint, prepare_dirs
 from app.config import ConfigError, load_config
-from app.placement import Placer
-from app.runtime import check_disjoint, prepare_dirs
+from app.store import Placer
 from tests.daemon_harness import binner, error_lines
 
 SYNTHETIC = {
@@ -122,7 +122,7 @@ def test_a_bind_mount_of_the_output_is_seen_through(tmp_path: Path) -> None:
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     script = (f"mount --bind {out} {mirror} && {os.sys.executable} -c "
-              f"\"from pathlib import Path; from app.config import load_config; from app.runtime import prepare_dirs; "
+              f"\"from pathlib import Path; from app.config import load_config; from app.build import prepare_dirs; "
               f"prepare_dirs(load_config(None, {{'input': Path('{mirror}/B'), 'output': Path('{out}'), "
               f"'state_dir': Path('{tmp_path}/state')}}))\"")
     result = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,

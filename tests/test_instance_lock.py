@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from app.config import ConfigError
-from app.instance_lock import InstanceLock, StateDirLocked
+from app.store import InstanceLock, StateDirLocked
 from tests.daemon_harness import DaemonProcess, binner, error_lines, files_under, free_port, wait_for
 from tests.test_daemon import SYNTHETIC, make_images
 

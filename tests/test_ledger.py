@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.intake import SettleTracker, finish_leftovers, is_candidate_name, scan, to_discovered
-from app.ledger import Discovered, Ledger, Outcome, Row
+from app.store import Discovered, Ledger, Outcome, Row, SettleTracker, finish_leftovers, scan, to_discovered
+from app.store.intake import is_candidate_name
 
 
 def newest_row(ledger: Ledger, path: str) -> Row | None:
@@ -43,14 +43,14 @@ def test_finished_files_same_or_changed(tmp_path: Path) -> None:
 
 
 def test_leftover_of_a_crash_is_removed_only_when_output_holds_it(tmp_path: Path) -> None:
-    from app.placement import Placer
+    from app.store import Placer
 
     inbox, out = tmp_path / "in", tmp_path / "out"
     inbox.mkdir()
     source = inbox / "a.png"
     source.write_bytes(b"image bytes")
     placer = Placer(out, "move")
-    from app.placement import sha256_file
+    from app.store import sha256_file
 
     digest = sha256_file(source)
     placed = placer.place(source, "a.png", "A", digest)
@@ -240,7 +240,7 @@ def test_read_only_open_never_writes_and_bad_files_raise_database_error(tmp_path
 def test_a_leftover_whose_input_holds_other_content_becomes_a_new_row(tmp_path: Path) -> None:
     import os
 
-    from app.placement import Placer, sha256_file
+    from app.store import Placer, sha256_file
 
     inbox, out = tmp_path / "in", tmp_path / "out"
     inbox.mkdir()

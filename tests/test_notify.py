@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from app.notify import SystemdNotifier
+from app.service.notify import SystemdNotifier
 
 
 @pytest.fixture
@@ -135,11 +135,11 @@ def test_send_failure_never_raises_and_logs_once(caplog: pytest.LogCaptureFixtur
     directory = tempfile.mkdtemp(prefix="sdn", dir="/tmp")
     try:
         notifier = SystemdNotifier({"NOTIFY_SOCKET": os.path.join(directory, "nobody-listens")})
-        with caplog.at_level(logging.WARNING, logger="app.notify"):
+        with caplog.at_level(logging.WARNING, logger="app.service.notify"):
             assert notifier.ready() is False
             assert notifier.watchdog() is False
             assert notifier.stopping() is False
-        warnings = [r for r in caplog.records if r.name == "app.notify"]
+        warnings = [r for r in caplog.records if r.name == "app.service.notify"]
         assert len(warnings) == 1
         assert "nobody-listens" in warnings[0].getMessage()
     finally:
@@ -147,7 +147,7 @@ def test_send_failure_never_raises_and_logs_once(caplog: pytest.LogCaptureFixtur
 
 
 def test_unsupported_transport_is_disabled(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="app.notify"):
+    with caplog.at_level(logging.WARNING, logger="app.service.notify"):
         notifier = SystemdNotifier({"NOTIFY_SOCKET": "vsock:2:1234"})
     assert notifier.enabled is False
     assert notifier.ready() is False

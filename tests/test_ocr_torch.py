@@ -235,9 +235,8 @@ def ocr_attempts(stage: OcrStage) -> list[int]:
 
 def test_out_of_memory_converges_to_a_batch_that_fits_without_losing_items(tmp_path: Path) -> None:
     from app.engine import Pipeline
-    from app.intake import scan, to_discovered
-    from app.ledger import Ledger
     from app.metrics import Metrics
+    from app.store import Ledger, scan, to_discovered
     from stages.loader import LoaderOptions, LoaderStage
 
     inbox = tmp_path / "in"
@@ -292,8 +291,8 @@ def test_oom_inside_the_torch_backend_is_reported_as_out_of_device_memory(torch_
 
 
 def test_configuration_reaches_the_stage() -> None:
+    from app.build import build_stages
     from app.config import load_config
-    from app.wiring import build_stages
 
     config = load_config(overrides={"ocr": {"runtime": "torch", "precision": {"rec": "fp32"}, "devices": ["cpu"]},
                                     "vision": {"backend": "synthetic", "devices": ["cpu"]}})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app.placement import (
+from app.store.placement import (
     TEMP_PREFIX,
     Placer,
     SourceChangedError,

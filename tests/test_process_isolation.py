@@ -20,13 +20,13 @@ from PIL import Image
 from structlog.testing import capture_logs
 
 from app import bench
+from app.build import build_stages
 from app.config import ConfigError, load_config
-from app.engine import Pipeline
-from app.intake import scan, to_discovered
-from app.ledger import Ledger
+from app.devices import isolation_of, resolve_isolation
+from app.engine import Hosting, Pipeline
+from app.hosts import ProcessHost
 from app.metrics import Metrics
-from app.process_worker import ProcessStage
-from app.wiring import build_stages, resolve_isolation
+from app.store import Ledger, scan, to_discovered
 from stages.base import ImageItem, WorkerCrashed
 from stages.rules import RuleThresholds
 from tests.conftest import REPO
@@ -52,7 +52,10 @@ class PictureLoader(RecordingStage):
         return items
 
 
-def build(tmp_path: Path, stages: list[Any], count: int, max_attempts: int) -> tuple[Pipeline, Ledger, Metrics]:
+def build(tmp_path: Path, stages: list[Any], count: int, max_attempts: int,
+          in_process: dict[str, float] | None = None) -> tuple[Pipeline, Ledger, Metrics]:
+    """The pipeline over ``count`` files; stages named in ``in_process`` run in child processes with that
+    ``stall_timeout_s``."""
     inbox = tmp_path / "in"
     inbox.mkdir()
     for i in range(count):
@@ -62,7 +65,8 @@ def build(tmp_path: Path, stages: list[Any], count: int, max_attempts: int) -> t
     metrics = Metrics()
     pipeline = Pipeline(ledger=ledger, metrics=metrics, stages=stages, thresholds=RuleThresholds(), placer=None,
                         queue_capacities={s.name: 8 for s in stages} | {"sink": 8}, max_attempts=max_attempts,
-                        feeder_page_size=8, placement_mode="copy")
+                        feeder_page_size=8, placement_mode="copy",
+                        hosting={name: Hosting("process", stall_timeout_s=limit) for name, limit in (in_process or {}).items()})
     return pipeline, ledger, metrics
 
 
@@ -115,9 +119,9 @@ def children_by_title(pid: int) -> dict[str, int]:
 def test_a_poison_item_that_aborts_its_child_is_quarantined_and_its_batch_is_binned(tmp_path: Path) -> None:
     journal = tmp_path / "ocr.journal"
     poison = "f0013.png"
-    ocr = ProcessStage(MisbehavingStage("ocr", journal, abort_on={poison}, batch_size=8, max_wait_ms=200),
-                       stall_timeout_s=60)
-    pipeline, ledger, metrics = build(tmp_path, [PictureLoader("load", batch_size=8), ocr], count=30, max_attempts=2)
+    ocr = MisbehavingStage("ocr", journal, abort_on={poison}, batch_size=8, max_wait_ms=200)
+    pipeline, ledger, metrics = build(tmp_path, [PictureLoader("load", batch_size=8), ocr], count=30, max_attempts=2,
+                                      in_process={"ocr": 60})
     run_until_idle(pipeline)
     rows = {Path(row.path).name: row for row in ledger.rows()}
     bad = rows.pop(poison)
@@ -136,10 +140,9 @@ def test_a_poison_item_that_aborts_its_child_is_quarantined_and_its_batch_is_bin
 
 def test_a_stuck_child_is_killed_and_replaced_and_items_flow_again(tmp_path: Path) -> None:
     journal = tmp_path / "vision.journal"
-    vision = ProcessStage(MisbehavingStage("vision", journal, hang_once_on={"f0005.png"}, batch_size=4),
-                          stall_timeout_s=2.0)
+    vision = MisbehavingStage("vision", journal, hang_once_on={"f0005.png"}, batch_size=4)
     pipeline, ledger, metrics = build(tmp_path, [PictureLoader("load", batch_size=4), vision], count=24,
-                                      max_attempts=2)
+                                      max_attempts=2, in_process={"vision": 2.0})
     started = time.monotonic()
     run_until_idle(pipeline, timeout=90)
     assert time.monotonic() - started < 60, "a hang of an hour must not hold the pipeline"
@@ -151,11 +154,11 @@ def test_a_stuck_child_is_killed_and_replaced_and_items_flow_again(tmp_path: Pat
 
 
 def test_driver_replaces_a_child_that_died_while_idle_at_once_and_reports_crashes(tmp_path: Path) -> None:
-    stage = ProcessStage(MisbehavingStage("ocr", tmp_path / "j", abort_on={"bad.png"}), stall_timeout_s=30).replicate()
     causes: list[str] = []
-    stage.on_restart = causes.append
+    stage = ProcessHost(MisbehavingStage("ocr", tmp_path / "j", abort_on={"bad.png"}), "cpu", stall_timeout_s=30,
+                        on_restart=causes.append)
     with capture_logs() as logs:
-        stage.setup("cpu")
+        stage.setup()
     try:
         first = stage.pid
         assert first is not None
@@ -258,15 +261,15 @@ def test_isolation_is_chosen_per_stage_and_paddleocr_forces_a_process(tmp_path: 
     config = load_config(None, {**base, **SYNTHETIC_PROCESS, "vision": {**SYNTHETIC_PROCESS["vision"],
                                                                           "isolation": "thread"}})
     load, ocr, vision = build_stages(config)
-    assert isinstance(ocr, ProcessStage) and ocr.stall_timeout_s == config.stall_timeout_s
-    assert not isinstance(vision, ProcessStage) and not isinstance(load, ProcessStage)
+    assert isolation_of(config, ocr.name, ocr.devices) == "process"
+    assert isolation_of(config, vision.name, vision.devices) == "thread" == isolation_of(config, load.name, load.devices)
     assert resolve_isolation("auto", ["cpu"], "paddleocr") == "process"
     assert resolve_isolation("thread", ["cuda:0"]) == "thread"
     with pytest.raises(ConfigError, match="ocr.isolation"):
         load_config(None, {**base, "ocr": {"backend": "paddleocr", "isolation": "thread"}})
     paddle = load_config(None, {**base, "ocr": {"backend": "paddleocr", "devices": ["cpu"]}, "vision":
                                 {"backend": "synthetic", "devices": ["cpu"]}})
-    assert isinstance(build_stages(paddle)[1], ProcessStage)
+    assert isolation_of(paddle, "ocr", build_stages(paddle)[1].devices) == "process"
 
 
 def test_paddleocr_loads_in_a_child_and_a_missing_model_dir_is_a_clear_error(tmp_path: Path) -> None:
@@ -276,11 +279,11 @@ def test_paddleocr_loads_in_a_child_and_a_missing_model_dir_is_a_clear_error(tmp
     from stages.ocr import OcrOptions, OcrStage
 
     missing = tmp_path / "no-models"
-    stage = ProcessStage(OcrStage(OcrOptions(backend="paddleocr", paddle_model_dir=str(missing)), ["cpu"],
-                                  BatchPolicy()), stall_timeout_s=120).replicate()
+    stage = ProcessHost(OcrStage(OcrOptions(backend="paddleocr", paddle_model_dir=str(missing)), ["cpu"],
+                                 BatchPolicy()), "cpu", stall_timeout_s=120)
     try:
         with pytest.raises(FileNotFoundError, match=r"ocr.paddle_model_dir .*no-models does not exist"):
-            stage.setup("cpu")
+            stage.setup()
         child = stage.pid
     finally:
         stage.teardown()

@@ -97,7 +97,9 @@ class LoopbackCluster:
         self.start_node2()
 
     def start_node2(self) -> None:
-        self._start([f"--address={self.address}", f"--node-ip-address={NODE2_IP}", "--num-cpus=3",
+        # The second node declares one GPU (a resource only: this machine has none), so that a driver without a
+        # GPU can be seen sending a cuda:0 stage there.
+        self._start([f"--address={self.address}", f"--node-ip-address={NODE2_IP}", "--num-cpus=3", "--num-gpus=1",
                      '--resources={"node2": 3}'])
         nodes = wait_for(lambda: [found for found in [self.alive_nodes()] if len(found) == 2], 60,
                          "both Ray nodes to be alive")[0]
@@ -211,7 +213,7 @@ def assert_ledger_matches(state: Path, output: Path) -> None:
 
 
 def synthetic_inbox(root: Path, count: int) -> tuple[Path, Path, Path, Path]:
-    from app.bench_common import make_images
+    from app.bench.common import make_images
 
     inbox, output, state, config = root / "in", root / "out", root / "state", root / "synthetic.yaml"
     make_images(inbox / "sub", count)
@@ -236,7 +238,7 @@ def test_without_ray_the_engine_says_how_to_install_it(tmp_path: Path) -> None:
 
 def test_adapter_fails_only_the_poison_item_and_halves_its_batch_on_out_of_memory() -> None:
     """The containment the Ray actors apply to any Stage (no cluster needed): as the local StageRunner does."""
-    from app.ray_engine import run_contained
+    from app.ray_data.actor import run_contained
     from stages.base import ImageItem
     from tests.fakes import RecordingStage
 
@@ -260,10 +262,10 @@ def test_a_file_that_kills_its_worker_ends_quarantined_alone(tmp_path: Path) -> 
     import json as json_module
     from types import SimpleNamespace
 
+    from app.build import build_stages
     from app.config import load_config
-    from app.ledger import Discovered, Ledger, Outcome
-    from app.ray_engine import RayRun
-    from app.wiring import build_stages
+    from app.ray_data import RayRun
+    from app.store import Discovered, Ledger, Outcome
 
     config = load_config(None, {"input": tmp_path / "in", "output": tmp_path / "out", "state_dir": tmp_path / "state",
                                 "ocr": {"backend": "synthetic", "devices": ["cpu"]},
@@ -308,17 +310,17 @@ def test_items_cross_the_wire_as_arrow_rows_with_pixels_and_byte_paths() -> None
     pytest.importorskip("pyarrow", reason="pyarrow comes with the [ray] extra")
     from PIL import Image
 
-    from app.ray_engine import _Carried, decode_items, encode_items
+    from app.ray_data.codec import Carried, decode_items, encode_items
     from stages.base import ImageItem
 
     source = os.fsdecode(b"/in/caf\xe9.png")  # not UTF-8: must round-trip byte for byte
     item = ImageItem(key=7, source=source, size=10, sha256="ab" * 32, width=3, height=2)
     item.image = Image.new("RGB", (3, 2), (10, 20, 30))
     item.signals = {"ocr": {"char_count": 3}}
-    carried = _Carried(os.fsencode("caf\udce9.png"), 10, 5, 1, {"load": "node-a"})
+    carried = Carried(os.fsencode("caf\udce9.png"), 10, 5, 1, {"load": "node-a"})
     failed = ImageItem(key=8, source="/in/x.png")
     failed.fail("not_an_image", "nope", "load")
-    back = decode_items(encode_items([(item, carried), (failed, _Carried(b"x.png", 1, 1, 2, {}))], keep_image=True))
+    back = decode_items(encode_items([(item, carried), (failed, Carried(b"x.png", 1, 1, 2, {}))], keep_image=True))
     (got, got_carried), (got_failed, _) = back
     assert os.fsencode(got.source) == b"/in/caf\xe9.png" and got_carried.rel_path == carried.rel_path
     assert got.image.size == (3, 2) and got.image.getpixel((2, 1)) == (10, 20, 30)
@@ -326,6 +328,49 @@ def test_items_cross_the_wire_as_arrow_rows_with_pixels_and_byte_paths() -> None
     assert got_failed.failure is not None and got_failed.failure.reason == "not_an_image" and got_failed.image is None
     dropped = decode_items(encode_items([(item, carried)], keep_image=False))[0][0]
     assert dropped.image is None  # after the last model stage no pixels travel
+
+
+COUNTED_ONCE = """
+import json, sys
+import app.build, app.once
+from app.config import load_config
+from app.devices import cuda_device_count
+
+assert cuda_device_count() == 0, "this driver must have no GPU"
+builds = []
+real = app.build.build_stages
+
+def counting(*args, **kwargs):
+    builds.append(1)
+    return real(*args, **kwargs)
+
+app.build.build_stages = app.once.build_stages = counting
+config = load_config(sys.argv[1])
+summary = app.once.bin_once(config, "ray", sys.argv[2], show_progress=False)
+print(json.dumps({"builds": len(builds), "finished": summary.stats.finished, "left": summary.not_finished}))
+"""
+
+
+def test_a_driver_without_a_gpu_builds_its_stages_once_and_sends_cuda_stages_to_a_gpu_node(
+        cluster: LoopbackCluster, tmp_path: Path) -> None:
+    """Device lists are checked against the cluster's GPUs, not the driver's: this driver has none, the second node
+    declares one, and ``ocr.devices: [cuda:0]`` runs there. The stages are built once, on the driver."""
+    inbox, output, state, config = synthetic_inbox(tmp_path, 12)
+    config.write_text(f"""input: {inbox}
+output: {output}
+state_dir: {state}
+loader: {{workers: 1, batch_size: 4}}
+ocr: {{backend: synthetic, devices: [cuda:0], batch_size: 4, synthetic_ms: [5, 1]}}
+vision: {{backend: synthetic, devices: [cpu], batch_size: 4, synthetic_ms: [5, 1]}}
+""")
+    done = subprocess.run([sys.executable, "-c", COUNTED_ONCE, str(config), cluster.address], env=cluster.env,
+                          capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"builds": 1, "finished": 13, "left": 0}, report
+    rows = [row for row in ledger_rows(state) if row["status"] == "done"]
+    assert len(rows) == 12
+    assert {json.loads(row["timings"])["ray_nodes"]["ocr"] for row in rows} == {cluster.node2_id}
 
 
 def test_two_nodes_bin_the_labelled_images_like_the_local_engine(cluster: LoopbackCluster, tmp_path: Path) -> None:

@@ -26,9 +26,8 @@ def test_batch_costs_base_plus_per_item_time() -> None:
 def test_signals_are_well_formed_and_empty() -> None:
     batch = items(3)
     batch[1].fail("corrupt", "test", stage="load")
-    batch[2].skip_vision = True
     SyntheticOcrStage(0, 0, ["cpu"], BatchPolicy()).process_batch(batch)
-    SyntheticVisionStage(0, 0, ["cpu"], BatchPolicy()).process_batch(batch)
+    SyntheticVisionStage(0, 0, ["cpu"], BatchPolicy()).process_batch(batch[:2])  # item 2 routed past vision
     assert batch[0].signals == {
         "ocr": {
             "text": "",

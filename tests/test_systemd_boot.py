@@ -335,7 +335,7 @@ def _own_for_service(path: Path, uid: int) -> None:
 _HELLO = """\
 import os, signal, sys, time
 sys.path.insert(0, sys.argv[1])
-from app.notify import SystemdNotifier
+from app.service.notify import SystemdNotifier
 
 notifier = SystemdNotifier()
 reloads = 0
@@ -496,7 +496,7 @@ _TORCH_PROBE = """\
 import signal, sys
 sys.path.insert(0, sys.argv[1])
 import torch
-from app.notify import SystemdNotifier
+from app.service.notify import SystemdNotifier
 
 x = torch.rand(4, 64, 96, 96)
 y = torch.nn.Conv2d(64, 64, 3, padding=1)(x)  # oneDNN builds this kernel at run time (JIT)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.standin_models import TINY_IMAGE_SIZE, build_blip, build_clip
+from app.bench.standin_models import TINY_IMAGE_SIZE, build_blip, build_clip
 
 IMAGE_SIZE = TINY_IMAGE_SIZE
 

@@ -1,0 +1,57 @@
+"""What a finished file counts for: the run's summary (both engines) and the local engine's metrics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from app.metrics import Metrics
+from app.store import Outcome, Row
+
+FINISHED = ("done", "quarantined", "vanished")  # outcomes that end a file's journey through this run
+
+
+@dataclass
+class RunStats:
+    """The summary of one run (``once``'s table, the daemon's STATUS line)."""
+
+    started: float = field(default_factory=time.monotonic)
+    finished: int = 0
+    bins: dict[str, int] = field(default_factory=dict)
+    quarantined: dict[str, int] = field(default_factory=dict)
+    retried: int = 0
+    vanished: int = 0
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.finished / elapsed if elapsed > 0 else 0.0
+
+    def count(self, outcome: Outcome) -> None:
+        """Add one outcome to the summary."""
+        if outcome.status == "done":
+            self.finished += 1
+            self.bins[outcome.bin or "?"] = self.bins.get(outcome.bin or "?", 0) + 1
+        elif outcome.status == "quarantined":
+            self.finished += 1
+            reason = outcome.reason or "unknown"
+            self.quarantined[reason] = self.quarantined.get(reason, 0) + 1
+        elif outcome.status == "vanished":
+            self.vanished += 1
+        else:
+            self.retried += 1
+
+
+def observe(metrics: Metrics, row: Row, outcome: Outcome) -> None:
+    """The local engine's sink metrics for one outcome."""
+    if outcome.status == "done":
+        metrics.binned.labels(bin=outcome.bin).inc()
+        metrics.end_to_end.observe(max(0.0, time.time() - row.seen_at))
+        metrics.items.labels(stage="sink", outcome="binned").inc()
+    elif outcome.status == "quarantined":
+        metrics.quarantined.labels(reason=outcome.reason or "unknown").inc()
+        metrics.end_to_end.observe(max(0.0, time.time() - row.seen_at))
+        metrics.items.labels(stage="sink", outcome="quarantined").inc()
+    elif outcome.status == "vanished":
+        metrics.items.labels(stage="sink", outcome="vanished").inc()
+    else:
+        metrics.items.labels(stage="sink", outcome="retry").inc()

@@ -1,0 +1,36 @@
+"""The progress bar of `once` and `eval`, the same on both engines: files finished of the total, the rate, time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class BinningProgress:
+    """A bar over ``total`` files; ``advance`` per finished file, ``phase`` names what is happening."""
+
+    def __init__(self, total: int | None, show: bool, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.show = show
+        self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+                             console=self.console, disable=not show)
+        self._total = total
+        self._task: TaskID | None = None
+
+    @contextmanager
+    def shown(self, first_phase: str) -> Iterator[BinningProgress]:
+        with self._bar:
+            self._task = self._bar.add_task(first_phase, total=self._total, rate=0.0)
+            yield self
+
+    def phase(self, description: str) -> None:
+        if self._task is not None:
+            self._bar.update(self._task, description=description)
+
+    def advance(self, rate: float) -> None:
+        if self._task is not None:
+            self._bar.update(self._task, advance=1, rate=rate)

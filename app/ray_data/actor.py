@@ -1,0 +1,76 @@
+"""Any ``Stage`` as a Ray Data callable class: one replica per actor, set up once, a batch per call.
+
+The adapter only adapts: which items a stage needs is ``engine.needs`` (routing), failures are contained by
+``engine.contain``, exactly as in the local engine's runners.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from app.devices import actor_device
+from app.engine import AUTO_BATCH_CEILING, BatchCap, contain, needs
+from app.ray_data.codec import decode_items, encode_items
+from stages.base import ImageItem, Stage
+from stages.rules import RuleThresholds
+
+
+class RayStageSetupError(RuntimeError):
+    """Raised inside an actor whose stage could not load its models; the driver stops the run with it."""
+
+
+def node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()[:12]
+
+
+def assigned_gpus() -> list[int | str]:
+    """The GPUs Ray assigned to this actor (its ``CUDA_VISIBLE_DEVICES``)."""
+    import ray
+
+    return list(ray.get_gpu_ids())
+
+
+def run_contained(stage: Stage, items: list[ImageItem], cap: int,
+                  thresholds: RuleThresholds | None = None) -> int:
+    """Run the items ``stage`` needs through it, failures contained; returns the (possibly lowered) batch cap."""
+    rules = thresholds or RuleThresholds()
+    active = [item for item in items if needs(stage, item, rules)]
+    holder = BatchCap(max(1, cap))
+    if active:
+        contain(stage.process_batch, active, stage=stage.name, device=stage.device or "cpu", cap=holder)
+    return holder.value
+
+
+class RayStage:
+    """One ``Stage`` replica per actor; ``__call__`` maps one Arrow block."""
+
+    def __init__(self, stage: Stage, thresholds: RuleThresholds, keep_image: bool) -> None:
+        self.stage = stage.replicate()
+        self.thresholds = thresholds
+        self.keep_image = keep_image
+        device = actor_device(stage.devices, assigned_gpus())
+        try:
+            self.stage.setup(device)
+            cap = self.stage.batch_policy.max_batch_size
+            if cap is None:
+                cap = self.stage.probe_batch_size(device, AUTO_BATCH_CEILING)
+            self.cap = max(1, int(cap))
+            self.stage.warmup()
+        except Exception as error:
+            raise RayStageSetupError(f"stage {stage.name} could not start on {device} "
+                                     f"(node {node_id()}): {type(error).__name__}: {error}") from error
+        self.node = node_id()
+
+    def __call__(self, table: Any) -> Any:
+        pairs = decode_items(table)
+        self.cap = run_contained(self.stage, [item for item, _ in pairs], self.cap, self.thresholds)
+        for _item, carried in pairs:
+            carried.nodes[self.stage.name] = self.node
+        return encode_items(pairs, self.keep_image)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stage.teardown()

@@ -1,0 +1,87 @@
+"""One window of claimed rows as a Ray Dataset: loader tasks -> one actor pool per model stage -> finish tasks,
+and what those pools need from the cluster."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from app.config import BinnerConfig
+from app.engine import AUTO_BATCH_CEILING
+from app.ray_data.actor import RayStage
+from app.ray_data.tasks import finish_batch, load_batch
+from stages.base import Stage
+from stages.devices import on_cuda
+
+TASK_RETRIES = 4  # a task lost with its node is run again elsewhere this many times
+ACTOR_RESTARTS = 4  # an actor lost with its node is started again elsewhere this many times
+
+
+def stage_resources(stage: Stage) -> dict[str, Any]:
+    """Per-actor resources: one GPU for a CUDA device list, else one CPU; pool size = number of devices."""
+    import ray.data
+
+    pool = ray.data.ActorPoolStrategy(size=max(1, len(stage.devices)))
+    return {"num_gpus": 1 if on_cuda(stage.devices) else 0, "num_cpus": 1, "compute": pool}
+
+
+def block_size(stages: list[Stage]) -> int:
+    """Rows per block: one loader batch."""
+    return max(1, stages[0].batch_policy.max_batch_size or 16)
+
+
+def needed_resources(stages: list[Stage]) -> dict[str, int]:
+    """What the actor pools hold for the whole run, plus one CPU for the loader and finish tasks to move."""
+    need = {"CPU": 1, "GPU": 0}
+    for stage in stages[1:]:
+        size = max(1, len(stage.devices))
+        need["CPU"] += size
+        need["GPU"] += size if on_cuda(stage.devices) else 0
+    return need
+
+
+def missing_resources(stages: list[Stage]) -> str | None:
+    """Why the cluster cannot run these pools now (the pipeline would wait for ever), or None."""
+    import ray
+
+    have = ray.cluster_resources()
+    need = needed_resources(stages)
+    short = [f"{need[kind]} {kind} (the cluster has {int(have.get(kind, 0))})" for kind in ("CPU", "GPU")
+             if need[kind] > have.get(kind, 0)]
+    if not short:
+        return None
+    return ("the Ray cluster is too small for the configured stages: they need " + " and ".join(short) +
+            "; add nodes, or list fewer devices per stage (each device is one actor)")
+
+
+def build_dataset(blocks: list[Any], stages: list[Stage], config: BinnerConfig) -> Any:
+    """One window of rows (Arrow blocks, one loader batch each) as a Ray Dataset: loader tasks -> actor pools -> finish.
+
+    Retries are bounded on purpose (Ray Data's own default restarts actors and retries their calls forever, so a
+    file that crashes its worker natively would loop): a lost node costs a few retries, a poison file fails its
+    window, which the driver then splits until the file fails alone. Ray 2.60 takes these only as the extra
+    ``ray_remote_args`` it calls deprecated (removal announced for 2.64); the extra pins ray 2.60.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated.*")
+        return _build_dataset(blocks, stages, config)
+
+
+def _build_dataset(blocks: list[Any], stages: list[Stage], config: BinnerConfig) -> Any:
+    import ray.data
+
+    loader, models = stages[0], stages[1:]
+    block_rows = block_size(stages)
+    ds = ray.data.from_arrow(blocks)  # one block per loader batch: the blocks spread over the nodes
+    ds = ds.map_batches(load_batch, batch_size=block_rows, batch_format="pyarrow", num_cpus=1,
+                        fn_kwargs={"stage": loader, "keep_image": bool(models)}, max_retries=TASK_RETRIES)
+    for index, stage in enumerate(models):
+        cap = stage.batch_policy.max_batch_size or AUTO_BATCH_CEILING
+        ds = ds.map_batches(RayStage, batch_size=cap, batch_format="pyarrow",
+                            fn_constructor_kwargs={"stage": stage, "thresholds": config.rules,
+                                                   "keep_image": index + 1 < len(models)},
+                            max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, **stage_resources(stage))
+    return ds.map_batches(finish_batch, batch_size=block_rows, batch_format="pyarrow", num_cpus=1,
+                          max_retries=TASK_RETRIES,
+                          fn_kwargs={"thresholds": config.rules, "output_root": str(config.output),
+                                     "placement": config.placement, "max_attempts": config.max_attempts})

@@ -1,0 +1,305 @@
+"""The Ray engine's driver: claims windows of ledger rows, streams them through the cluster, records what comes back.
+
+Shape (Ray Data streams blocks between the steps, with backpressure and retries):
+
+    driver: ledger.claim_pending -> ray.data.from_arrow(window of rows, one block per loader batch)
+      -> loader          CPU ``map_batches`` tasks                               (tasks.py)
+      -> ocr, vision     actor pools: one ``Stage`` replica per actor             (actor.py)
+      -> finish          CPU tasks: rules + placement into the shared output     (tasks.py)
+    driver: iter_batches -> ledger.record (durable) -> remove inputs (move mode) -> progress, summary
+
+Why it is built this way:
+
+- Only the driver writes the ledger, and only after the finish task placed the file; inputs are removed after
+  the ledger commit. Placement is idempotent by content (the Placer reuses a name that already holds the same
+  bytes), so a driver killed with ``kill -9`` leaves ``processing`` rows that the next run recovers and places
+  again without a second copy.
+- Rows are claimed in windows, each run as one dataset: the file list never has to fit in the driver's memory.
+  A window restarts the actor pools, so windows start small and grow to minutes of work (see ``RayRun``).
+- A window that fails as a whole (a lost node after Ray's own retries) is run again; one that fails again (a
+  file that crashes its worker natively) is split in halves down to single rows, and only a single row that
+  still fails is charged an attempt: a poison file ends quarantined alone, its neighbours are not charged.
+- Admission, routing, containment, finishing and accounting are the local engine's own (``app.engine``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from app.config import BinnerConfig, ConfigError
+from app.devices import planned_replicas
+from app.engine import FINISHED, RunStats, remove_inputs
+from app.progress import BinningProgress
+from app.ray_data.codec import row_record, schema
+from app.ray_data.dataset import block_size, build_dataset, missing_resources
+from app.store import Ledger, Outcome, Placer
+from stages.base import Stage
+
+log = structlog.get_logger("binner.ray")
+
+INSTALL_HINT = ("--engine ray needs Ray: install the extra with `pip install -e '.[ray]'` "
+                "(or `pip install 'ray[data]==2.60.*'`), or use --engine local")
+WINDOW_ROWS = 4096  # the first window: first results come soon
+MAX_WINDOW_ROWS = 250_000  # later windows grow to about TARGET_WINDOW_S of work, up to this many rows
+TARGET_WINDOW_S = 300.0
+
+
+def ray_missing() -> str | None:
+    """The one-line install hint when Ray Data cannot be imported, else None."""
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        return INSTALL_HINT
+    return None
+
+
+class RayEngineError(Exception):
+    """The Ray run cannot go on (cannot reach the cluster, a stage cannot start): say so and stop."""
+
+
+class LedgerRun(Protocol):
+    """What the driver needs of a built runtime: the configuration, the ledger it records into, the writer."""
+
+    config: BinnerConfig
+    ledger: Ledger
+    placer: Placer | None
+
+
+def _worker_env() -> dict[str, str]:
+    """Settings the workers need that they would not inherit from the driver's shell."""
+    names = ("YOLO_OFFLINE", "YOLO_CONFIG_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "BINNER_CACHE_DIR",
+             "XDG_CACHE_HOME", "OMP_NUM_THREADS")
+    return {name: os.environ[name] for name in names if name in os.environ}
+
+
+def connect(address: str | None, needed_cpus: int) -> None:
+    """Join the cluster at ``address``, or start a local Ray with enough CPU slots for the actor pools."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    runtime_env = {"env_vars": _worker_env()}
+    try:
+        if address:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level="warning")
+        else:
+            ray.init(num_cpus=max(os.cpu_count() or 1, needed_cpus), runtime_env=runtime_env, log_to_driver=False,
+                     include_dashboard=False, logging_level="warning")
+    except Exception as error:
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise RayEngineError(f"cannot start or reach {where}: {type(error).__name__}: {error}; check --ray-address "
+                             "(host:port of the head node's GCS) and that `ray status` works from here") from None
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # binner draws its own bar
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-window "starting execution" lines
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": on purpose
+
+
+def _absolute_weights(config: BinnerConfig) -> BinnerConfig:
+    """Relative weight paths are the driver's; workers run elsewhere, so hand them absolute paths."""
+    weights = Path(config.vision.detector.weights).expanduser()
+    if not weights.is_absolute() and weights.exists():
+        config = config.model_copy(deep=True)
+        config.vision.detector.weights = str(weights.absolute())
+    return config
+
+
+def _is_setup_failure(error: BaseException) -> str | None:
+    """The stage's own start-up error when an actor could not set up its stage (Ray wraps it in its traceback)."""
+    found = re.search(r"RayStageSetupError: (stage [^\n]*)", str(error))
+    return found.group(1).strip() if found else None
+
+
+def _outcome(data: dict[str, Any]) -> Outcome:
+    return Outcome(**data)
+
+
+class RayRun:
+    """The driver: claims windows of rows, streams them through the cluster, records what comes back.
+
+    Each window is one Ray Data run, and each run starts its actor pools again (about 15 s on the development
+    machine), so windows start small (first results soon) and then grow to about ``target_window_s`` of work at the
+    measured rate, up to ``max_window`` rows: the start-up then costs a few percent. Claimed rows are held as
+    Arrow blocks and an id -> path map, never as a list of ledger rows.
+    """
+
+    def __init__(self, runtime: LedgerRun, stages: list[Stage], window_rows: int = WINDOW_ROWS,
+                 on_finished: Callable[[Outcome], None] | None = None, max_window: int = MAX_WINDOW_ROWS,
+                 target_window_s: float = TARGET_WINDOW_S) -> None:
+        self.runtime = runtime
+        self.config = runtime.config
+        self.ledger = runtime.ledger
+        self.stages = stages
+        self.first_window = max(1, window_rows)
+        self.max_window = max(self.first_window, max_window)
+        self.target_window_s = target_window_s
+        self.on_finished = on_finished
+        self.stats = RunStats()
+        self.move_mode = self.config.placement == "move"
+        self._claimed: dict[int, str] = {}
+        self._suspects: set[int] = set()  # rows of a window that failed twice, until each has finished
+        self._culprit_charged = False
+
+    def _wait_for_resources(self, timeout_s: float = 600.0) -> None:
+        """After a lost node the pools may no longer fit: wait for the cluster to grow back, then give up."""
+        deadline = time.monotonic() + timeout_s
+        while (problem := missing_resources(self.stages)) is not None:
+            if time.monotonic() > deadline:
+                raise RayEngineError(problem)
+            log.warning("waiting for the Ray cluster to have room for the stages again", problem=problem)
+            time.sleep(5.0)
+
+    def _claim(self, limit: int) -> list[Any]:
+        """Claim up to ``limit`` pending rows, page by page, as Arrow blocks of one loader batch each."""
+        import pyarrow as pa
+
+        per_block = block_size(self.stages)
+        page_size = max(per_block, (4096 // per_block) * per_block)
+        self._claimed = {}
+        blocks: list[Any] = []
+        after_id = 0
+        while len(self._claimed) < limit:
+            rows = self.ledger.claim_pending(min(page_size, limit - len(self._claimed)), after_id)
+            if not rows:
+                break
+            after_id = rows[-1].id
+            records = [row_record(row, self.config.max_attempts) for row in rows]
+            blocks += [pa.Table.from_pylist(records[at:at + per_block], schema=schema())
+                       for at in range(0, len(records), per_block)]
+            self._claimed.update((row.id, row.path) for row in rows)
+        return blocks
+
+    def run(self) -> RunStats:
+        window = self.first_window
+        backoff = 1.0
+        failures = 0  # windows failed in a row
+        while True:
+            self._wait_for_resources()
+            blocks = self._claim(window)
+            if not blocks:
+                return self.stats
+            left = set(self._claimed)
+            claimed = len(left)
+            started = time.monotonic()
+            try:
+                blocked = self._run_window(blocks, left)
+            except RayEngineError:
+                self.ledger.recover_interrupted()
+                raise
+            except Exception as error:  # the window failed as a whole, after Ray's own retries
+                setup = _is_setup_failure(error)
+                self.ledger.recover_interrupted()
+                if setup:
+                    raise RayEngineError(setup) from None
+                message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                failures += 1
+                # A lost node fails a window once: run the rest again as it was. A window that fails again holds
+                # an item that kills its worker: its rows become suspects, and failing windows are halved until
+                # that item fails alone; then only that row is charged an attempt (as a crash in a model call).
+                if failures > 1 and not self._suspects:
+                    self._suspects = set(left)
+                if len(left) == 1 and self._suspects:
+                    (row_id,) = left
+                    self._record([Outcome(row_id, "pending", last_error=f"the Ray task failed: {message}")])
+                    self._culprit_charged = True
+                window = max(1, len(left) // 2) if self._suspects else len(left)
+                log.warning("a Ray window failed; running its unfinished rows again", rows=claimed,
+                            unfinished=len(left), next_window=window, error=message)
+                continue
+            failures = 0
+            if blocked:
+                self.ledger.recover_interrupted()
+                log.error("placement paused: the output directory refused a write; will retry", error=blocked,
+                          retry_in_s=backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 1.0
+            if left:  # nothing failed, yet rows did not come back: release them (never seen in practice)
+                self.ledger.recover_interrupted()
+            if self._suspects:  # bisecting: the culprit is in the other half (same size) until it has been charged
+                window = max(1, min(window * 2 if self._culprit_charged else window, len(self._suspects)))
+                continue
+            self._culprit_charged = False
+            rate = (claimed - len(left)) / max(time.monotonic() - started, 1e-3)
+            window = int(min(self.max_window, max(self.first_window, window * 2, rate * self.target_window_s)))
+
+    def _run_window(self, blocks: list[Any], left: set[int]) -> str | None:
+        dataset = build_dataset(blocks, self.stages, self.config)
+        blocked: str | None = None
+        for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+            outcomes: list[Outcome] = []
+            for text in table.column("result").to_pylist():
+                result = json.loads(text)
+                if "blocked" in result:
+                    blocked = result["blocked"]
+                    continue
+                outcomes.append(_outcome(result["outcome"]))
+            self._record(outcomes)
+            for outcome in outcomes:
+                left.discard(outcome.id)
+        return blocked
+
+    def _record(self, outcomes: list[Outcome]) -> None:
+        """Durable ledger rows first, then (move mode) the inputs they describe go away."""
+        if not outcomes:
+            return
+        self.ledger.record(outcomes)
+        remove_inputs(self.runtime.placer, self.move_mode,
+                      ((path, outcome) for outcome in outcomes if (path := self._claimed.get(outcome.id)) is not None))
+        for outcome in outcomes:
+            if outcome.status in FINISHED:
+                self._suspects.discard(outcome.id)
+            self.stats.count(outcome)
+            if self.on_finished is not None:
+                self.on_finished(outcome)
+
+
+def gpu_count_of_cluster() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def run_on_ray(runtime: LedgerRun, address: str | None, total: int | None, show_progress: bool,
+               build_stages: Callable[..., list[Stage]], window_rows: int = WINDOW_ROWS) -> RunStats:
+    """``binner once --engine ray``: connect, build the stages once for the cluster's GPUs, run to the end.
+
+    ``build_stages(config, gpu_count=, where=)`` is the wiring's: device lists are checked against the cluster's
+    GPU resources, not this driver's (a CPU-only driver may send ``cuda:N`` stages to GPU nodes).
+    """
+    import ray
+
+    config = _absolute_weights(runtime.config)
+    progress = BinningProgress(total, show_progress)
+    try:
+        with progress.shown("connecting to Ray"):
+            connect(address, needed_cpus=2 + planned_replicas(config, "ocr") + planned_replicas(config, "vision"))
+            try:
+                stages = build_stages(config, gpu_count=gpu_count_of_cluster(), where="the Ray cluster")
+            except ConfigError as error:
+                raise RayEngineError(str(error)) from None
+            if problem := missing_resources(stages):
+                raise RayEngineError(problem)
+            progress.phase("binning on Ray")
+            run = RayRun(runtime, stages, window_rows)
+
+            def advance(outcome: Outcome) -> None:
+                if outcome.status in FINISHED:
+                    progress.advance(run.stats.rate())
+
+            run.on_finished = advance
+            return run.run()
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
