@@ -27,6 +27,7 @@ QUARANTINE_REASONS = ("empty_file", "not_an_image", "truncated", "too_many_pixel
 ITEM_OUTCOMES = ("ok", "failed")
 SINK_OUTCOMES = ("binned", "quarantined", "vanished", "retry")
 WORKER_RESTART_CAUSES = ("crashed", "stuck")
+HOST_PHASES = ("prepare", "finish")
 
 RunningCalls = Callable[[], Iterable[tuple[str, str, float]]]  # (stage, device, monotonic start) of calls in flight
 
@@ -127,6 +128,11 @@ class Metrics:
             registry=r,
         )
         self.oom = Counter("binner_oom", "Out-of-memory events on a device", ["stage", "device"], registry=r)
+        self.host_seconds = Counter(
+            "binner_stage_host_seconds",
+            "Seconds of a stage's host work around its device calls, by phase (prepare, finish); beside busy time it "
+            "tells a host-bound stage from a device-bound one", ["stage", "device", "phase"], registry=r,
+        )
         self.worker_restarts = Counter(
             "binner_worker_restarts", "Stage worker processes replaced (process isolation), by cause: crashed, stuck",
             ["stage", "device", "cause"], registry=r,
@@ -172,6 +178,8 @@ class Metrics:
             self.batch_seconds.labels(stage=stage, device=device)
             self.batch_size.labels(stage=stage)
             self.oom.labels(stage=stage, device=device)
+            for phase in HOST_PHASES:
+                self.host_seconds.labels(stage=stage, device=device, phase=phase)
             for cause in WORKER_RESTART_CAUSES:
                 self.worker_restarts.labels(stage=stage, device=device, cause=cause)
             for outcome in ITEM_OUTCOMES:

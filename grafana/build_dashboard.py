@@ -116,6 +116,15 @@ def panels() -> list[dict[str, Any]]:
                    "bottleneck; add a device to it (devices list) or raise its batch size.",
                    [(f"sum by (stage, device) (rate(binner_stage_busy_seconds_total{{{SEL}}}[{RATE}]))",
                      "{{stage}} {{device}}")], unit="percentunit", max_value=1),
+        timeseries("Host vs device time per stage",
+                   "Seconds per second each stage replica spends on host work around its device calls (prepare: "
+                   "decoding to arrays and uploading; finish: copying results back and making signals), beside its "
+                   "device time. Host time near or above device time means the stage is bound by the host, not the "
+                   "GPU: give it more CPU, or move pre-processing onto the device.",
+                   [(f"sum by (stage, device, phase) (rate(binner_stage_host_seconds_total{{{SEL}}}[{RATE}]))",
+                     "{{stage}} {{device}} host {{phase}}"),
+                    (f"sum by (stage, device) (rate(binner_stage_busy_seconds_total{{{SEL}}}[{RATE}]))",
+                     "{{stage}} {{device}} device")], unit="percentunit"),
         timeseries("Queue depth vs capacity",
                    "Items waiting in each bounded queue (solid) against its capacity. A queue at capacity "
                    "blocks its producer: the stage after it is the bottleneck.",

@@ -16,11 +16,12 @@ R = TypeVar("R")
 
 
 class DedicatedThread:
-    """A single long-lived thread; ``await run(fn, ...)`` runs ``fn`` there without blocking the event loop."""
+    """Long-lived threads of their own (one unless asked for more); ``await run(fn, ...)`` runs ``fn`` on one of
+    them without blocking the event loop."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, threads: int = 1) -> None:
         self.name = name
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._executor = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix=name)
 
     async def run(self, fn: Callable[..., R], *args: Any) -> R:
         """Run ``fn(*args)`` on the thread. If the awaiting task is cancelled, the call still completes

@@ -113,6 +113,32 @@ class Stage(ABC):
         CUDA OOM through) to make the engine halve the batch cap and retry.
         """
 
+    # --- host work around the device call (optional) --------------------------------------------------------
+    # The engine runs a batch as prepare -> forward -> finish. ``forward`` is the device call: it runs on the
+    # replica's own thread, one batch at a time. ``prepare`` and ``finish`` are host work (decoding to arrays,
+    # pinning memory, copying results back, turning outputs into signals): they run on other threads, while the
+    # replica's previous or next batch is on the device, so they must not touch state that ``forward`` changes.
+    # A stage without host work keeps the defaults and does everything in ``process_batch``; a stage with host
+    # work overrides all three and makes ``process_batch`` their composition (``run_phases``).
+
+    def prepare(self, items: list[ImageItem]) -> Any:
+        """Host work before the device call; returns what ``forward`` takes. Default: the items themselves."""
+        return items
+
+    def forward(self, batch: Any) -> Any:
+        """The device call on what ``prepare`` returned. Default: ``process_batch``."""
+        return self.process_batch(batch)
+
+    def finish(self, items: list[ImageItem], outputs: Any) -> list[ImageItem]:
+        """Host work after the device call: the items, updated from ``outputs``. Default: the outputs are the items."""
+        return outputs  # type: ignore[no-any-return]
+
+    @property
+    def has_host_phases(self) -> bool:
+        """Whether this stage splits host work from its device call (the engine then overlaps them)."""
+        cls = type(self)
+        return cls.prepare is not Stage.prepare or cls.finish is not Stage.finish
+
     def probe_batch_size(self, device: str, ceiling: int) -> int:
         """Largest batch that fits ``device`` (for ``batch_size: auto``); CPU and unknowns use ``ceiling``."""
         return ceiling
@@ -122,6 +148,12 @@ class Stage(ABC):
 
     def teardown(self) -> None:
         """Release the models and device memory."""
+
+
+def run_phases(stage: Stage, items: list[ImageItem]) -> list[ImageItem]:
+    """One batch through a stage's three phases in sequence, on the calling thread (what ``process_batch`` of a stage
+    with host phases does)."""
+    return stage.finish(items, stage.forward(stage.prepare(items)))
 
 
 _OOM_MESSAGES = ("CUDA out of memory", "Failed to allocate memory", "CUBLAS_STATUS_ALLOC_FAILED",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import structlog
 
-from stages.base import BatchPolicy, ImageItem, Stage
+from stages.base import BatchPolicy, ImageItem, Stage, run_phases
 
 
 class MisbehavingStage(Stage):
@@ -138,3 +138,37 @@ if __name__ == "__main__":
     import sys
 
     gil_experiment(*(float(arg) if index else int(arg) for index, arg in enumerate(sys.argv[1:])))
+
+
+class HostAndDeviceStage(Stage):
+    """Host phases and a device call that each take a fixed time (sleep releases the GIL like real work does):
+    ``prepare`` and ``finish`` ``host_s / 2`` each, ``forward`` ``device_s``. Records the device calls' spans."""
+
+    produces = frozenset({"ocr"})
+
+    def __init__(self, name: str, host_s: float, device_s: float, batch_size: int, journal: Path | None = None) -> None:
+        super().__init__(["cpu"], BatchPolicy(batch_size, 1.0))
+        self.name = name
+        self.host_s, self.device_s = host_s, device_s
+        self.journal = journal
+
+    def prepare(self, items: list[ImageItem]) -> list[ImageItem]:
+        time.sleep(self.host_s / 2)
+        return items
+
+    def forward(self, batch: list[ImageItem]) -> list[ImageItem]:
+        started = time.monotonic()
+        time.sleep(self.device_s)
+        if self.journal is not None:
+            with self.journal.open("a") as handle:
+                handle.write(f"{started} {time.monotonic()}\n")
+        return batch
+
+    def finish(self, items: list[ImageItem], outputs: list[ImageItem]) -> list[ImageItem]:
+        time.sleep(self.host_s / 2)
+        for item in outputs:
+            item.signals["ocr"] = {"char_count": 0, "line_count": 0, "text_area_ratio": 0.0}
+        return outputs
+
+    def process_batch(self, items: list[ImageItem]) -> list[ImageItem]:
+        return run_phases(self, items)

@@ -110,6 +110,7 @@ def run_on_ray_steps(root: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, A
             table = pa.concat_tables([load_batch(block, built[0], keep_image=True) for block in blocks])
             rows = block_size(built)
             results = [actor(table.slice(at, rows)) for at in range(0, table.num_rows, rows)]
+            actor.teardown()
             finished = finish_batch(pa.concat_tables(results), config.rules, str(config.output), config.placement,
                                     config.max_attempts)
             done = [self._outcome_of(json.loads(text)) for text in finished.column("result").to_pylist()]

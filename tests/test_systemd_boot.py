@@ -331,7 +331,7 @@ def _own_for_service(path: Path, uid: int) -> None:
         os.chown(entry, uid, uid)
 
 
-# A stand-in daemon for the harness test: the same notify protocol as `binner run`, through app/notify.py.
+# A stand-in daemon for the harness test: the same notify protocol as `binner run`, through app/service/notify.py.
 _HELLO = """\
 import os, signal, sys, time
 sys.path.insert(0, sys.argv[1])
@@ -378,17 +378,20 @@ sys.exit(0)
 
 
 def _stage_notify_module(work: Path) -> str:
-    """Copy app/notify.py (stdlib only) where User=binner can read it; returns its path inside the namespace.
+    """Copy app/service/notify.py (stdlib only) where User=binner can read it; returns its path inside the namespace.
 
     A checkout below a 0700 directory (``tempfile.mkdtemp``, many CI workspaces) is closed to the service user,
-    so importing ``app`` from the checkout itself fails there with "No module named 'app'".
+    so importing ``app`` from the checkout itself fails there with "No module named 'app'". The service package's
+    face is left out (it imports the whole daemon): an empty ``__init__.py`` stands for it.
     """
     package = work / "lib" / "app"
-    package.mkdir(parents=True)
-    for name in ("__init__.py", "notify.py"):
-        shutil.copyfile(REPO / "app" / name, package / name)
-        os.chmod(package / name, 0o644)
-    for directory in (work / "lib", package):
+    (package / "service").mkdir(parents=True)
+    shutil.copyfile(REPO / "app" / "__init__.py", package / "__init__.py")
+    shutil.copyfile(REPO / "app" / "service" / "notify.py", package / "service" / "notify.py")
+    (package / "service" / "__init__.py").write_text("")
+    for path in (package / "__init__.py", package / "service" / "notify.py", package / "service" / "__init__.py"):
+        os.chmod(path, 0o644)
+    for directory in (work / "lib", package, package / "service"):
         os.chmod(directory, 0o755)
     return "/run/harness/lib"
 

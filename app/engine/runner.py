@@ -1,8 +1,9 @@
-"""One stage's replicas: micro-batches in, model calls on each device's own thread (and host), items out.
+"""One stage's replicas: micro-batches in, model calls on each device's host, items out.
 
-Each replica is a host (``app.hosts``: the model in this process, or in a child process) driven from one
-dedicated thread. A batch runs through ``contain`` (``app.engine.containment``) on that thread, so failures stay
-with their items exactly as on the Ray engine.
+Each replica is a host (``app.hosts``: the model in this process, or in a child process) driven by as many driver
+threads as it takes batches at once (``host.concurrency``: three for a stage with host phases, so that one batch is
+prepared and another finished while a third is on the device; one otherwise). A batch runs through ``contain``
+(``app.engine.containment``) on its driver thread, so failures stay with their items exactly as on the Ray engine.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ CallMarker = Callable[[list[int], str | None], None]
 
 @dataclass
 class Replica:
-    """One model copy on one device, hosted by ``host`` and driven from ``thread``."""
+    """One model copy on one device, hosted by ``host`` and driven from ``drivers``."""
 
     host: ReplicaHost
     device: str
-    thread: DedicatedThread
+    drivers: DedicatedThread
     cap: BatchCap
-    busy_since: float | None = None
+    busy_since: float | None = None  # monotonic start of the device call in progress (the stall watchdog reads it)
 
     @property
     def batch_cap(self) -> int:
@@ -69,6 +70,33 @@ class _ReplicaMetrics:
         self.limit.set(new_cap)
 
 
+class _ReplicaPhases:
+    """A replica's phase reports: busy time while a device call runs, host seconds per phase."""
+
+    def __init__(self, runner: StageRunner, device: str) -> None:
+        self.runner, self.device = runner, device
+        self.replica: Replica | None = None  # set once the replica exists (setup reports nothing)
+        self.busy = runner.metrics.busy_seconds
+        self.host = {phase: runner.metrics.host_seconds.labels(stage=runner.stage.name, device=device, phase=phase)
+                     for phase in ("prepare", "finish")}
+
+    def device_started(self) -> None:
+        if self.replica is not None:
+            self.replica.busy_since = time.monotonic()
+
+    def device_finished(self, seconds: float) -> None:
+        # Busy time is counted here, once per device call, and while the call runs by the metric's collector.
+        with self.busy.lock:
+            self.busy.labels(stage=self.runner.stage.name, device=self.device).inc(seconds)
+            if self.replica is not None:
+                self.replica.busy_since = None
+
+    def host_finished(self, phase: str, seconds: float) -> None:
+        counter = self.host.get(phase)
+        if counter is not None:
+            counter.inc(seconds)
+
+
 class StageRunner:
     """Runs one stage's replicas: micro-batches in, items routed out, failures contained to their item."""
 
@@ -96,19 +124,20 @@ class StageRunner:
         hosting = self.hosting
 
         async def set_up(device: str, index: int) -> None:
+            phases = _ReplicaPhases(self, device)
             host = host_for(self.stage, device, hosting.isolation, stall_timeout_s=hosting.stall_timeout_s,
-                            log_level=hosting.log_level, on_restart=self._restart_counter(device))
-            thread = DedicatedThread(f"{self.stage.name}-{device}-{index}")
-            await thread.run(host.setup)
+                            log_level=hosting.log_level, on_restart=self._restart_counter(device), observer=phases)
+            drivers = DedicatedThread(f"{self.stage.name}-{device}-{index}", threads=host.concurrency)
+            await drivers.run(host.setup)
             cap = self.stage.batch_policy.max_batch_size
             if cap is None:
-                cap = await thread.run(host.probe_batch_size, AUTO_BATCH_CEILING)
-            await thread.run(host.warmup)
-            replica = Replica(host, device, thread, BatchCap(max(1, int(cap))))
+                cap = await drivers.run(host.probe_batch_size, AUTO_BATCH_CEILING)
+            await drivers.run(host.warmup)
+            replica = phases.replica = Replica(host, device, drivers, BatchCap(max(1, int(cap))))
             self.metrics.batch_limit.labels(stage=self.stage.name, device=device).set(replica.batch_cap)
             self.replicas.append(replica)
             log.info("stage ready", stage=self.stage.name, replica=index, device=device, batch_cap=replica.batch_cap,
-                     isolation=hosting.isolation)
+                     isolation=hosting.isolation, batches_at_once=host.concurrency)
 
         async with anyio.create_task_group() as group:
             for index, device in enumerate(self.stage.devices):
@@ -117,7 +146,8 @@ class StageRunner:
     async def run(self) -> None:
         async with anyio.create_task_group() as group:
             for replica in self.replicas:
-                group.start_soon(self._work, replica)
+                for _ in range(replica.host.concurrency):
+                    group.start_soon(self._work, replica)
 
     async def teardown(self) -> None:
         for replica in self.replicas:
@@ -125,13 +155,13 @@ class StageRunner:
                 log.warning("model call still running at teardown; leaving its thread", stage=self.stage.name,
                             device=replica.device, running_s=round(time.monotonic() - replica.busy_since, 1))
                 replica.host.kill()  # a child process can be ended, which frees its device
-                replica.thread.shutdown(wait=False)
+                replica.drivers.shutdown(wait=False)
                 continue
             try:
-                await replica.thread.run(replica.host.teardown)
+                await replica.drivers.run(replica.host.teardown)
             except Exception as error:  # teardown must not hide the real outcome
                 log.warning("teardown failed", stage=self.stage.name, device=replica.device, error=str(error))
-            replica.thread.shutdown(wait=False)
+            replica.drivers.shutdown(wait=False)
 
     def _restart_counter(self, device: str) -> Callable[[str], None]:
         counter = self.metrics.worker_restarts
@@ -152,37 +182,31 @@ class StageRunner:
                 batch = await next_batch(self.inbound, replica.batch_cap, wait_s)
             except EndOfStream:
                 return
-            done = await replica.thread.run(self._contained, replica, batch)
+            done = await replica.drivers.run(self._contained, replica, batch)
             for item in done:
                 outcome = "failed" if item.failure else "ok"
                 self.metrics.items.labels(stage=self.stage.name, outcome=outcome).inc()
                 await self.route(item)
 
     def _contained(self, replica: Replica, items: list[ImageItem]) -> list[ImageItem]:
-        """On the replica's thread: the batch through the shared containment, each attempt a marked call."""
+        """On a driver thread: the batch through the shared containment, each attempt a marked call."""
         suspect = None if self.is_suspect is None else (lambda item: self.is_suspect(item.key))  # type: ignore[misc]
         return contain(lambda batch: self._call(replica, batch), items, stage=self.stage.name, device=replica.device,
                        cap=replica.cap, is_suspect=suspect,
                        observer=_ReplicaMetrics(self.metrics, self.stage.name, replica.device))
 
     def _call(self, replica: Replica, items: list[ImageItem]) -> list[ImageItem]:
-        """The model call, marked busy by the thread itself: a cancelled waiter does not end the call.
+        """One attempt at a batch on its host (the host reports its device time as busy time).
 
-        The ledger is told which rows are inside this call before it starts and after it returns, so that a
-        process that dies here charges a crash to these rows only (and names this stage).
+        The ledger is told which rows are inside the stage before the call and after it returns, so that a process
+        that dies meanwhile charges a crash to these rows only (and names this stage).
         """
         keys = [item.key for item in items]
         if self.mark_call is not None:
             self.mark_call(keys, self.stage.name)
-        replica.busy_since = since = time.monotonic()
         try:
             return replica.host.process_batch(items)
         finally:
-            # Busy time is counted here, once per model call, and while the call runs by the metric's collector.
-            busy = self.metrics.busy_seconds
-            with busy.lock:
-                busy.labels(stage=self.stage.name, device=replica.device).inc(time.monotonic() - since)
-                replica.busy_since = None
             if self.mark_call is not None:
                 self.mark_call(keys, None)
 

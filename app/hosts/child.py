@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -104,35 +105,40 @@ def _forward_logs(channel: _Channel, level: str) -> None:
     root.setLevel(max(numeric, logging.WARNING))
 
 
-class _Arena:
-    """The parent's shared-memory block, attached once per name (the parent makes a bigger one when needed).
+class _Arenas:
+    """The parent's shared-memory blocks, one per in-flight slot, each attached once per name (the parent makes a
+    bigger one when a batch needs it).
 
-    Once mapped here, the name is removed: the memory lives while the two processes map it, and nothing is left
-    in /dev/shm even when the whole process group is SIGKILLed (systemd's final kill).
+    Once mapped here, a name is removed: the memory lives while the two processes map it, and nothing is left in
+    /dev/shm even when the whole process group is SIGKILLed (systemd's final kill).
     """
 
     def __init__(self) -> None:
-        self.block: SharedMemory | None = None
-        self.name: str | None = None
+        self.blocks: dict[int, tuple[str, SharedMemory]] = {}
+        self.lock = threading.Lock()
 
-    def view(self, name: str) -> memoryview:
-        if self.block is None or self.name != name:
-            self.close()
-            self.block = SharedMemory(name=name)
-            self.name = name
-            self.block.unlink()
-        return self.block.buf
+    def view(self, slot: int, name: str) -> memoryview:
+        with self.lock:
+            held = self.blocks.get(slot)
+            if held is None or held[0] != name:
+                if held is not None:
+                    held[1].close()
+                block = SharedMemory(name=name)
+                block.unlink()
+                self.blocks[slot] = held = (name, block)
+            return held[1].buf
 
     def close(self) -> None:
-        if self.block is not None:
-            self.block.close()
-            self.block = None
+        with self.lock:
+            for _, block in self.blocks.values():
+                block.close()
+            self.blocks.clear()
 
 
-def _rebuild(items: list[ImageItem], images: list[Any], arena: _Arena, name: str | None) -> None:
+def _rebuild(items: list[ImageItem], images: list[Any], arenas: _Arenas, slot: int, name: str | None) -> None:
     from PIL import Image
 
-    buffer = arena.view(name) if name else None
+    buffer = arenas.view(slot, name) if name else None
     for item, spec in zip(items, images):
         if spec is None:
             item.image = None
@@ -152,18 +158,41 @@ def _rebuild(items: list[ImageItem], images: list[Any], arena: _Arena, name: str
             item.image = spec[1]
 
 
-def _error_record(error: BaseException) -> tuple[Any, ...]:
+def _error_record(call_id: int, error: BaseException) -> tuple[Any, ...]:
     text = "".join(traceback.format_exception(error))
     try:
         payload: bytes | None = pickle.dumps(error)
         pickle.loads(payload)
     except Exception:
         payload = None
-    return ("error", payload, type(error).__name__, str(error), is_out_of_memory(error), text)
+    return ("error", call_id, payload, type(error).__name__, str(error), is_out_of_memory(error), text)
 
 
-def child_main(conn: Connection, stage: Stage, parent_pid: int, title: str, log_level: str) -> None:
-    """Serve the parent's calls until it says teardown or the pipe closes; each call answers once."""
+class _PhaseReports:
+    """The replica's phase timings, sent to the parent (it counts busy time and host seconds)."""
+
+    def __init__(self, channel: _Channel) -> None:
+        self.channel = channel
+
+    def device_started(self) -> None:
+        self.channel.send(("phase", "device", "start", 0.0))
+
+    def device_finished(self, seconds: float) -> None:
+        self.channel.send(("phase", "device", "end", seconds))
+
+    def host_finished(self, phase: str, seconds: float) -> None:
+        self.channel.send(("phase", phase, "end", seconds))
+
+
+def child_main(conn: Connection, stage: Stage, parent_pid: int, title: str, log_level: str,
+               concurrency: int = 1) -> None:
+    """Serve the parent's calls until it says teardown or the pipe closes; each call answers once.
+
+    Batches run on ``concurrency`` threads through ``PhasedReplica`` (host phases overlap device calls); setup,
+    probe, warmup and teardown run in order as they arrive.
+    """
+    from app.hosts.phased import PhasedReplica
+
     die_with_parent(parent_pid)
     _prctl(PR_SET_NAME, title.encode()[:15])
     # Ctrl-C reaches the whole process group, and a `kill` of the group sends SIGTERM to all: the daemon
@@ -176,40 +205,57 @@ def child_main(conn: Connection, stage: Stage, parent_pid: int, title: str, log_
     os.dup2(2, 1)
     channel = _Channel(conn)
     _forward_logs(channel, log_level)
-    arena = _Arena()
+    arenas = _Arenas()
+    replica: PhasedReplica | None = None
+    batches = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="batch")
+
+    def run_batch(call_id: int, slot: int, name: str | None, items: list[ImageItem], images: list[Any]) -> None:
+        try:
+            assert replica is not None, "a batch before setup"
+            _rebuild(items, images, arenas, slot, name)
+            done = replica.run(items)  # its length is checked by the engine's containment
+            result = [(i.signals, i.timings, i.failure, i.image is None) for i in done]
+            for item in items:
+                item.image = None
+        except BaseException as error:  # noqa: BLE001 - every failure goes back to the parent as a record
+            channel.send(_error_record(call_id, error))
+            return
+        channel.send(("ok", call_id, result))
+
     try:
         while True:
             try:
                 message = conn.recv()
             except (EOFError, OSError):
                 return
-            command = message[0]
+            command, call_id = message[0], message[1]
+            if command == "batch":
+                batches.submit(run_batch, call_id, *message[2:])
+                continue
             try:
                 if command == "setup":
-                    stage.setup(message[1])
+                    replica = PhasedReplica(stage, message[2], _PhaseReports(channel))
+                    replica.setup()
                     result: Any = None
                 elif command == "probe":
-                    result = stage.probe_batch_size(message[1], message[2])
+                    assert replica is not None, "probe before setup"
+                    result = replica.probe_batch_size(message[3])
                 elif command == "warmup":
-                    stage.warmup()
+                    assert replica is not None, "warmup before setup"
+                    replica.warmup()
                     result = None
-                elif command == "batch":
-                    _, name, items, images = message
-                    _rebuild(items, images, arena, name)
-                    done = stage.process_batch(items)  # its length is checked by the engine's containment
-                    result = [(i.signals, i.timings, i.failure, i.image is None) for i in done]
-                    for item in items:
-                        item.image = None
                 elif command == "teardown":
-                    stage.teardown()
-                    channel.send(("ok", None))
+                    batches.shutdown(wait=True)
+                    if replica is not None:
+                        replica.teardown()
+                    channel.send(("ok", call_id, None))
                     return
                 else:
                     raise RuntimeError(f"unknown command {command!r}")
             except BaseException as error:  # noqa: BLE001 - every failure goes back to the parent as a record
-                channel.send(_error_record(error))
+                channel.send(_error_record(call_id, error))
                 continue
-            channel.send(("ok", result))
+            channel.send(("ok", call_id, result))
     finally:
-        arena.close()
+        arenas.close()
         sys.stdout.flush()

@@ -1,13 +1,14 @@
-"""Thread hosting: a stage replica that lives in the calling thread's process, on the replica's own thread.
+"""Thread hosting: a stage replica that lives in this process, its model calls on the replica's own model thread.
 
-The engine calls every method from the replica's dedicated thread, so the model copy is created, used and freed
-on one thread (Ultralytics and PaddleOCR predictors are not thread-safe).
+Callers (the engine's driver threads) may submit several batches at once; ``PhasedReplica`` runs their device calls
+one at a time on the model thread and their host phases on the callers' threads.
 """
 
 from __future__ import annotations
 
 import threading
 
+from app.hosts.phased import PhasedReplica, PhaseObserver
 from stages.base import ImageItem, Stage
 
 _SETUP_LOCK = threading.Lock()
@@ -16,27 +17,30 @@ _SETUP_LOCK = threading.Lock()
 class ThreadHost:
     """One stage replica run in this process; ``kill`` cannot end a call here (a thread cannot be stopped)."""
 
-    def __init__(self, stage: Stage, device: str) -> None:
+    def __init__(self, stage: Stage, device: str, observer: PhaseObserver | None = None) -> None:
         self.stage = stage
         self.name = stage.name
         self.device = device
+        self.replica = PhasedReplica(stage, device, observer)
+        self.concurrency = self.replica.concurrency
 
     def setup(self) -> None:
         """Load one in-thread replica at a time: transformers' lazy imports are not thread-safe (seed 004)."""
         with _SETUP_LOCK:
-            self.stage.setup(self.device)
+            self.replica.setup()
 
     def probe_batch_size(self, ceiling: int) -> int:
-        return self.stage.probe_batch_size(self.device, ceiling)
+        return self.replica.probe_batch_size(ceiling)
 
     def warmup(self) -> None:
-        self.stage.warmup()
+        self.replica.warmup()
 
     def process_batch(self, items: list[ImageItem]) -> list[ImageItem]:
-        return self.stage.process_batch(items)
+        return self.replica.run(items)
 
     def teardown(self) -> None:
-        self.stage.teardown()
+        self.replica.teardown()
 
     def kill(self) -> None:
-        """Nothing to end: the thread finishes its call, and the process exit discards it."""
+        """Nothing can end a running call here; stop taking new ones (the process exit discards the thread)."""
+        self.replica.abandon()

@@ -1,16 +1,19 @@
 """Any ``Stage`` as a Ray Data callable class: one replica per actor, set up once, a batch per call.
 
 The adapter only adapts: which items a stage needs is ``engine.needs`` (routing), failures are contained by
-``engine.contain``, exactly as in the local engine's runners.
+``engine.contain``, and the replica is a ``PhasedReplica`` as in the local engine's hosts. A stage with host
+phases takes several calls at once (``max_concurrent_calls_per_actor``), so its host work overlaps its device calls.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from app.devices import actor_device
 from app.engine import AUTO_BATCH_CEILING, BatchCap, contain, needs
+from app.hosts import PhasedReplica
 from app.ray_data.codec import decode_items, encode_items
 from stages.base import ImageItem, Stage
 from stages.rules import RuleThresholds
@@ -33,14 +36,15 @@ def assigned_gpus() -> list[int | str]:
     return list(ray.get_gpu_ids())
 
 
-def run_contained(stage: Stage, items: list[ImageItem], cap: int,
-                  thresholds: RuleThresholds | None = None) -> int:
-    """Run the items ``stage`` needs through it, failures contained; returns the (possibly lowered) batch cap."""
+def run_contained(stage: Stage, items: list[ImageItem], cap: int | BatchCap, thresholds: RuleThresholds | None = None,
+                  call: Callable[[list[ImageItem]], list[ImageItem]] | None = None) -> int:
+    """Run the items ``stage`` needs through ``call`` (default: the stage's ``process_batch``), failures contained;
+    returns the (possibly lowered) batch cap."""
     rules = thresholds or RuleThresholds()
     active = [item for item in items if needs(stage, item, rules)]
-    holder = BatchCap(max(1, cap))
+    holder = cap if isinstance(cap, BatchCap) else BatchCap(max(1, cap))
     if active:
-        contain(stage.process_batch, active, stage=stage.name, device=stage.device or "cpu", cap=holder)
+        contain(call or stage.process_batch, active, stage=stage.name, device=stage.device or "cpu", cap=holder)
     return holder.value
 
 
@@ -48,17 +52,18 @@ class RayStage:
     """One ``Stage`` replica per actor; ``__call__`` maps one Arrow block."""
 
     def __init__(self, stage: Stage, thresholds: RuleThresholds, keep_image: bool) -> None:
-        self.stage = stage.replicate()
         self.thresholds = thresholds
         self.keep_image = keep_image
         device = actor_device(stage.devices, assigned_gpus())
+        self.replica = PhasedReplica(stage.replicate(), device)
+        self.stage = self.replica.stage
         try:
-            self.stage.setup(device)
+            self.replica.setup()
             cap = self.stage.batch_policy.max_batch_size
             if cap is None:
-                cap = self.stage.probe_batch_size(device, AUTO_BATCH_CEILING)
-            self.cap = max(1, int(cap))
-            self.stage.warmup()
+                cap = self.replica.probe_batch_size(AUTO_BATCH_CEILING)
+            self.cap = BatchCap(max(1, int(cap)))
+            self.replica.warmup()
         except Exception as error:
             raise RayStageSetupError(f"stage {stage.name} could not start on {device} "
                                      f"(node {node_id()}): {type(error).__name__}: {error}") from error
@@ -66,11 +71,14 @@ class RayStage:
 
     def __call__(self, table: Any) -> Any:
         pairs = decode_items(table)
-        self.cap = run_contained(self.stage, [item for item, _ in pairs], self.cap, self.thresholds)
+        run_contained(self.stage, [item for item, _ in pairs], self.cap, self.thresholds, call=self.replica.run)
         for _item, carried in pairs:
             carried.nodes[self.stage.name] = self.node
         return encode_items(pairs, self.keep_image)
 
+    def teardown(self) -> None:
+        self.replica.teardown(timeout_s=30.0)
+
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.stage.teardown()
+        with contextlib.suppress(Exception):  # never block a garbage collection for long
+            self.replica.teardown(timeout_s=5.0)

@@ -8,6 +8,7 @@ from typing import Any
 
 from app.config import BinnerConfig
 from app.engine import AUTO_BATCH_CEILING
+from app.hosts import concurrency_of
 from app.ray_data.actor import RayStage
 from app.ray_data.tasks import finish_batch, load_batch
 from stages.base import Stage
@@ -18,10 +19,13 @@ ACTOR_RESTARTS = 4  # an actor lost with its node is started again elsewhere thi
 
 
 def stage_resources(stage: Stage) -> dict[str, Any]:
-    """Per-actor resources: one GPU for a CUDA device list, else one CPU; pool size = number of devices."""
+    """Per-actor resources: one GPU for a CUDA device list, else one CPU; pool size = number of devices. A stage with
+    host phases takes several calls at once, so that its host work overlaps its device calls (``PhasedReplica``)."""
     import ray.data
 
-    pool = ray.data.ActorPoolStrategy(size=max(1, len(stage.devices)))
+    calls = concurrency_of(stage)
+    pool = ray.data.ActorPoolStrategy(size=max(1, len(stage.devices)), max_concurrent_calls_per_actor=calls,
+                                      enable_true_multi_threading=calls > 1)
     return {"num_gpus": 1 if on_cuda(stage.devices) else 0, "num_cpus": 1, "compute": pool}
 
 
