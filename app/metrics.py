@@ -128,6 +128,11 @@ class Metrics:
             registry=r,
         )
         self.oom = Counter("binner_oom", "Out-of-memory events on a device", ["stage", "device"], registry=r)
+        self.signals_skipped = Counter(
+            "binner_signals_skipped",
+            "Signals not computed because the decision did not need them (rules.signals: needed), by model and by "
+            "the rule that had already decided", ["model", "reason"], registry=r,
+        )
         self.host_seconds = Counter(
             "binner_stage_host_seconds",
             "Seconds of a stage's host work around its device calls, by phase (prepare, finish); beside busy time it "

@@ -125,6 +125,12 @@ def panels() -> list[dict[str, Any]]:
                      "{{stage}} {{device}} host {{phase}}"),
                     (f"sum by (stage, device) (rate(binner_stage_busy_seconds_total{{{SEL}}}[{RATE}]))",
                      "{{stage}} {{device}} device")], unit="percentunit"),
+        timeseries("Signals skipped (compute only what the decision needs)",
+                   "Model runs saved per second, by model and by the rule that had already decided the bin: text "
+                   "that decided C or B skips the detector, captioner and CLIP; a confident detection that decided A "
+                   "skips the captioner and CLIP (rules.signals: needed).",
+                   [(f"sum by (model, reason) (rate(binner_signals_skipped_total{{{SEL}}}[{RATE}]))",
+                     "{{model}} ({{reason}})")], unit="ops"),
         timeseries("Queue depth vs capacity",
                    "Items waiting in each bounded queue (solid) against its capacity. A queue at capacity "
                    "blocks its producer: the stage after it is the bottleneck.",

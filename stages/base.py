@@ -12,7 +12,10 @@ import copy
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from stages.rules import RuleThresholds
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,11 @@ class ImageItem:
     signals: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     failure: ItemFailure | None = None
-    # Stages the router passed this item by, with why (``{"vision": "text_dominant"}``): their signals were not
-    # needed for the decision. Recorded with the decision, so ``explain`` and ``rebin`` know what is missing.
-    skipped: dict[str, str] = field(default_factory=dict)
+    # The thresholds this item is decided by: a stage may skip work whose signals they no longer need.
+    rules: RuleThresholds | None = None
+    # Signals not computed for this item, with why (``{"caption": "confident_detection"}``): the decision did not
+    # need them. Recorded with the decision, so ``explain`` and ``rebin`` know what is missing.
+    not_computed: dict[str, str] = field(default_factory=dict)
 
     def fail(self, reason: str, message: str, stage: str = "", retryable: bool = False) -> None:
         self.failure = ItemFailure(reason=reason, message=message, stage=stage, retryable=retryable)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Bin = Literal["A", "B", "C"]
 BINS: tuple[Bin, ...] = ("A", "B", "C")
@@ -24,7 +24,9 @@ class RuleThresholds(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
-    short_circuit_text: bool = Field(True, description="send text-dominant images straight to the sink, skipping vision")
+    signals: Literal["needed", "all"] = Field(
+        "needed", description="needed: run a model only while its signal can still change the bin; all: compute every "
+        "enabled model's signal for every image (to keep captions as dataset metadata, say)")
     c_text_area_ratio: float = Field(0.10, ge=0, le=1, description="C when text boxes cover at least this share of the image")
     c_char_count: int = Field(200, ge=0, description="C when OCR reads at least this many characters")
     c_line_count: int = Field(12, ge=0, description="C when OCR reads at least this many text lines")
@@ -32,6 +34,16 @@ class RuleThresholds(BaseModel):
     a_max_char_count: int = Field(25, ge=0, description="A needs at most this many characters")
     a_min_detection_confidence: float = Field(0.5, ge=0, le=1, description="a detection this confident confirms content")
     a_min_clip_similarity: float = Field(0.28, ge=-1, le=1, description="image-caption similarity this high confirms content")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_circuit_text(cls, data: Any) -> Any:
+        """``short_circuit_text`` (binner 0.1) is read as ``signals``: false meant "run vision on every image"."""
+        if isinstance(data, dict) and "short_circuit_text" in data:
+            data = dict(data)
+            legacy = data.pop("short_circuit_text")
+            data.setdefault("signals", "needed" if legacy else "all")
+        return data
 
 
 @dataclass(frozen=True)
@@ -49,13 +61,14 @@ def _text_measures(ocr: dict[str, Any]) -> tuple[float, int, int]:
     return float(ocr.get("text_area_ratio", 0.0)), int(ocr.get("char_count", 0)), int(ocr.get("line_count", 0))
 
 
-def text_dominant(signals: dict[str, Any], t: RuleThresholds) -> Decision | None:
-    """The C decision when the OCR signals alone settle it, else None (also used for the short-circuit)."""
+def text_dominant(signals: dict[str, Any], t: RuleThresholds, criteria: dict[str, Any] | None = None) -> Decision | None:
+    """Rule 1: C when the text is dominant (area, characters or lines over a threshold)."""
     ocr = signals.get("ocr")
     if not ocr:
         return None
     area, chars, lines = _text_measures(ocr)
-    criteria = {"text_area_ratio": area, "char_count": chars, "line_count": lines}
+    criteria = {} if criteria is None else criteria
+    criteria.update(text_area_ratio=area, char_count=chars, line_count=lines)
     if area >= t.c_text_area_ratio:
         return Decision("C", "text_area", f"text covers {area:.1%} of the image (>= {t.c_text_area_ratio:.1%})", criteria)
     if chars >= t.c_char_count:
@@ -65,22 +78,98 @@ def text_dominant(signals: dict[str, Any], t: RuleThresholds) -> Decision | None
     return None
 
 
-def settled(signals: dict[str, Any], t: RuleThresholds) -> Decision | None:
-    """The decision that the signals computed so far already fix, whatever the missing ones would say; None while
-    a signal still to come could change the bin. A text-dominant image is C before vision runs
-    (``short_circuit_text``); nothing else settles early."""
-    if t.short_circuit_text:
-        return text_dominant(signals, t)
+def incidental_text(signals: dict[str, Any], t: RuleThresholds, criteria: dict[str, Any]) -> Decision | None:
+    """Rule 2: B when there is more than a little text (but not dominant)."""
+    ocr = signals.get("ocr")
+    if not ocr:
+        return None
+    area, chars, _ = _text_measures(ocr)
+    if area > t.a_max_text_area_ratio or chars > t.a_max_char_count:
+        return Decision("B", "incidental_text",
+                        f"some text ({chars} characters, {area:.1%} of the image) but not text-dominant", criteria)
     return None
 
 
-# Why a stage was passed by, per rule that settled the bin first (the words ``explain`` shows).
-SKIP_REASONS = {"text_area": "text_dominant", "text_chars": "text_dominant", "text_lines": "text_dominant"}
+def confident_detection(signals: dict[str, Any], t: RuleThresholds, criteria: dict[str, Any]) -> Decision | None:
+    """Rule 3: A when a detection is confident."""
+    detections = signals.get("detections")
+    if detections is None:
+        return None
+    best = max(detections, key=lambda d: d["confidence"], default=None)
+    criteria["best_detection"] = best
+    if best is not None and best["confidence"] >= t.a_min_detection_confidence:
+        return Decision("A", "confident_detection",
+                        f"little text and a confident detection ({best['label']} {best['confidence']:.2f})", criteria)
+    return None
+
+
+def caption_agreement(signals: dict[str, Any], t: RuleThresholds, criteria: dict[str, Any]) -> Decision | None:
+    """Rule 4: A when image and caption agree."""
+    similarity = signals.get("clip_similarity")
+    if similarity is None:
+        return None
+    criteria["clip_similarity"] = similarity
+    if similarity >= t.a_min_clip_similarity:
+        return Decision("A", "caption_agreement",
+                        f"little text and image-caption similarity {similarity:.3f} (>= {t.a_min_clip_similarity})",
+                        criteria)
+    return None
+
+
+# The decision list, in order, with the signals each rule reads. The first rule that fires decides; rule 5 (B) is
+# what is left. ``decide`` and ``settled`` both walk this one list, so nothing re-implements a threshold.
+RULES: tuple[tuple[Any, frozenset[str]], ...] = (
+    (text_dominant, frozenset({"ocr"})),
+    (incidental_text, frozenset({"ocr"})),
+    (confident_detection, frozenset({"detections"})),
+    (caption_agreement, frozenset({"caption", "clip_similarity"})),
+)
+# The signals each model writes, for the skip counts and the decision record.
+VISION_SIGNALS = ("detections", "caption", "clip_similarity")
+MODEL_OF_SIGNAL = {"ocr": "ocr", "detections": "detector", "caption": "captioner", "clip_similarity": "clip"}
+
+
+def decide(signals: dict[str, Any], t: RuleThresholds) -> Decision:
+    """The bin for one image's signals under thresholds ``t`` (a signal that is absent skips the rules that read it)."""
+    criteria: dict[str, Any] = {}
+    for rule, _reads in RULES:
+        decision = rule(signals, t, criteria)
+        if decision is not None:
+            return decision
+    if signals.get("detections") is None and signals.get("clip_similarity") is None:
+        return Decision("B", "content_unconfirmed", "little text, but no content model is enabled to confirm it", criteria)
+    return Decision("B", "content_weak", "little text, but no confident detection or caption agreement", criteria)
+
+
+def settled(signals: dict[str, Any], t: RuleThresholds) -> Decision | None:
+    """The decision that the signals computed so far already fix, whatever the missing ones would say; None while a
+    signal still to come could change the bin (and always None under ``signals: all``).
+
+    The rules are walked in order: a rule whose signals are all here either fires (that is the bin) or not (on to the
+    next); the first rule that reads a signal not computed yet could still fire, so the bin stays open there.
+    """
+    if t.signals == "all":
+        return None
+    criteria: dict[str, Any] = {}
+    for rule, reads in RULES:
+        if not reads <= signals.keys():
+            return None
+        decision = rule(signals, t, criteria)
+        if decision is not None:
+            return decision
+    return None
+
+
+# Why a signal was not computed: the rule that settled the bin first.
+SKIP_REASONS = {"text_area": "text_dominant", "text_chars": "text_dominant", "text_lines": "text_dominant",
+                "incidental_text": "incidental_text", "confident_detection": "confident_detection"}
+SKIP_WORDS = {"text_dominant": "the text decided C", "incidental_text": "incidental text decided B",
+              "confident_detection": "a confident detection decided A"}
 
 
 def unneeded(produces: frozenset[str], signals: dict[str, Any], t: RuleThresholds) -> str | None:
-    """Why a stage writing ``produces`` is not needed for this image's decision (``"text_dominant"``), or None
-    when it is. A stage that writes no signal (the loader) is always needed."""
+    """Why signals ``produces`` are not needed for this image's decision (``"confident_detection"``), or None when
+    one of them still is. Nothing written (the loader) is always needed."""
     if not produces:
         return None
     decision = settled(signals, t)
@@ -89,38 +178,6 @@ def unneeded(produces: frozenset[str], signals: dict[str, Any], t: RuleThreshold
     return SKIP_REASONS.get(decision.rule, decision.rule)
 
 
-def decide(signals: dict[str, Any], t: RuleThresholds) -> Decision:
-    """The bin for one image's signals under thresholds ``t``."""
-    dominant = text_dominant(signals, t)
-    if dominant is not None:
-        return dominant
-    criteria: dict[str, Any] = {}
-    ocr = signals.get("ocr")
-    if ocr:
-        area, chars, lines = _text_measures(ocr)
-        criteria.update(text_area_ratio=area, char_count=chars, line_count=lines)
-        if area > t.a_max_text_area_ratio or chars > t.a_max_char_count:
-            return Decision(
-                "B", "incidental_text",
-                f"some text ({chars} characters, {area:.1%} of the image) but not text-dominant", criteria,
-            )
-    detections = signals.get("detections")
-    similarity = signals.get("clip_similarity")
-    if detections is not None:
-        best = max(detections, key=lambda d: d["confidence"], default=None)
-        criteria["best_detection"] = best
-        if best is not None and best["confidence"] >= t.a_min_detection_confidence:
-            return Decision(
-                "A", "confident_detection",
-                f"little text and a confident detection ({best['label']} {best['confidence']:.2f})", criteria,
-            )
-    if similarity is not None:
-        criteria["clip_similarity"] = similarity
-        if similarity >= t.a_min_clip_similarity:
-            return Decision(
-                "A", "caption_agreement",
-                f"little text and image-caption similarity {similarity:.3f} (>= {t.a_min_clip_similarity})", criteria,
-            )
-    if detections is None and similarity is None:
-        return Decision("B", "content_unconfirmed", "little text, but no content model is enabled to confirm it", criteria)
-    return Decision("B", "content_weak", "little text, but no confident detection or caption agreement", criteria)
+def not_computed_words(reason: str) -> str:
+    """``confident_detection`` -> "a confident detection decided A" (``binner explain``)."""
+    return SKIP_WORDS.get(reason, reason.replace("_", " "))

@@ -18,6 +18,7 @@ from PIL import Image
 from stages.base import BatchPolicy, ImageItem, OutOfDeviceMemory, Stage, is_out_of_memory
 from stages.devices import parse_device
 from stages.devices import torch_device as torch_device_of
+from stages.rules import unneeded
 
 logger = logging.getLogger(__name__)
 
@@ -275,9 +276,15 @@ class VisionStage(Stage):
         text = torch.nn.functional.normalize(output.text_embeds.float(), dim=-1)
         return [float(value) for value in (image * text).sum(dim=-1).clamp(-1.0, 1.0).tolist()]
 
-    def run_models(self, images: list[Image.Image], worst_case: bool = False) -> list[dict[str, Any]]:
+    def run_models(self, images: list[Image.Image], worst_case: bool = False,
+                   known: list[ImageItem] | None = None) -> list[dict[str, Any]]:
         """The signals for each image (keys of disabled models absent); ``worst_case`` forces full-length
-        captions, which is what a memory probe must measure."""
+        captions, which is what a memory probe must measure.
+
+        With ``known`` (the images' items, in order), an image whose bin the detection has settled under its item's
+        rules (a confident detection decides A) is not captioned or scored: only the rest of the batch goes through
+        BLIP and CLIP, and the item records what was not computed, and why.
+        """
         import torch
 
         signals: list[dict[str, Any]] = [{} for _ in images]
@@ -286,14 +293,29 @@ class VisionStage(Stage):
                 for record, found in zip(signals, self._detect(images)):
                     record["detections"] = found
             if self.blip is not None:
+                wanted = [index for index in range(len(images))
+                          if known is None or self._caption_needed(known[index], signals[index])]
                 minimum = self.captioner_options.max_new_tokens if worst_case and self.captioner_options else None
-                captions = self._caption(images, min_new_tokens=minimum)
-                for record, caption in zip(signals, captions):
-                    record["caption"] = caption
-                if self.clip is not None:
-                    for record, similarity in zip(signals, self._similarity(images, captions)):
-                        record["clip_similarity"] = similarity
+                subset = [images[index] for index in wanted]
+                captions = self._caption(subset, min_new_tokens=minimum) if subset else []
+                for index, caption in zip(wanted, captions):
+                    signals[index]["caption"] = caption
+                if self.clip is not None and subset:
+                    for index, similarity in zip(wanted, self._similarity(subset, captions)):
+                        signals[index]["clip_similarity"] = similarity
         return signals
+
+    def _caption_needed(self, item: ImageItem, found: dict[str, Any]) -> bool:
+        """Whether the caption (and CLIP's score) can still change ``item``'s bin, once its detections are known."""
+        if item.rules is None:
+            return True
+        produced = frozenset({"caption", "clip_similarity"} if self.clip is not None else {"caption"})
+        reason = unneeded(produced, {**item.signals, **found}, item.rules)
+        if reason is None:
+            return True
+        for signal in sorted(produced):
+            item.not_computed[signal] = reason
+        return False
 
     def _out_of_memory(self, error: BaseException, size: int) -> OutOfDeviceMemory:
         if self.torch_device is not None and self.torch_device.type == "cuda":
@@ -309,7 +331,7 @@ class VisionStage(Stage):
         if not active:
             return items
         try:
-            results = self.run_models([item.image for item in active])
+            results = self.run_models([item.image for item in active], known=active)
         except OutOfDeviceMemory:
             raise
         except Exception as error:

@@ -154,7 +154,8 @@ def test_text_dominant_images_skip_vision(tmp_path: Path) -> None:
     for row in rows:
         assert row.bin == ("C" if row.id in heavy else "A")
         if row.id in heavy:
-            assert row.signals is not None and row.signals["vision_skipped"] == "text_dominant"
+            assert row.signals is not None and row.signals["not_computed"] == dict.fromkeys(
+                ("caption", "clip_similarity", "detections"), "text_dominant")
 
 
 def test_stop_drains_in_flight_work_and_stops_intake(tmp_path: Path) -> None:

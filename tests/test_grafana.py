@@ -188,6 +188,7 @@ def _populate(metrics: Metrics, step: int) -> None:
         m.worker_restarts.labels(stage=stage, device=device, cause="crashed").inc(step % 2)
         for phase in ("prepare", "finish"):
             m.host_seconds.labels(stage=stage, device=device, phase=phase).inc(0.01)
+    m.signals_skipped.labels(model="captioner", reason="confident_detection").inc(3)
     m.items.labels(stage="sink", outcome="binned").inc(6)
     m.items.labels(stage="sink", outcome="quarantined").inc(1)
     for queue, capacity in (("load", 32), ("ocr", 16), ("vision", 32), ("sink", 64)):

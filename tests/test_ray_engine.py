@@ -373,14 +373,25 @@ vision: {{backend: synthetic, devices: [cpu], batch_size: 4, synthetic_ms: [5, 1
     assert {json.loads(row["timings"])["ray_nodes"]["ocr"] for row in rows} == {cluster.node2_id}
 
 
-def test_two_nodes_bin_the_labelled_images_like_the_local_engine(cluster: LoopbackCluster, tmp_path: Path) -> None:
+def test_two_nodes_bin_the_labelled_images_like_the_local_engine(cluster: LoopbackCluster, tmp_path: Path,
+                                                                  tiny_blip_dir: Path, tiny_clip_dir: Path) -> None:
+    """Real OCR, the real YOLOv8n and tiny BLIP/CLIP: the local engine computing every signal (``signals: all``) and
+    the Ray engine computing only what each decision needs give the same bins, rules and summary."""
+    import yaml
+
+    from app.config import read_config_file
+
     require_shared()
-    config = REPO / "deploy" / "examples" / "offline-cpu.yaml"
+    base = read_config_file(REPO / "deploy" / "examples" / "offline-cpu.yaml")
+    base["vision"].update({"captioner": {"enabled": True, "model": str(tiny_blip_dir), "max_new_tokens": 4},
+                           "clip": {"enabled": True, "model": str(tiny_clip_dir)}})
     results, summaries = {}, {}
     for engine in ("local", "ray"):
         inbox = tmp_path / engine / "in"
         shutil.copytree(IMAGES, inbox)
         output, state = tmp_path / engine / "out", tmp_path / engine / "state"
+        config = tmp_path / engine / "binner.yaml"
+        config.write_text(yaml.safe_dump({**base, "rules": {"signals": "all" if engine == "local" else "needed"}}))
         extra = ["--engine", "ray", "--ray-address", cluster.address] if engine == "ray" else []
         done = binner(cluster, "once", str(inbox), "-o", str(output), "--state", str(state), "-c", str(config),
                       "--no-progress", *extra)
@@ -398,6 +409,10 @@ def test_two_nodes_bin_the_labelled_images_like_the_local_engine(cluster: Loopba
     decisions = {engine: {(row["rel_path"], row["status"], row["bin"], row["rule"], row["reason"])
                           for row in ledger_rows(results[engine][1])} for engine in results}
     assert decisions["ray"] == decisions["local"]
+    skipped = [json.loads(row["signals"] or "{}").get("not_computed") for row in ledger_rows(results["ray"][1])
+               if row["status"] == "done"]
+    assert any(skipped), "the Ray engine skipped what the decisions did not need"
+    assert not any(json.loads(row["signals"] or "{}").get("not_computed") for row in ledger_rows(results["local"][1]))
     status = binner(cluster, "status", "--state", str(results["ray"][1]), "--json")
     assert status.returncode == 0 and json.loads(status.stdout)["status"] == {"done": 30, "quarantined": 2}
     # Both nodes did work: each row records the Ray node of every step it went through.

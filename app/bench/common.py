@@ -169,7 +169,7 @@ def synthetic_overrides(ocr_ms: tuple[float, float], vision_ms: tuple[float, flo
         "ocr": {"backend": "synthetic", "devices": ["cpu"], "batch_size": batch, "synthetic_ms": ocr_ms},
         "vision": {"backend": "synthetic", "devices": ["cpu"], "batch_size": batch, "synthetic_ms": vision_ms},
         "queues": {"ocr": queue, "vision": queue},
-        "rules": {"short_circuit_text": False},
+        "rules": {"signals": "all"},
     }
 
 

@@ -365,7 +365,7 @@ def _pipeline(config: Any, paths: dict[str, str], images_dir: Path, scratch: Pat
                    "detector": {"enabled": True, "weights": paths["detector"], "confidence": v.detector.confidence},
                    "captioner": {"enabled": True, "model": paths["captioner"], "max_new_tokens": v.captioner.max_new_tokens},
                    "clip": {"enabled": True, "model": paths["clip"]}},
-        "rules": {"short_circuit_text": False},
+        "rules": {"signals": "all"},
     }
     run_config = load_config(None, overrides)
     metrics = Metrics()

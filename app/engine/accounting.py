@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from app.metrics import Metrics
 from app.store import Outcome, Row
+from stages.rules import MODEL_OF_SIGNAL
 
 FINISHED = ("done", "quarantined", "vanished")  # outcomes that end a file's journey through this run
 
@@ -43,6 +44,8 @@ class RunStats:
 
 def observe(metrics: Metrics, row: Row, outcome: Outcome) -> None:
     """The local engine's sink metrics for one outcome."""
+    for signal, reason in ((outcome.signals or {}).get("not_computed") or {}).items():
+        metrics.signals_skipped.labels(model=MODEL_OF_SIGNAL.get(signal, signal), reason=reason).inc()
     if outcome.status == "done":
         metrics.binned.labels(bin=outcome.bin).inc()
         metrics.end_to_end.observe(max(0.0, time.time() - row.seen_at))

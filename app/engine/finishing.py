@@ -120,8 +120,8 @@ class Finisher:
             if failure.retryable and row.attempts < self.max_attempts:
                 return Outcome(row.id, "pending", last_error=failure.message, timings=timings)
             return self.quarantine(row, item, failure.reason, failure.message, timings)
-        for stage, reason in item.skipped.items():  # what was not computed, and why (explain, rebin)
-            item.signals[f"{stage}_skipped"] = reason
+        if item.not_computed:  # what was not computed, and why (explain, rebin)
+            item.signals["not_computed"] = dict(sorted(item.not_computed.items()))
         decision = decide(item.signals, self.thresholds)
         current = self.input_identity(row.path)
         if current is None:

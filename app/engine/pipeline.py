@@ -290,6 +290,7 @@ class Pipeline:
     async def _admit(self, row: Row, first: BoundedQueue[ImageItem]) -> None:
         self._in_flight[row.id] = row
         item = admit(row, self.max_attempts)
+        item.rules = self.thresholds  # what the stages may skip is decided by the rules current at admission
         await (self.sink_queue if item.failure is not None else first).put(item)
 
     # --- sink -----------------------------------------------------------------------------------

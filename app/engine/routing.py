@@ -14,13 +14,15 @@ from stages.rules import RuleThresholds, unneeded
 
 
 def needs(stage: Stage, item: ImageItem, thresholds: RuleThresholds) -> bool:
-    """Whether ``stage`` must run on ``item``; when not, records why in ``item.skipped``."""
+    """Whether ``stage`` must run on ``item``; when not, records in ``item.not_computed`` which signals were not
+    computed, and why."""
     if item.failure is not None:
         return False
     reason = unneeded(stage.produces, item.signals, thresholds)
     if reason is None:
         return True
-    item.skipped[stage.name] = reason
+    for signal in sorted(stage.produces - item.signals.keys()):
+        item.not_computed[signal] = reason
     return False
 
 

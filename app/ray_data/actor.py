@@ -41,6 +41,8 @@ def run_contained(stage: Stage, items: list[ImageItem], cap: int | BatchCap, thr
     """Run the items ``stage`` needs through ``call`` (default: the stage's ``process_batch``), failures contained;
     returns the (possibly lowered) batch cap."""
     rules = thresholds or RuleThresholds()
+    for item in items:
+        item.rules = rules
     active = [item for item in items if needs(stage, item, rules)]
     holder = cap if isinstance(cap, BatchCap) else BatchCap(max(1, cap))
     if active:

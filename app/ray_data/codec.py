@@ -25,7 +25,7 @@ def schema() -> Any:
         ("seen_at", pa.float64()), ("sha256", pa.string()),
         ("width", pa.int64()), ("height", pa.int64()), ("image_width", pa.int64()), ("image_height", pa.int64()),
         ("pixels", pa.large_binary()), ("signals", pa.string()), ("timings", pa.string()), ("failure", pa.string()),
-        ("skipped", pa.string()), ("nodes", pa.string()),
+        ("not_computed", pa.string()), ("nodes", pa.string()),
     ])
 
 
@@ -38,7 +38,7 @@ def row_record(row: Row, max_attempts: int) -> dict[str, Any]:
         "mtime_ns": row.mtime_ns, "inode": row.inode, "ctime_ns": row.ctime_ns, "attempts": row.attempts,
         "seen_at": row.seen_at, "sha256": None, "width": None,
         "height": None, "image_width": None, "image_height": None, "pixels": None, "signals": "{}", "timings": "{}",
-        "failure": json.dumps(failure.__dict__) if failure else None, "skipped": "{}", "nodes": "{}",
+        "failure": json.dumps(failure.__dict__) if failure else None, "not_computed": "{}", "nodes": "{}",
     }
 
 
@@ -66,7 +66,7 @@ def decode_items(table: Any) -> list[tuple[ImageItem, Carried]]:
                          size=record["size"], sha256=record["sha256"], width=record["width"], height=record["height"])
         item.signals = json.loads(record["signals"] or "{}")
         item.timings = json.loads(record["timings"] or "{}")
-        item.skipped = json.loads(record["skipped"] or "{}")
+        item.not_computed = json.loads(record["not_computed"] or "{}")
         if record["failure"]:
             item.failure = ItemFailure(**json.loads(record["failure"]))
         elif record["pixels"] is not None:
@@ -98,7 +98,7 @@ def encode_items(pairs: list[tuple[ImageItem, Carried]], keep_image: bool) -> An
             "width": item.width, "height": item.height, "image_width": width, "image_height": height,
             "pixels": pixels, "signals": json.dumps(item.signals), "timings": json.dumps(item.timings),
             "failure": json.dumps(failure.__dict__) if failure is not None else None,
-            "skipped": json.dumps(item.skipped), "nodes": json.dumps(carried.nodes),
+            "not_computed": json.dumps(item.not_computed), "nodes": json.dumps(carried.nodes),
         }
         for name, value in values.items():
             columns[name].append(value)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from app.config import BinnerConfig
 from app.store.ledger import Ledger
-from stages.rules import decide
+from stages.rules import VISION_SIGNALS, Decision, RuleThresholds, decide, settled
 
 log = structlog.get_logger("binner.rebin")
 
@@ -29,6 +30,21 @@ class RebinReport:
     need_models: list[str] = field(default_factory=list)
 
 
+def missing_signals(signals: dict[str, Any]) -> dict[str, str]:
+    """The signals a decision record says were not computed, with why (rows of binner 0.1 say ``vision_skipped``)."""
+    missing = dict(signals.get("not_computed") or {})
+    if signals.get("vision_skipped"):
+        missing.update(dict.fromkeys(VISION_SIGNALS, str(signals["vision_skipped"])))
+    return {signal: why for signal, why in missing.items() if signal not in signals}
+
+
+def decision_from_stored(signals: dict[str, Any], rules: RuleThresholds) -> Decision | None:
+    """The bin under ``rules`` from stored signals, or None when a signal that was not computed could change it."""
+    if not missing_signals(signals):
+        return decide(signals, rules)
+    return settled(signals, rules.model_copy(update={"signals": "needed"}))
+
+
 def rebin_all(config: BinnerConfig, ledger: Ledger, dry_run: bool = False) -> RebinReport:
     """Move every done file whose bin changes under ``config.rules``; no model runs.
 
@@ -44,8 +60,8 @@ def rebin_all(config: BinnerConfig, ledger: Ledger, dry_run: bool = False) -> Re
         if not row.signals:
             report.unchanged += 1
             continue
-        decision = decide(row.signals, config.rules)
-        if row.signals.get("vision_skipped") and decision.bin != "C":
+        decision = decision_from_stored(row.signals, config.rules)
+        if decision is None:  # a signal it did not compute could change the bin under these thresholds
             report.need_models.append(row.output_path or row.path)
             continue
         if decision.bin == row.bin:
