@@ -136,6 +136,15 @@ class VisionConfig(Section):
     _split = field_validator("devices", mode="before")(_split_devices)
 
 
+class RayConfig(Section):
+    """The Ray engine's patience (``binner once --engine ray``)."""
+
+    wait_for_resources_s: float = Field(180.0, gt=0, description="after a lost node, how long to wait for the cluster "
+                                        "to have room for one replica per stage again before exiting 2")
+    heartbeat_s: float = Field(30.0, gt=0, description="how often a running window logs rows done, rows in flight "
+                               "and seconds since the last result")
+
+
 class BinnerConfig(BaseSettings):
     """The whole effective configuration; ``binner config show`` prints it."""
 
@@ -155,6 +164,7 @@ class BinnerConfig(BaseSettings):
     stall_timeout_s: float = Field(300.0, gt=0)
     feeder_page_size: int = Field(64, ge=1)
     http: HttpConfig = HttpConfig()
+    ray: RayConfig = RayConfig()
     log: LogConfig = LogConfig()
     queues: QueueConfig = QueueConfig()
     limits: LimitsConfig = LimitsConfig()

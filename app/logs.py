@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import select
 import sys
 import threading
 import time
@@ -206,15 +207,72 @@ def capture_output() -> bool:
     return True
 
 
+_CONTINUES = re.compile(rb"^(\s|Traceback \(most recent call last\)|During handling of the above exception|The above "
+                       rb"exception was the direct cause|\^+$|~+$)")
+_EXCEPTION_LINE = re.compile(rb"^[\w.]+(Error|Exception|Exit|Interrupt|Warning)\b")
+
+
+class _Lines:
+    """Lines of a captured descriptor grouped into events: a traceback (its frames, source lines, ``^^^^`` markers,
+    chained exceptions and the exception line) stays with the line that introduced it, so that a worker's trace
+    arrives as one event, not one per line."""
+
+    _CHAIN = (b"Traceback", b"During handling", b"The above")
+
+    def __init__(self) -> None:
+        self.pending: list[bytes] = []
+        self.in_trace = False  # inside a traceback's frames
+        self.after_exception = False  # a traceback just ended: a chained one may follow, after a blank line
+
+    def add(self, line: bytes) -> list[bytes]:
+        """Take one line; returns the events it completes."""
+        bare = line.rstrip()
+        if not bare.strip():
+            return [] if self.in_trace or self.after_exception else self.flush()
+        if self.pending and bare.startswith(self._CHAIN) and (self.in_trace or self.after_exception or
+                                                               bare.startswith(b"Traceback")):
+            self.pending.append(bare)
+            self.in_trace, self.after_exception = True, False
+            return []
+        if self.pending and self.in_trace and (_CONTINUES.match(bare) or _EXCEPTION_LINE.match(bare)):
+            self.pending.append(bare)
+            if not bare[:1].isspace() and not bare.startswith((b"^", b"~")):
+                self.in_trace, self.after_exception = False, True  # the exception line ends this trace
+            return []
+        if self.pending and not self.after_exception and bare[:1].isspace():
+            self.pending.append(bare)  # an indented continuation of a multi-line message
+            return []
+        done = self.flush()
+        self.pending = [bare]
+        self.in_trace = bare.startswith(b"Traceback")
+        return done
+
+    def flush(self) -> list[bytes]:
+        done, self.pending = self.pending, []
+        self.in_trace = self.after_exception = False
+        return [b"\n".join(done)] if done else []
+
+
 def _relay(read_end: int, name: str) -> None:
     """What arrives on a captured descriptor: with JSON logs, or while a progress bar is on screen, each line
-    becomes one event (JSON lines from model processes pass unchanged); otherwise it passes through as written,
-    so that a download's progress bar in a terminal keeps redrawing in place."""
+    becomes one event (a traceback with its introducing line is one event; JSON lines from model processes pass
+    unchanged); otherwise it passes through as written, so that a download's progress bar in a terminal keeps
+    redrawing in place."""
     log = structlog.get_logger("binner.output")
     pending = b""
+    lines = _Lines()
     with io.open(read_end, "rb", closefd=True) as pipe:
-        while chunk := pipe.read1(65536):
+        while True:
+            if lines.pending and not select.select([read_end], [], [], 0.2)[0]:
+                for event in lines.flush():  # nothing more came: the group is complete
+                    _emit_line(event, name, log)
+                continue
+            chunk = pipe.read1(65536)
+            if not chunk:
+                break
             if not _json_lines and _live_console is None:
+                for event in lines.flush():
+                    _emit_line(event, name, log)
                 with _state_lock:
                     real = real_stream(name)
                     real.flush()
@@ -225,15 +283,21 @@ def _relay(read_end: int, name: str) -> None:
             pending += chunk.replace(b"\r", b"\n")  # a carriage return (a bar redrawing) also ends a line
             *complete, pending = pending.split(b"\n")
             for raw in complete:
-                _emit_line(raw, name, log)
-    if pending:
-        _emit_line(pending, name, log)
+                if raw.strip().startswith(b"{"):  # a JSON line (a model process's log) is an event of its own
+                    for event in [*lines.flush(), raw]:
+                        _emit_line(event, name, log)
+                    continue
+                for event in lines.add(raw):
+                    _emit_line(event, name, log)
+    for event in [*lines.add(pending), *lines.flush()] if pending else lines.flush():
+        _emit_line(event, name, log)
 
 
 def _emit_line(raw: bytes, name: str, log: Any) -> None:
-    line = raw.decode("utf-8", errors="replace").strip()
-    if not line:
+    line = raw.decode("utf-8", errors="replace").strip("\n").rstrip()
+    if not line.strip():
         return
+    line = line if "\n" in line else line.strip()
     if line.startswith("{") and _is_json_object(line):
         with _state_lock:
             real_stream(name).write(line + "\n")

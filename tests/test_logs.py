@@ -100,6 +100,43 @@ def test_native_writes_to_fd_1_and_2_become_json_events(tmp_path: Path) -> None:
     assert "source" not in texts["a child process line"], "JSON lines (model processes) pass unchanged"
 
 
+def test_a_traceback_written_to_fd_2_is_one_event_with_the_line_that_introduced_it(tmp_path: Path) -> None:
+    """A Ray worker's failure reaches the driver's stderr as a headline plus a (chained) Python traceback."""
+    trace = (
+        "(MapWorker pid=123) ray::MapBatches(RayStage) failed\n"
+        "Traceback (most recent call last):\n"
+        '  File "/app/ray_data/actor.py", line 61, in __init__\n'
+        "    self.replica.setup()\n"
+        "    ^^^^^^^^^^^^^^^^^^^^\n"
+        "ValueError: no such model\n"
+        "\n"
+        "The above exception was the direct cause of the following exception:\n"
+        "\n"
+        "Traceback (most recent call last):\n"
+        '  File "<string>", line 1, in <module>\n'
+        "RuntimeError: stage ocr could not start\n"
+    )
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        from app.logs import capture_output, configure_logging
+        assert capture_output()
+        configure_logging("json", "info", sys.stderr)
+        os.write(2, b"a line before\\n")
+        for part in {trace.encode()!r}.split(b"File"):  # arrives in pieces, as a pipe may deliver it
+            os.write(2, part if part.startswith(b"(") else b"File" + part)
+            time.sleep(0.02)
+        os.write(2, b"a line after\\n")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    events = [event["event"] for event in json_lines(result.stderr, "stderr")]
+    assert events[0] == "a line before" and events[-1] == "a line after", events
+    assert len(events) == 3, events
+    failure = events[1]
+    assert failure.startswith("(MapWorker pid=123)") and failure.endswith("RuntimeError: stage ocr could not start")
+    assert "ValueError: no such model" in failure and failure.count("Traceback") == 2
+
+
 @pytest.mark.models
 def test_once_with_real_models_writes_only_json_lines(tmp_path: Path, shared_images: Path) -> None:
     """The real OCR and YOLO (LiteRT) stages load and run; under log.format json every line parses, at debug

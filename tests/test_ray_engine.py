@@ -1,8 +1,9 @@
 """`binner once --engine ray` on a real two-node Ray cluster started on this machine's loopback addresses.
 
-The cluster is a head (``ray start --head``) plus a second node (``ray start --address``) that offers its own custom
-resource ``node2``. Both run under a private temp dir, with free ports and a random auth token, and are killed by
-that temp dir at the end (never ``ray stop``, which would stop every Ray of this user on the machine).
+The cluster is started with the README's own commands (one token made once, a head, a second node) and the
+labelled images are binned with the README's own `binner once` line; only loopback addresses, free ports, paths and
+a private temp dir and HOME are added. The second node offers its own custom resource ``node2`` and one GPU. Both
+are killed by that temp dir at the end (never ``ray stop``, which would stop every Ray of this user on the machine).
 
 Why 127.0.0.2 and 127.0.0.3: Ray 2.60 rewrites ``127.0.0.1`` and ``localhost`` in ``--node-ip-address`` and
 ``--address`` to the machine's routable address (``services.resolve_ip_for_localhost``), so a cluster asked to use
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -73,34 +73,74 @@ def _processes() -> Iterator[tuple[int, int, str]]:
         yield int(entry), ppid, cmdline
 
 
+def _without_comment(line: str) -> str:
+    """A shell line without its trailing ``# comment`` (a ``#`` inside quotes is kept)."""
+    quote = ""
+    for index, char in enumerate(line):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (index == 0 or line[index - 1].isspace()):
+            return line[:index].rstrip()
+    return line.rstrip()
+
+
+def readme_cluster_commands() -> list[str]:
+    """The README's cluster commands (between its ray-cluster-commands markers), one shell line each."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- ray-cluster-commands -->", 1)[1].split("<!-- /ray-cluster-commands -->", 1)[0]
+    lines = [_without_comment(line) for line in block.splitlines() if line.strip() and not line.startswith("```")]
+    assert [line.split()[0] for line in lines] == ["export", "export", "ray", "ray", "binner"], lines
+    return lines
+
+
 class LoopbackCluster:
-    """A two-node Ray cluster on loopback addresses, private to one test module."""
+    """A two-node Ray cluster on loopback addresses, private to one test module, started with the README's own
+    commands: one token made once and given to every node and to the drivers."""
 
     def __init__(self) -> None:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="binray-"))  # short: Ray's socket paths must fit 107 bytes
         self.port = free_port()
         self.address = f"{HEAD_IP}:{self.port}"
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-                    "RAY_AUTH_TOKEN": secrets.token_hex(16), "PYTHONPATH": str(REPO)}
-        self.env.pop("RAY_ADDRESS", None)
+        self.home = self.temp_dir / "home"  # no ~/.ray/auth_token of this machine's user reaches the cluster
+        self.home.mkdir()
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO), "HOME": str(self.home),
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HEAD": HEAD_IP}
+        for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+            self.env.pop(name, None)
 
-    def _start(self, args: list[str]) -> None:
+    def _isolation(self, node_ip: str) -> str:
+        """Only where the node runs: its loopback address, a private temp dir and free ports."""
         ports = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
                  "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
-        done = subprocess.run([str(BIN / "ray"), "start", *args, *ports, "--disable-usage-stats"], env=self.env,
-                              capture_output=True, text=True, timeout=90)
-        assert done.returncode == 0, f"ray start {args[0]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        return " ".join([f"--node-ip-address={node_ip}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats", *ports])
+
+    def readme_line(self, index: int) -> str:
+        return readme_cluster_commands()[index].replace("6379", str(self.port))
+
+    def _start(self, line: str) -> None:
+        done = subprocess.run(["bash", "-c", f"set -e\n{line}"], env=self.env, capture_output=True, text=True,
+                              timeout=90)
+        assert done.returncode == 0, f"{line} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
 
     def start(self) -> None:
-        self._start(["--head", f"--node-ip-address={HEAD_IP}", f"--port={self.port}", f"--temp-dir={self.temp_dir}",
-                     "--num-cpus=4", "--include-dashboard=false", f"--dashboard-port={free_port()}"])
+        exports = readme_cluster_commands()[:2]
+        token = subprocess.run(["bash", "-c", "set -e\n" + "\n".join(exports) + '\necho "$RAY_AUTH_MODE $RAY_AUTH_TOKEN"'],
+                               env=self.env, capture_output=True, text=True, timeout=60)
+        assert token.returncode == 0, token.stderr
+        mode, value = token.stdout.split()
+        assert mode == "token" and len(value) >= 32, token.stdout
+        self.env.update(RAY_AUTH_MODE=mode, RAY_AUTH_TOKEN=value)  # the one token every node and driver gets
+        self._start(f"{self.readme_line(2)} {self._isolation(HEAD_IP)} --num-cpus=4 --include-dashboard=false "
+                    f"--dashboard-port={free_port()}")
         self.start_node2()
 
     def start_node2(self) -> None:
         # The second node declares one GPU (a resource only: this machine has none), so that a driver without a
         # GPU can be seen sending a cuda:0 stage there.
-        self._start([f"--address={self.address}", f"--node-ip-address={NODE2_IP}", "--num-cpus=3", "--num-gpus=1",
-                     '--resources={"node2": 3}'])
+        self._start(f"{self.readme_line(3)} {self._isolation(NODE2_IP)} --num-cpus=3 --num-gpus=1 "
+                    "--resources='{\"node2\": 3}'")
         nodes = wait_for(lambda: [found for found in [self.alive_nodes()] if len(found) == 2], 60,
                          "both Ray nodes to be alive")[0]
         self.node_ids = {node["id"][:12] for node in nodes}
@@ -134,6 +174,22 @@ class LoopbackCluster:
 
     def stop_node2(self) -> int:
         return self._kill(lambda cmd: NODE2_IP in cmd)
+
+    def kill_node2_raylet(self) -> bool:
+        """``kill -9`` of the second node's raylet alone, as a node lost with its machine would look to the head."""
+        for pid, _, cmd in _processes():
+            if str(self.temp_dir) in cmd and NODE2_IP in cmd and "raylet" in cmd.split()[0]:
+                os.kill(pid, signal.SIGKILL)
+                return True
+        return False
+
+    def restart_node2(self) -> None:
+        """The second node back (whatever of it is left is ended first), as `ray start --address` again."""
+        if len(self.alive_nodes()) == 2:
+            return
+        self.stop_node2()
+        wait_for(lambda: len(self.alive_nodes()) == 1, 120, "the head to see the second node gone", every_s=1.0)
+        self.start_node2()
 
     def stop(self) -> None:
         self._kill(lambda cmd: True)
@@ -391,10 +447,16 @@ def test_two_nodes_bin_the_labelled_images_like_the_local_engine(cluster: Loopba
         shutil.copytree(IMAGES, inbox)
         output, state = tmp_path / engine / "out", tmp_path / engine / "state"
         config = tmp_path / engine / "binner.yaml"
-        config.write_text(yaml.safe_dump({**base, "rules": {"signals": "all" if engine == "local" else "needed"}}))
-        extra = ["--engine", "ray", "--ray-address", cluster.address] if engine == "ray" else []
-        done = binner(cluster, "once", str(inbox), "-o", str(output), "--state", str(state), "-c", str(config),
-                      "--no-progress", *extra)
+        config.write_text(yaml.safe_dump({**base, "state_dir": str(state),
+                                          "rules": {"signals": "all" if engine == "local" else "needed"}}))
+        if engine == "ray":  # the README's own command line, on this test's paths
+            line = (cluster.readme_line(4).replace("/shared/archive", str(inbox)).replace("/shared/bins", str(output))
+                    .replace("prod.yaml", str(config)))
+            done = subprocess.run(["bash", "-c", line], env=cluster.env, capture_output=True, text=True, timeout=300,
+                                  cwd=REPO)
+        else:
+            done = binner(cluster, "once", str(inbox), "-o", str(output), "--state", str(state), "-c", str(config),
+                          "--no-progress")
         assert done.returncode == 0, f"{engine}:\n{done.stdout}\n{done.stderr[-4000:]}"
         summaries[engine] = summary_of(done.stdout)
         assert not [p for p in inbox.rglob("*") if p.is_file()], "move mode leaves no input behind"
@@ -474,24 +536,115 @@ def test_driver_killed_with_sigkill_then_run_again_places_everything_once(cluste
     assert_ledger_matches(state, output)
 
 
-def test_losing_the_second_node_mid_run_costs_retries_not_files(cluster: LoopbackCluster, tmp_path: Path) -> None:
-    inbox, output, state, config = synthetic_inbox(tmp_path, 48)
-    run = start_binner(cluster, "once", str(inbox), "-o", str(output), "--state", str(state), "-c", str(config),
-                       "--no-progress", "--engine", "ray", "--ray-address", cluster.address)
-    try:
-        wait_for(lambda: count_finished(state) >= 10 or run.poll() is not None, 120, "the first files to be placed")
-        assert run.poll() is None, "the run ended before the node could be stopped"
-        assert cluster.stop_node2() > 0
-        output_text, _ = run.communicate(timeout=240)
-    finally:
-        if run.poll() is None:
-            run.kill()
-    assert run.returncode == 0, output_text[-4000:]
-    assert count_finished(state) == 49
-    worked_on = [row for row in ledger_rows(state) if cluster.node2_id in json.loads(row["timings"] or "{}")
-                 .get("ray_nodes", {}).values()]
-    assert worked_on, "the second node did no work before it was stopped: the test proves nothing"
+LOST_NODE = """
+loader: {{workers: 1, batch_size: 8}}
+ocr: {{backend: synthetic, devices: {ocr}, batch_size: 8, synthetic_ms: [200, 20]}}
+vision: {{backend: synthetic, devices: {vision}, batch_size: 8, synthetic_ms: [30, 4]}}
+ray: {{wait_for_resources_s: {wait}, heartbeat_s: 2}}
+"""
+
+
+def run_logged(cluster: LoopbackCluster, log_path: Path, *args: str) -> subprocess.Popen[str]:
+    """`binner` in the background, its output (JSON log lines, the summary) going to ``log_path``."""
+    handle = log_path.open("w")
+    env = {**cluster.env, "BINNER_LOG__FORMAT": "json"}
+    return subprocess.Popen([str(BIN / "binner"), *args], env=env, cwd=REPO, text=True, stdout=handle,
+                            stderr=subprocess.STDOUT)
+
+
+def lost_node_run(cluster: LoopbackCluster, tmp_path: Path, ocr: str, vision: str, wait: float,
+                  files: int = 120) -> tuple[subprocess.Popen[str], Path, Path, Path, list[str], Path]:
+    inbox, output, state, config = synthetic_inbox(tmp_path, files)
+    config.write_text(LOST_NODE.format(ocr=ocr, vision=vision, wait=wait))
+    args = ["once", str(inbox), "-o", str(output), "--state", str(state), "-c", str(config), "--no-progress",
+            "--engine", "ray", "--ray-address", cluster.address]
+    log_path = tmp_path / "driver.log"
+    run = run_logged(cluster, log_path, *args)
+    wait_for(lambda: count_finished(state) >= 24 or run.poll() is not None, 180, "the first files to be placed")
+    assert run.poll() is None, "the run ended before the node could be lost: " + log_path.read_text()[-3000:]
+    assert cluster.kill_node2_raylet(), "no raylet of the second node to kill"
+    return run, output, state, inbox, args, log_path
+
+
+def assert_every_file_once(cluster: LoopbackCluster, state: Path, output: Path, files: int) -> None:
+    assert count_finished(state) == files + 1
     placed = placed_files(output)
-    assert len(placed) == 49
-    assert placed["broken.png"] == "_quarantine/not_an_image"
+    assert len(placed) == files + 1 and placed["broken.png"] == "_quarantine/not_an_image"
     assert_ledger_matches(state, output)
+    status = json.loads(binner(cluster, "status", "--state", str(state), "--json").stdout)
+    assert sum(status["bins"].values()) + sum(status["quarantined"].values()) == files + 1
+
+
+def test_a_lost_node_shrinks_the_pools_and_the_run_finishes_on_the_head(cluster: LoopbackCluster,
+                                                                         tmp_path: Path) -> None:
+    """Three vision replicas and one OCR replica need five CPUs; the head has four. When the second node's raylet is
+    killed, the window stops (Ray Data would wait for ever), the vision pool shrinks to two, and the run finishes."""
+    try:
+        run, output, state, _, _, log_path = lost_node_run(cluster, tmp_path, "[cpu]", "[cpu, cpu, cpu]", 60)
+        run.wait(timeout=240)
+        text = log_path.read_text()
+        assert run.returncode == 0, text[-4000:]
+        assert "running smaller pools" in text and "stopping the window to size the pools again" in text, text[-3000:]
+        worked_on = [row for row in ledger_rows(state) if cluster.node2_id in json.loads(row["timings"] or "{}")
+                     .get("ray_nodes", {}).values()]
+        assert worked_on, "the second node did no work before it was lost: the test proves nothing"
+        assert_every_file_once(cluster, state, output, 120)
+    finally:
+        cluster.restart_node2()
+
+
+def test_a_lost_gpu_node_waits_a_bounded_time_then_exits_2_and_the_same_command_resumes(cluster: LoopbackCluster,
+                                                                                         tmp_path: Path) -> None:
+    """OCR asks for cuda:0, which only the second node has: without it no replica fits, so the driver waits
+    (saying what is missing), then exits 2 with one line; once the node is back, the same command finishes."""
+    try:
+        run, output, state, _, args, log_path = lost_node_run(cluster, tmp_path, "[cuda:0]", "[cpu]", 8)
+        run.wait(timeout=240)
+        text = log_path.read_text()
+        assert run.returncode == 2, text[-4000:]
+        events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        assert any(e["event"].startswith("waiting for the Ray cluster") for e in events), text[-3000:]
+        (fatal,) = [e for e in events if e.get("fatal")]
+        assert "1 GPU (the cluster has 0)" in fatal["event"] and "still pending" in fatal["event"], fatal
+        assert "run the same command again" in fatal["event"], fatal
+        assert not any(e["event"].lstrip().startswith(("File \"", "^")) for e in events), "tracebacks are one event"
+        cluster.restart_node2()
+        again = binner(cluster, *args, timeout=240)
+        assert again.returncode == 0, again.stdout + again.stderr[-3000:]
+        assert_every_file_once(cluster, state, output, 120)
+    finally:
+        cluster.restart_node2()
+
+
+def test_a_lost_gpu_node_coming_back_while_the_driver_waits_resumes_the_run(cluster: LoopbackCluster,
+                                                                           tmp_path: Path) -> None:
+    try:
+        run, output, state, _, _, log_path = lost_node_run(cluster, tmp_path, "[cuda:0]", "[cpu]", 180)
+        wait_for(lambda: "waiting for the Ray cluster" in log_path.read_text() or run.poll() is not None, 60,
+                 "the driver to wait for the lost GPU")
+        assert run.poll() is None, log_path.read_text()[-3000:]
+        cluster.restart_node2()
+        run.wait(timeout=240)
+        assert run.returncode == 0, log_path.read_text()[-4000:]
+        assert_every_file_once(cluster, state, output, 120)
+    finally:
+        cluster.restart_node2()
+
+
+@pytest.mark.parametrize("token", [None, "not-the-clusters-token-000000000000"])
+def test_a_driver_without_the_clusters_token_stops_at_once_with_one_line(cluster: LoopbackCluster, tmp_path: Path,
+                                                                         token: str | None) -> None:
+    inbox, output, state, config = synthetic_inbox(tmp_path, 3)
+    env = {k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    if token is not None:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    started = time.monotonic()
+    done = subprocess.run([str(BIN / "binner"), "once", str(inbox), "-o", str(output), "--state", str(state), "-c",
+                           str(config), "--no-progress", "--engine", "ray", "--ray-address", cluster.address],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "RAY_AUTH_TOKEN" in lines[0] and "refused" in lines[0], done.stderr
+    assert time.monotonic() - started < 30, "no twenty seconds of retries"
+    assert not output.exists() or not [p for p in output.rglob("*") if p.is_file()], "no file was touched"
+    assert sum(1 for p in inbox.rglob("*") if p.is_file()) == 4

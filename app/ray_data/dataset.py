@@ -3,10 +3,12 @@ and what those pools need from the cluster."""
 
 from __future__ import annotations
 
+import copy
 import warnings
+from collections.abc import Callable
 from typing import Any
 
-from app.config import BinnerConfig
+from app.config import BinnerConfig, ConfigError
 from app.engine import AUTO_BATCH_CEILING
 from app.hosts import concurrency_of
 from app.ray_data.actor import RayStage
@@ -44,18 +46,47 @@ def needed_resources(stages: list[Stage]) -> dict[str, int]:
     return need
 
 
-def missing_resources(stages: list[Stage]) -> str | None:
-    """Why the cluster cannot run these pools now (the pipeline would wait for ever), or None."""
+def cluster_resources() -> dict[str, int]:
+    """The CPUs and GPUs of the cluster's live nodes."""
     import ray
 
     have = ray.cluster_resources()
+    return {"CPU": int(have.get("CPU", 0)), "GPU": int(have.get("GPU", 0))}
+
+
+def missing_resources(stages: list[Stage]) -> str | None:
+    """Why the cluster cannot run these pools now (the pipeline would wait for ever), or None."""
+    have = cluster_resources()
     need = needed_resources(stages)
-    short = [f"{need[kind]} {kind} (the cluster has {int(have.get(kind, 0))})" for kind in ("CPU", "GPU")
-             if need[kind] > have.get(kind, 0)]
+    short = [f"{need[kind]} {kind} (the cluster has {have[kind]})" for kind in ("CPU", "GPU") if need[kind] > have[kind]]
     if not short:
         return None
     return ("the Ray cluster is too small for the configured stages: they need " + " and ".join(short) +
             "; add nodes, or list fewer devices per stage (each device is one actor)")
+
+
+def fit_stages(stages: list[Stage], have: dict[str, int],
+               rebuild: Callable[[int], list[Stage]] | None = None) -> list[Stage] | None:
+    """Pools that fit ``have``: first the stages rebuilt for the cluster's GPUs (``devices: auto`` then takes the CPU
+    where the GPU node is gone; explicit ``cuda:N`` lists do not change), then fewer replicas where a stage has
+    several. None when even one replica per stage does not fit."""
+    fitted = stages
+    if rebuild is not None and needed_resources(stages)["GPU"] > have["GPU"]:
+        try:
+            fitted = rebuild(have["GPU"])
+        except ConfigError:  # an explicit cuda:N list needs GPUs the cluster no longer has
+            fitted = stages
+    fitted = [copy.copy(stage) for stage in fitted]
+    for stage in fitted:
+        stage.devices = list(stage.devices)
+    while True:
+        need = needed_resources(fitted)
+        if need["CPU"] <= have["CPU"] and need["GPU"] <= have["GPU"]:
+            return fitted
+        several = [stage for stage in fitted[1:] if len(stage.devices) > 1]
+        if not several:
+            return None
+        max(several, key=lambda stage: len(stage.devices)).devices.pop()
 
 
 def build_dataset(blocks: list[Any], stages: list[Stage], config: BinnerConfig) -> Any:

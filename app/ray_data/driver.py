@@ -27,9 +27,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import re
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,7 +45,7 @@ from app.devices import planned_replicas
 from app.engine import FINISHED, RunStats, remove_inputs
 from app.progress import BinningProgress
 from app.ray_data.codec import row_record, schema
-from app.ray_data.dataset import block_size, build_dataset, missing_resources
+from app.ray_data.dataset import block_size, build_dataset, cluster_resources, fit_stages, missing_resources
 from app.store import Ledger, Outcome, Placer
 from stages.base import Stage
 
@@ -82,10 +87,39 @@ def _worker_env() -> dict[str, str]:
     return {name: os.environ[name] for name in names if name in os.environ}
 
 
+def check_access(address: str, timeout_s: float = 15.0) -> None:
+    """Fail in one line, before any file is touched, when the cluster refuses this driver's token or cannot be
+    reached (``ray.init`` would retry for some twenty seconds and print a warning per try).
+
+    The probe opens a GCS client in a child process, which also keeps the client's native log lines out of ours.
+    """
+    probe = "import sys\nfrom ray._raylet import GcsClient\nGcsClient(address=sys.argv[1])\n"
+    try:
+        done = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    except subprocess.TimeoutExpired:
+        raise RayEngineError(f"cannot reach the Ray cluster at {address} within {timeout_s:g} s: check --ray-address "
+                             "(host:port of the head node's GCS) and that `ray status` works from here") from None
+    if done.returncode == 0:
+        return
+    if "InvalidAuthToken" in done.stderr or "AuthenticationError" in done.stderr:
+        given = ("RAY_AUTH_TOKEN is set but is not the cluster's" if os.environ.get("RAY_AUTH_TOKEN") else
+                 "this driver has no RAY_AUTH_TOKEN")
+        raise RayEngineError(f"the Ray cluster at {address} refused this driver's authentication token ({given}): "
+                             "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the token every `ray start` of the cluster "
+                             "was given (or copy the head's ~/.ray/auth_token here); see the README, \"Sorting an "
+                             "archive on a Ray cluster\"")
+    last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "no answer")
+    raise RayEngineError(f"cannot reach the Ray cluster at {address}: {last.strip()}; check --ray-address (host:port of "
+                         "the head node's GCS) and that `ray status` works from here")
+
+
 def connect(address: str | None, needed_cpus: int) -> None:
     """Join the cluster at ``address``, or start a local Ray with enough CPU slots for the actor pools."""
     import ray
 
+    if address:
+        check_access(address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     runtime_env = {"env_vars": _worker_env()}
     try:
@@ -124,6 +158,23 @@ def _outcome(data: dict[str, Any]) -> Outcome:
     return Outcome(**data)
 
 
+class ClusterShrank(Exception):
+    """The cluster no longer has what the running window's pools need (a node was lost)."""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Where a running window stands."""
+
+    done: int
+    in_flight: int
+    since_last_result_s: float
+    running_s: float
+
+
+CLUSTER_CHECK_S = 3.0  # how often a running window compares the cluster's resources with what its pools need
+
+
 class RayRun:
     """The driver: claims windows of rows, streams them through the cluster, records what comes back.
 
@@ -135,7 +186,9 @@ class RayRun:
 
     def __init__(self, runtime: LedgerRun, stages: list[Stage], window_rows: int = WINDOW_ROWS,
                  on_finished: Callable[[Outcome], None] | None = None, max_window: int = MAX_WINDOW_ROWS,
-                 target_window_s: float = TARGET_WINDOW_S) -> None:
+                 target_window_s: float = TARGET_WINDOW_S, reconnect: Callable[[], None] | None = None,
+                 rebuild: Callable[[int], list[Stage]] | None = None,
+                 on_heartbeat: Callable[[Heartbeat], None] | None = None) -> None:
         self.runtime = runtime
         self.config = runtime.config
         self.ledger = runtime.ledger
@@ -144,20 +197,40 @@ class RayRun:
         self.max_window = max(self.first_window, max_window)
         self.target_window_s = target_window_s
         self.on_finished = on_finished
+        self.reconnect = reconnect  # a fresh connection after a window was stopped (ray.shutdown ends its tasks)
+        self.rebuild = rebuild  # the stages for a number of GPUs (``devices: auto`` follows the cluster)
+        self.on_heartbeat = on_heartbeat
         self.stats = RunStats()
         self.move_mode = self.config.placement == "move"
         self._claimed: dict[int, str] = {}
         self._suspects: set[int] = set()  # rows of a window that failed twice, until each has finished
         self._culprit_charged = False
 
-    def _wait_for_resources(self, timeout_s: float = 600.0) -> None:
-        """After a lost node the pools may no longer fit: wait for the cluster to grow back, then give up."""
-        deadline = time.monotonic() + timeout_s
+    def _wait_for_resources(self, timeout_s: float | None = None) -> None:
+        """Make the pools fit the cluster as it is now: fewer replicas where a stage has several, a CPU in place of a
+        GPU where its devices are ``auto``; where even one replica per stage does not fit, wait for the cluster to
+        grow back (logging what is missing), and after ``ray.wait_for_resources_s`` stop with one line."""
+        wait_s = self.config.ray.wait_for_resources_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + wait_s
+        last_said = 0.0
         while (problem := missing_resources(self.stages)) is not None:
-            if time.monotonic() > deadline:
-                raise RayEngineError(problem)
-            log.warning("waiting for the Ray cluster to have room for the stages again", problem=problem)
-            time.sleep(5.0)
+            fitted = fit_stages(self.stages, cluster_resources(), self.rebuild)
+            if fitted is not None:
+                log.warning("the Ray cluster has less room than the stages asked for; running smaller pools",
+                            problem=problem, devices={stage.name: stage.devices for stage in fitted[1:]})
+                self.stages = fitted
+                return
+            now = time.monotonic()
+            if now > deadline:
+                pending, _ = self.ledger.backlog()
+                raise RayEngineError(f"{problem}; waited {wait_s:g} s for it (ray.wait_for_resources_s); {pending} files "
+                                     "are still pending: run the same command again to resume once the cluster has room")
+            if now - last_said >= min(30.0, self.config.ray.heartbeat_s):
+                log.warning("waiting for the Ray cluster to have room for the stages again", problem=problem,
+                            cluster=cluster_resources(), waited_s=round(wait_s - (deadline - now)),
+                            gives_up_in_s=round(deadline - now))
+                last_said = now
+            time.sleep(1.0)
 
     def _claim(self, limit: int) -> list[Any]:
         """Claim up to ``limit`` pending rows, page by page, as Arrow blocks of one loader batch each."""
@@ -196,6 +269,14 @@ class RayRun:
             except RayEngineError:
                 self.ledger.recover_interrupted()
                 raise
+            except ClusterShrank as shrink:  # stopped here: Ray Data would wait for ever for the lost resources
+                self.ledger.recover_interrupted()
+                log.warning("the Ray cluster lost resources the stages need: stopping the window to size the pools "
+                            "again", problem=str(shrink), done=claimed - len(left), unfinished=len(left))
+                if self.reconnect is not None:
+                    self.reconnect()
+                window = max(1, len(left))
+                continue
             except Exception as error:  # the window failed as a whole, after Ray's own retries
                 setup = _is_setup_failure(error)
                 self.ledger.recover_interrupted()
@@ -235,11 +316,54 @@ class RayRun:
             window = int(min(self.max_window, max(self.first_window, window * 2, rate * self.target_window_s)))
 
     def _run_window(self, blocks: list[Any], left: set[int]) -> str | None:
+        """One window through the cluster; results are recorded here, on the driver's thread, as they come.
+
+        Ray Data runs on a thread of its own, so that this one can watch: a heartbeat (rows done, rows in flight,
+        seconds since the last result) every ``ray.heartbeat_s``, and the cluster's resources every few seconds. A
+        cluster that has shrunk below what the pools need stops the window (``ClusterShrank``).
+        """
         dataset = build_dataset(blocks, self.stages, self.config)
+        results: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=4)
+
+        def consume() -> None:
+            try:
+                for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+                    results.put(("table", table))
+                results.put(("end", None))
+            except BaseException as error:  # noqa: BLE001 - handed to the driver's thread as it is
+                results.put(("error", error))
+
+        threading.Thread(target=consume, name="ray-window", daemon=True).start()
         blocked: str | None = None
-        for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+        total = len(left)
+        started = last_result = last_beat = last_check = time.monotonic()
+        while True:
+            try:
+                kind, value = results.get(timeout=1.0)
+            except queue.Empty:
+                now = time.monotonic()
+                beat = Heartbeat(total - len(left), len(left), now - last_result, now - started)
+                if self.on_heartbeat is not None:
+                    self.on_heartbeat(beat)
+                if now - last_beat >= self.config.ray.heartbeat_s:
+                    # Said louder when nothing came back for a whole interval: a stalled window shows at once.
+                    say = log.warning if beat.since_last_result_s >= self.config.ray.heartbeat_s else log.info
+                    say("Ray window running" if say is log.info else "Ray window stalled: no result lately",
+                        rows_done=beat.done, rows_in_flight=beat.in_flight,
+                        seconds_since_last_result=round(beat.since_last_result_s, 1))
+                    last_beat = now
+                if now - last_check >= CLUSTER_CHECK_S:
+                    last_check = now
+                    if (problem := missing_resources(self.stages)) is not None:
+                        raise ClusterShrank(problem)
+                continue
+            if kind == "end":
+                return blocked
+            if kind == "error":
+                raise value
+            last_result = time.monotonic()
             outcomes: list[Outcome] = []
-            for text in table.column("result").to_pylist():
+            for text in value.column("result").to_pylist():
                 result = json.loads(text)
                 if "blocked" in result:
                     blocked = result["blocked"]
@@ -248,7 +372,6 @@ class RayRun:
             self._record(outcomes)
             for outcome in outcomes:
                 left.discard(outcome.id)
-        return blocked
 
     def _record(self, outcomes: list[Outcome]) -> None:
         """Durable ledger rows first, then (move mode) the inputs they describe go away."""
@@ -284,7 +407,8 @@ def run_on_ray(runtime: LedgerRun, address: str | None, total: int | None, show_
     progress = BinningProgress(total, show_progress)
     try:
         with progress.shown("connecting to Ray"):
-            connect(address, needed_cpus=2 + planned_replicas(config, "ocr") + planned_replicas(config, "vision"))
+            needed_cpus = 2 + planned_replicas(config, "ocr") + planned_replicas(config, "vision")
+            connect(address, needed_cpus=needed_cpus)
             try:
                 stages = build_stages(config, gpu_count=gpu_count_of_cluster(), where="the Ray cluster")
             except ConfigError as error:
@@ -292,7 +416,17 @@ def run_on_ray(runtime: LedgerRun, address: str | None, total: int | None, show_
             if problem := missing_resources(stages):
                 raise RayEngineError(problem)
             progress.phase("binning on Ray")
-            run = RayRun(runtime, stages, window_rows)
+
+            def reconnect() -> None:
+                ray.shutdown()  # ends the stopped window's actors and tasks, and Ray Data's wait for them
+                connect(address, needed_cpus=needed_cpus)
+
+            def heartbeat(beat: Heartbeat) -> None:
+                progress.phase(f"binning on Ray ({beat.in_flight} in flight, last result "
+                               f"{beat.since_last_result_s:.0f} s ago)")
+
+            run = RayRun(runtime, stages, window_rows, reconnect=reconnect, on_heartbeat=heartbeat,
+                         rebuild=lambda gpus: build_stages(config, gpu_count=gpus, where="the Ray cluster"))
 
             def advance(outcome: Outcome) -> None:
                 if outcome.status in FINISHED:
