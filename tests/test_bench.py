@@ -24,7 +24,8 @@ COMMON_KEYS = {"images_per_second", "p95_latency_s", "stage_utilisation", "peak_
 SCENARIO_KEYS = {
     "engine": {"efficiency", "analytic_limit_images_per_second"},
     "sequential": {"speedup", "theoretical_speedup"},
-    "framework": {"images_per_second", "overhead_us_per_file", "large_jpeg"},
+    "framework": {"images_per_second", "overhead_us_per_file", "large_jpeg", "limit_images_per_second",
+                  "ratio_to_limit", "disk", "busy_us_per_file"},
     "stream": {"p50_s", "p95_s", "p99_s", "levels"},
     "models": {"ratio_to_slowest_stage", "standalone"},
 }
@@ -60,6 +61,11 @@ def test_engine_sequential_framework_and_stream_complete_with_the_documented_key
     assert scenarios["sequential"]["finished"] == 32
     assert scenarios["sequential"]["theoretical_speedup"] == pytest.approx(88.89 / 19.61, rel=0.01)
     assert scenarios["framework"]["large_jpeg"]["finished"] == 2
+    framework = scenarios["framework"]
+    assert framework["limit"]["files"] == 32 and framework["limit_images_per_second"] > 0
+    assert framework["ratio_to_limit"] == pytest.approx(framework["images_per_second"] / framework["limit_images_per_second"],
+                                                        rel=1e-2)
+    assert framework["disk"]["write_2kb_us"] > 0 and framework["disk"]["fsync_us"] > 0
     for level in scenarios["stream"]["levels"].values():
         assert level["placed"] == level["files"], level
 

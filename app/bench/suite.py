@@ -122,7 +122,9 @@ def _headline(name: str, result: dict[str, Any]) -> str:
                          f"p95 ratio {_fmt(figures.get('p95_ratio'))}")
         return "; ".join(parts)
     if name == "framework":
-        return f"{_fmt(result.get('overhead_us_per_file'))} us/file"
+        return (f"{_fmt(result.get('ratio_to_limit'))} of the durable-work loop "
+                f"({_fmt(result.get('limit_images_per_second'))}/s on this disk); "
+                f"{_fmt(result.get('overhead_us_per_file'))} us/file")
     if name == "stream":
         return (f"p50/p95/p99 {_fmt(result.get('p50_s'))}/{_fmt(result.get('p95_s'))}/{_fmt(result.get('p99_s'))} s "
                 f"at 90% load")
