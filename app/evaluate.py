@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
-from app.build import build_runtime, intake_all, preflight_weights
+from app.build import StreamingIntake, build_runtime, preflight_weights
 from app.config import load_config
 from app.once import run_to_idle
 from app.store import Ledger
@@ -50,11 +50,10 @@ def evaluate(images: Path, labels: list[dict[str, str]], config_file: Path | Non
         preflight_weights(config)
         runtime = build_runtime(config, dry_run=True, command="eval")
         try:
-            intake_all(runtime, only=labelled.__contains__)  # the labelled images, not README.md or labels.csv
-            backlog, _ = runtime.ledger.backlog()
+            intake = StreamingIntake(runtime, only=labelled.__contains__)  # the labelled images, not labels.csv
             started = time.monotonic()
             with contextlib.redirect_stdout(sys.stderr):  # model libraries print; keep stdout for the result
-                stats = run_to_idle(runtime, backlog, show_progress and config.log.format != "json", console)
+                stats = run_to_idle(runtime, None, show_progress and config.log.format != "json", console, intake)
             elapsed = time.monotonic() - started
             result = score(runtime.ledger, labels)
         finally:

@@ -3,6 +3,7 @@ share with it (progress bar, Ctrl-C drain). The CLI parses and prints; this modu
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -11,7 +12,7 @@ import anyio
 import structlog
 from rich.console import Console
 
-from app.build import Runtime, build_runtime, build_stages, intake_all, preflight_weights
+from app.build import Runtime, StreamingIntake, build_runtime, build_stages, preflight_weights
 from app.config import BinnerConfig
 from app.engine import FINISHED, RunStats
 from app.logs import lines_above
@@ -44,41 +45,52 @@ def bin_once(config: BinnerConfig, engine: Literal["local", "ray"], ray_address:
              console: Console | None = None) -> OnceSummary:
     """Take every file under the input, bin it on ``engine``, prune emptied folders (move mode); returns the summary.
 
-    Raises ``ConfigError``, ``StageSetupError`` or ``RayEngineError`` with a message for the user.
+    The scan records the tree chunk by chunk while the engine already works on what is recorded, so the first file
+    is placed seconds after the start, whatever the size of the tree. Raises ``ConfigError``, ``StageSetupError`` or
+    ``RayEngineError`` with a message for the user.
     """
     preflight_weights(config)
     runtime = build_runtime(config, command="once", engine=engine)
     try:
-        intake = intake_all(runtime)
-        backlog, _ = runtime.ledger.backlog()
+        intake = StreamingIntake(runtime)
         started = time.monotonic()
         if engine == "ray":
             from app.ray_data import run_on_ray
 
-            stats = run_on_ray(runtime, ray_address, backlog, show_progress, build_stages)
+            scanner = threading.Thread(target=intake.run, name="binner-scan", daemon=True)
+            scanner.start()
+            stats = run_on_ray(runtime, ray_address, None, show_progress, build_stages,
+                               more_coming=lambda: not intake.done.is_set())
+            scanner.join()
         else:
-            stats = run_to_idle(runtime, backlog, show_progress, console)
+            stats = run_to_idle(runtime, None, show_progress, console, intake)
         seconds = time.monotonic() - started
         remaining, _ = runtime.ledger.backlog()
     finally:
         runtime.close()
     if config.placement == "move" and not remaining:
         prune_empty_dirs(config.input)  # a backfill leaves no empty folders behind in its input
-    return OnceSummary(stats, seconds, remaining, intake)
+    return OnceSummary(stats, seconds, remaining, intake.counts)
 
 
-def run_to_idle(runtime: Runtime, total: int | None, show_progress: bool, console: Console | None = None) -> RunStats:
-    """The local engine over every pending row of ``runtime``, on the event loop; returns the run's counts."""
-    return run_async(_run_local, runtime, total, show_progress, console or Console(stderr=True))
+def run_to_idle(runtime: Runtime, total: int | None, show_progress: bool, console: Console | None = None,
+                intake: StreamingIntake | None = None) -> RunStats:
+    """The local engine over every pending row of ``runtime`` (and over what ``intake`` records meanwhile), on the
+    event loop; returns the run's counts."""
+    return run_async(_run_local, runtime, total, show_progress, console or Console(stderr=True), intake)
 
 
-async def _run_local(runtime: Runtime, total: int | None, show_progress: bool, console: Console) -> RunStats:
+async def _run_local(runtime: Runtime, total: int | None, show_progress: bool, console: Console,
+                     intake: StreamingIntake | None) -> RunStats:
     """Set the models up, run until every pending file is finished (or a drain ends), tear down."""
     pipeline = runtime.local
+    if intake is not None:
+        total = runtime.ledger.backlog()[0]  # what earlier runs left; the scan adds to it as it records files
     progress = BinningProgress(total, show_progress, console)
+    stop_scan = threading.Event()
     with progress.shown("loading models"), lines_above(console if show_progress else None):
         await pipeline.setup()
-        progress.phase("binning")
+        progress.phase("binning" if intake is None else "binning (scanning the input)")
         previous = pipeline.on_finished
 
         def advance(row: Row, outcome: Outcome) -> None:
@@ -88,6 +100,7 @@ async def _run_local(runtime: Runtime, total: int | None, show_progress: bool, c
                 previous(row, outcome)
 
         def begin_drain(why: str) -> None:
+            stop_scan.set()
             pipeline.request_stop()
             say(f"stopping: finishing the {pipeline.in_flight} file(s) in flight (up to "
                 f"{runtime.config.drain_timeout_s:.0f} s); press Ctrl-C again to stop now")
@@ -99,14 +112,31 @@ async def _run_local(runtime: Runtime, total: int | None, show_progress: bool, c
             else:  # no bar: a log event (warning, so `once`'s default level shows it; JSON under log.format json)
                 log.warning(message, in_flight=pipeline.in_flight)
 
+        def recorded(new: int) -> None:  # on the scan's thread
+            anyio.from_thread.run_sync(lambda: (progress.add_total(new), pipeline.wake()))
+
+        async def scan() -> None:
+            assert intake is not None
+            try:
+                await anyio.to_thread.run_sync(intake.run, recorded, stop_scan)
+            finally:
+                pipeline.intake_open = False
+                pipeline.wake()
+                if not pipeline.stopping:
+                    progress.phase("binning")
+
         pipeline.on_finished = advance
+        pipeline.intake_open = intake is not None
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(_stop_on_signals, group.cancel_scope, runtime.config.drain_timeout_s, begin_drain,
                                  lambda left: say(drain_message(pipeline.in_flight, left)))
+                if intake is not None:
+                    group.start_soon(scan)
                 await pipeline.run(until_idle=True)
                 group.cancel_scope.cancel()
         finally:
+            stop_scan.set()
             with anyio.CancelScope(shield=True):
                 await pipeline.teardown()
     return pipeline.stats

@@ -31,6 +31,12 @@ class BinningProgress:
         if self._task is not None:
             self._bar.update(self._task, description=description)
 
+    def add_total(self, more: int) -> None:
+        """The scan found ``more`` files to do."""
+        if self._task is not None and more:
+            current = self._bar.tasks[0].total or 0
+            self._bar.update(self._task, total=current + more)
+
     def advance(self, rate: float) -> None:
         if self._task is not None:
             self._bar.update(self._task, advance=1, rate=rate)

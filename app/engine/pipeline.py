@@ -113,6 +113,8 @@ class Pipeline:
         self.state_paused = False
         self._mark_failed_logged = False
         self.ready = False
+        # A scan is still recording files (`once` starts on the first chunk): "nothing pending" is not idle yet.
+        self.intake_open = False
 
     # The finisher owns the rules, the writer and the attempt limit; the pipeline reads and swaps them through it.
     @property
@@ -279,7 +281,7 @@ class Pipeline:
                 if after_id:
                     after_id = 0  # requeued rows may sit behind the cursor
                     continue
-                if until_idle and not self._in_flight:
+                if until_idle and not self._in_flight and not self.intake_open:
                     if not await self.ledger_thread.run(self.ledger.has_pending):
                         return
                 with anyio.move_on_after(1.0):

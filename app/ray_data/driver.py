@@ -188,7 +188,8 @@ class RayRun:
                  on_finished: Callable[[Outcome], None] | None = None, max_window: int = MAX_WINDOW_ROWS,
                  target_window_s: float = TARGET_WINDOW_S, reconnect: Callable[[], None] | None = None,
                  rebuild: Callable[[int], list[Stage]] | None = None,
-                 on_heartbeat: Callable[[Heartbeat], None] | None = None) -> None:
+                 on_heartbeat: Callable[[Heartbeat], None] | None = None,
+                 more_coming: Callable[[], bool] | None = None) -> None:
         self.runtime = runtime
         self.config = runtime.config
         self.ledger = runtime.ledger
@@ -200,6 +201,7 @@ class RayRun:
         self.reconnect = reconnect  # a fresh connection after a window was stopped (ray.shutdown ends its tasks)
         self.rebuild = rebuild  # the stages for a number of GPUs (``devices: auto`` follows the cluster)
         self.on_heartbeat = on_heartbeat
+        self.more_coming = more_coming  # whether a scan may still record rows (then an empty claim is not the end)
         self.stats = RunStats()
         self.move_mode = self.config.placement == "move"
         self._claimed: dict[int, str] = {}
@@ -260,6 +262,9 @@ class RayRun:
             self._wait_for_resources()
             blocks = self._claim(window)
             if not blocks:
+                if self.more_coming is not None and self.more_coming():
+                    time.sleep(0.5)  # the scan is still recording the tree: the next rows come soon
+                    continue
                 return self.stats
             left = set(self._claimed)
             claimed = len(left)
@@ -395,7 +400,8 @@ def gpu_count_of_cluster() -> int:
 
 
 def run_on_ray(runtime: LedgerRun, address: str | None, total: int | None, show_progress: bool,
-               build_stages: Callable[..., list[Stage]], window_rows: int = WINDOW_ROWS) -> RunStats:
+               build_stages: Callable[..., list[Stage]], window_rows: int = WINDOW_ROWS,
+               more_coming: Callable[[], bool] | None = None) -> RunStats:
     """``binner once --engine ray``: connect, build the stages once for the cluster's GPUs, run to the end.
 
     ``build_stages(config, gpu_count=, where=)`` is the wiring's: device lists are checked against the cluster's
@@ -426,7 +432,8 @@ def run_on_ray(runtime: LedgerRun, address: str | None, total: int | None, show_
                                f"{beat.since_last_result_s:.0f} s ago)")
 
             run = RayRun(runtime, stages, window_rows, reconnect=reconnect, on_heartbeat=heartbeat,
-                         rebuild=lambda gpus: build_stages(config, gpu_count=gpus, where="the Ray cluster"))
+                         rebuild=lambda gpus: build_stages(config, gpu_count=gpus, where="the Ray cluster"),
+                         more_coming=more_coming)
 
             def advance(outcome: Outcome) -> None:
                 if outcome.status in FINISHED:
