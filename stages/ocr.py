@@ -5,22 +5,28 @@ do not care which engine runs: RapidOCR's PP-OCRv4 models (ONNX, shipped inside 
 are the default, on one of two runtimes (``ocr.runtime``): onnxruntime (fastest on CPU) or torch (batched across
 images, fp16, for CUDA devices); both share one batched pipeline (``stages.ppocr_torch``) and give the same
 lines. PaddleOCR is an optional extra for sites that already run Paddle on GPUs.
+
+The stage has host phases (``Stage.prepare``/``forward``/``finish``): the downscale, the BGR conversion and the
+detection inputs (pinned on CUDA) are built in ``prepare``, the networks with the DB post-processing and crops
+between them run in ``forward``, and the lines become signals in ``finish``; the engine overlaps them.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stages.base import BatchPolicy, ImageItem, OutOfDeviceMemory, Stage, is_out_of_memory
+from stages.base import BatchPolicy, ImageItem, OutOfDeviceMemory, Stage, is_out_of_memory, run_phases
 from stages.devices import parse_device
 from stages.ppocr_torch import OcrPrecision
 
+R = TypeVar("R")
 RUNTIMES = ("auto", "onnxruntime", "torch")
 _MASK_SIDE = 1024  # longest side of the raster on which the union of text boxes is measured
 
@@ -35,6 +41,9 @@ class OcrOptions:
     paddle_model_dir: str | None = None
     runtime: str = "auto"  # rapidocr only: "auto" (torch on cuda, onnxruntime on cpu) | "onnxruntime" | "torch"
     precision: OcrPrecision = OcrPrecision()  # torch runtime on CUDA, per network
+    # torch runtime: pad images and crops per forward pass up a short ladder (bounded shapes, see
+    # ``stages.ppocr_torch.COUNT_LADDER``); None: on CUDA, off on the CPU. Same lines either way.
+    pad_counts: bool | None = None
 
 
 def resolve_runtime(runtime: str, device: str) -> str:
@@ -57,10 +66,19 @@ class OcrLine:
 
 @runtime_checkable
 class OcrBackend(Protocol):
-    """An OCR engine loaded on one device and used by one thread."""
+    """An OCR engine loaded on one device; its model calls come from one thread.
+
+    ``recognize`` is ``forward(prepare(bgr images))``. ``prepare`` is host work that may run on any thread while
+    ``forward`` runs another batch, so it must not touch what ``forward`` changes."""
 
     def load(self, device: str) -> None:
         """Load the models onto ``device`` (``"cpu"`` or ``"cuda:N"``); raise with the device named if impossible."""
+
+    def prepare(self, images: list[np.ndarray]) -> Any:
+        """Host phase for BGR uint8 arrays: whatever ``forward`` takes."""
+
+    def forward(self, prepared: Any) -> list[list[OcrLine]]:
+        """Device phase: all text lines of each prepared image, one list per image, in input order."""
 
     def recognize(self, images: list[np.ndarray | Image.Image]) -> list[list[OcrLine]]:
         """All text lines of each image (RGB arrays or PIL images), one list per image, in input order."""
@@ -164,10 +182,18 @@ class RapidOcrBackend:
                 )
             holder.session = session
 
-    def recognize(self, images: list[np.ndarray | Image.Image]) -> list[list[OcrLine]]:
+    def prepare(self, images: list[np.ndarray]) -> Any:
         if self.pipeline is None:
-            raise RuntimeError("RapidOcrBackend.recognize() called before load()")
-        return [_lines(found) for found in self.pipeline.recognize([_to_bgr(image) for image in images])]
+            raise RuntimeError("RapidOcrBackend.prepare() called before load()")
+        return self.pipeline.prepare(images)
+
+    def forward(self, prepared: Any) -> list[list[OcrLine]]:
+        if self.pipeline is None:
+            raise RuntimeError("RapidOcrBackend.forward() called before load()")
+        return [_lines(found) for found in self.pipeline.forward(prepared)]
+
+    def recognize(self, images: list[np.ndarray | Image.Image]) -> list[list[OcrLine]]:
+        return self.forward(self.prepare([_to_bgr(image) for image in images]))
 
     def close(self) -> None:
         if self.pipeline is not None:
@@ -180,8 +206,9 @@ class TorchOcrBackend:
     """The same PP-OCRv4 models converted to torch (``stages.ppocr_torch.PpOcrTorch``): detection batched in size
     buckets, crops of all images classified and read together, fp16 per network on CUDA."""
 
-    def __init__(self, precision: OcrPrecision | None = None) -> None:
+    def __init__(self, precision: OcrPrecision | None = None, pad_counts: bool | None = None) -> None:
         self.precision = precision or OcrPrecision()
+        self.pad_counts = pad_counts
         self.runtime: Any = None
         self.device: str | None = None
 
@@ -190,25 +217,39 @@ class TorchOcrBackend:
         from stages.ppocr_torch import PpOcrTorch
 
         # CPU threads are torch's process-wide setting: left to the process, as other stages share it.
-        runtime = PpOcrTorch(precision=self.precision)
+        runtime = PpOcrTorch(precision=self.precision, pad_counts=self.pad_counts)
         runtime.load(device)
         self.runtime = runtime
         self.device = device
 
-    def recognize(self, images: list[np.ndarray | Image.Image]) -> list[list[OcrLine]]:
-        if self.runtime is None:
-            raise RuntimeError("TorchOcrBackend.recognize() called before load()")
+    def _translating(self, call: Callable[[], R], count: int) -> R:
+        """``call()``, with an out-of-memory error (device, or pinned host memory) raised as ``OutOfDeviceMemory``."""
         try:
-            found = self.runtime.recognize([_to_bgr(image) for image in images])
+            return call()
         except Exception as error:
             if is_out_of_memory(error):
                 if self.device and parse_device(self.device).is_cuda:
                     import torch
 
                     torch.cuda.empty_cache()  # give the halved retry the cached blocks of the failed batch
-                raise OutOfDeviceMemory(f"OCR on {self.device}: out of memory for {len(images)} images") from error
+                raise OutOfDeviceMemory(f"OCR on {self.device}: out of memory for {count} images") from error
             raise
+
+    def prepare(self, images: list[np.ndarray]) -> Any:
+        runtime = self.runtime
+        if runtime is None:
+            raise RuntimeError("TorchOcrBackend.prepare() called before load()")
+        return self._translating(lambda: runtime.prepare(images), len(images))
+
+    def forward(self, prepared: Any) -> list[list[OcrLine]]:
+        runtime = self.runtime
+        if runtime is None:
+            raise RuntimeError("TorchOcrBackend.forward() called before load()")
+        found = self._translating(lambda: runtime.forward(prepared), prepared.count)
         return [_lines(lines) for lines in found]
+
+    def recognize(self, images: list[np.ndarray | Image.Image]) -> list[list[OcrLine]]:
+        return self.forward(self.prepare([_to_bgr(image) for image in images]))
 
     def close(self) -> None:
         if self.runtime is not None:
@@ -288,12 +329,18 @@ class PaddleOcrBackend:
             raise FileNotFoundError(f"ocr.paddle_model_dir {self.model_dir} must contain det/ and rec/ model folders")
         return found
 
+    def prepare(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Nothing to do ahead: PaddleOCR's predictors take the BGR arrays as they are."""
+        return images
+
     def recognize(self, images: list[np.ndarray | Image.Image]) -> list[list[OcrLine]]:
+        return self.forward(self.prepare([_to_bgr(image) for image in images]))
+
+    def forward(self, prepared: list[np.ndarray]) -> list[list[OcrLine]]:
         if self._engine is None:
-            raise RuntimeError("PaddleOcrBackend.recognize() called before load()")
+            raise RuntimeError("PaddleOcrBackend.forward() called before load()")
         results: list[list[OcrLine]] = []
-        for image in images:
-            bgr = _to_bgr(image)
+        for bgr in prepared:
             lines: list[OcrLine] = []
             if self._major >= 3:
                 for page in self._engine.predict(bgr):
@@ -319,7 +366,7 @@ def make_backend(options: OcrOptions, device: str = "cpu") -> OcrBackend:
     """The backend named by ``ocr.backend`` (and, for rapidocr, ``ocr.runtime`` resolved for ``device``)."""
     if options.backend == "rapidocr":
         if resolve_runtime(options.runtime, device) == "torch":
-            return TorchOcrBackend(precision=options.precision)
+            return TorchOcrBackend(precision=options.precision, pad_counts=options.pad_counts)
         return RapidOcrBackend()
     if options.backend == "paddleocr":
         return PaddleOcrBackend(model_dir=options.paddle_model_dir)
@@ -376,8 +423,31 @@ def _worst_case_image(side: int) -> Image.Image:
     return image
 
 
+@dataclass
+class OcrBatch:
+    """What ``OcrStage.prepare`` hands to ``forward``: which items are read, how to map their boxes back, and the
+    backend's prepared inputs (None when no item is read)."""
+
+    positions: list[int]  # indices into the batch's items
+    back: list[float]  # per read item: the factor from the OCR image's pixels to ``item.image``'s
+    prepared: Any
+
+
+@dataclass
+class OcrOutputs:
+    """What ``OcrStage.forward`` hands to ``finish``: the lines of each read item, in the OCR image's pixels."""
+
+    positions: list[int]
+    back: list[float]
+    lines: list[list[OcrLine]]
+
+
 class OcrStage(Stage):
-    """Runs the OCR backend on a micro-batch and fills ``signals["ocr"]``; boxes are in ``item.image`` pixels."""
+    """Runs the OCR backend on a micro-batch and fills ``signals["ocr"]``; boxes are in ``item.image`` pixels.
+
+    Host phases: ``prepare`` (downscale, BGR arrays, the backend's host inputs) and ``finish`` (boxes mapped back,
+    ``summarize``) touch only the batch's own items and objects, so they may run on other threads while ``forward``
+    (the networks) runs another batch; ``process_batch`` is the three in sequence."""
 
     name = "ocr"
     produces = frozenset({"ocr"})
@@ -404,7 +474,7 @@ class OcrStage(Stage):
         self.backend = backend
         super().setup(device)
 
-    def _prepare(self, image: Image.Image) -> tuple[Image.Image, float]:
+    def _downscale(self, image: Image.Image) -> tuple[Image.Image, float]:
         """Downscale to ``max_side``; returns the image and the factor that maps its pixels back."""
         longest = max(image.size)
         if longest <= self.options.max_side:
@@ -413,17 +483,30 @@ class OcrStage(Stage):
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0), 1.0 / scale
 
-    def process_batch(self, items: list[ImageItem]) -> list[ImageItem]:
+    def prepare(self, items: list[ImageItem]) -> OcrBatch:
+        backend = self.backend
+        if backend is None:
+            raise RuntimeError("OcrStage.prepare() called before setup(device)")
+        positions = [index for index, item in enumerate(items) if item.failure is None and item.image is not None]
+        if not positions:
+            return OcrBatch([], [], None)
+        downscaled = [self._downscale(items[index].image) for index in positions]
+        prepared = backend.prepare([_to_bgr(image) for image, _ in downscaled])
+        return OcrBatch(positions, [back for _, back in downscaled], prepared)
+
+    def forward(self, batch: OcrBatch) -> OcrOutputs:
         if self.backend is None:
-            raise RuntimeError("OcrStage.process_batch() called before setup(device)")
-        active = [item for item in items if item.failure is None and item.image is not None]
-        if not active:
-            return items
-        prepared = [self._prepare(item.image) for item in active]
-        found = self.backend.recognize([image for image, _ in prepared])
-        if len(found) != len(active):
-            raise RuntimeError(f"OCR backend returned {len(found)} results for {len(active)} images")
-        for item, (image, back), lines in zip(active, prepared, found):
+            raise RuntimeError("OcrStage.forward() called before setup(device)")
+        if not batch.positions:
+            return OcrOutputs([], [], [])
+        found = self.backend.forward(batch.prepared)
+        if len(found) != len(batch.positions):
+            raise RuntimeError(f"OCR backend returned {len(found)} results for {len(batch.positions)} images")
+        return OcrOutputs(batch.positions, batch.back, found)
+
+    def finish(self, items: list[ImageItem], outputs: OcrOutputs) -> list[ImageItem]:
+        for index, back, lines in zip(outputs.positions, outputs.back, outputs.lines):
+            item = items[index]
             if back != 1.0:
                 lines = [
                     OcrLine(line.text, line.confidence, [[x * back, y * back] for x, y in line.box]) for line in lines
@@ -431,6 +514,9 @@ class OcrStage(Stage):
             width, height = item.image.size
             item.signals["ocr"] = summarize(lines, width, height, self.options.min_confidence)
         return items
+
+    def process_batch(self, items: list[ImageItem]) -> list[ImageItem]:
+        return run_phases(self, items)
 
     def probe_batch_size(self, device: str, ceiling: int) -> int:
         """Largest batch of worst-case images (``max_side`` squares full of text) that fits ``device``.

@@ -11,17 +11,23 @@ normalisation, DB post-processing, box order, crops, 180-degree rule, CTC decodi
   it would get alone; onnxruntime runs one call per distinct size;
 - classification and recognition: the text-line crops of all images go through together, sorted by width and
   padded to width buckets chosen per crop (never by the other crops of the batch), with CTC greedy decoding
-  vectorised over the batch. A result therefore never depends on which other images share the batch.
+  vectorised over the batch. A result therefore never depends on which other images share the batch;
+- bounded shapes (torch on CUDA, ``pad_counts``): the number of images in a detection pass and of crops in a
+  cls/rec pass is padded up ``COUNT_LADDER`` with blank inputs whose outputs are dropped, so every network sees a
+  small fixed set of input shapes however the batches are composed, and cuDNN plans each shape once.
+
+A batch runs in two phases (``prepare`` on the host, any thread; ``forward`` with the networks, the device's
+thread), so that the OCR stage can overlap the host work of one batch with the device work of another.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
+import threading
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +37,18 @@ import numpy as np
 
 from stages.devices import parse_device
 
-logger = logging.getLogger(__name__)
-
 # Bucket ladders. Detection: per side, after RapidOCR's resize (shorter side to 736, multiples of 32); beyond the
 # ladder a side rounds up to a multiple of 512. Recognition: crop width at height 48 (at least 320, RapidOCR's
 # minimum); beyond it a multiple of REC_WIDTH_STEP (padding changes PP-OCRv4 rec's answers, so the steps are small).
 DET_SIDE_BUCKETS: tuple[int, ...] = (736, 1024, 1344, 1664, 2048)
 REC_WIDTH_BUCKETS: tuple[int, ...] = (320,)
 REC_WIDTH_STEP = 64
+# Images per detection pass (per bucket) and crops per cls/rec pass, padded up: the ladder, then multiples of
+# COUNT_STEP. At most N per pass gives |{1, 2, 4, 8, 16, 32, 48, ..., N}| counts (8 up to 64 images, 12 up to the
+# 128 crops of a CUDA rec pass), so a network sees at most that many shapes per bucket. Powers of two to 16 waste
+# at most half a small pass; steps of 16 beyond it waste at most 15 blanks instead of doubling a large one.
+COUNT_LADDER: tuple[int, ...] = (1, 2, 4, 8, 16)
+COUNT_STEP = 16
 PRECISIONS = ("auto", "fp16", "fp32")
 CPU_CROP_BATCH, CUDA_CROP_BATCH = 6, 128
 HOST_THREADS = min(8, max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
@@ -180,6 +190,25 @@ def bucket(size: int, ladder: Sequence[int], step: int) -> int:
         if size <= value:
             return value
     return int(math.ceil(size / step) * step)
+
+
+def padded_count(count: int, cap: int | None = None) -> int:
+    """``count`` inputs of one pass rounded up ``COUNT_LADDER``; a pass limited to ``cap`` inputs (the crop batch)
+    pads to ``cap`` at most, so that padding never makes a pass larger than the runtime's own limit."""
+    padded = bucket(count, COUNT_LADDER, COUNT_STEP)
+    return min(padded, cap) if cap is not None and count <= cap else padded
+
+
+def count_shapes(limit: int, cap: int | None = None) -> list[int]:
+    """Every padded count of a pass of 1 to ``limit`` inputs: the bound on a network's shapes per input size."""
+    return sorted({padded_count(count, cap) for count in range(1, limit + 1)})
+
+
+def stack_padded(inputs: Sequence[np.ndarray], count: int) -> np.ndarray:
+    """``inputs`` stacked into a batch of ``count`` (>= their number); the rest are zeros, blank inputs."""
+    batch = np.zeros((count, *inputs[0].shape), dtype=inputs[0].dtype)
+    batch[: len(inputs)] = inputs
+    return batch
 
 
 # --- RapidOCR's geometry, kept step for step -------------------------------------------------------------------
@@ -396,6 +425,37 @@ class _Page:
     boxes: list[np.ndarray]
 
 
+@dataclass
+class DetGroup:
+    """One detection pass: ``members`` (indices into the resized images) on ``canvas``; the slots past them are
+    blank padding. ``sizes`` is each slot's valid (height, width)."""
+
+    members: list[int]
+    canvas: Any  # torch: (slots, H, W, 3) uint8 tensor, pinned on CUDA; onnxruntime: (n, 3, h, w) float32 array
+    sizes: np.ndarray
+
+
+@dataclass
+class DetBatch:
+    """The detection inputs of a batch, built on the host: one ``DetGroup`` per forward pass."""
+
+    count: int  # resized images (the length of what ``det_maps`` returns)
+    groups: list[DetGroup]
+
+
+@dataclass
+class PreparedPages:
+    """A batch after the host phase: the pages and their detection inputs, ready for ``PpOcrPipeline.forward``."""
+
+    pages: list[_Page]
+    present: list[int]  # the pages with a detection input: ``det``'s image i is page ``present[i]``
+    det: DetBatch | None
+
+    @property
+    def count(self) -> int:
+        return len(self.pages)
+
+
 class PpOcrPipeline:
     """RapidOCR's PP-OCRv4 pipeline batched across images; subclasses run the three networks.
 
@@ -415,6 +475,9 @@ class PpOcrPipeline:
         self._fixed_batches = (rec_batch, cls_batch)
         self.host_threads = 1
         self._pool: Any = None
+        self._pool_lock = threading.Lock()  # prepare (any thread) and forward (the device's) share the pool
+        # Pad the inputs per cls/rec pass (and per detection pass, torch) up the ladder: bounded shapes.
+        self.pad_counts = False
         self.rec_buckets = tuple(rec_buckets)
         self.rec_step = rec_step
         self.characters: list[str] = []
@@ -434,24 +497,36 @@ class PpOcrPipeline:
 
     def shutdown(self) -> None:
         """Stop the host threads (if any were started)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
-    def _map(self, function: Any, items: Any) -> list[Any]:
+    def _map(self, function: Callable[[Any], Any], items: Any) -> list[Any]:
         """``[function(item) for item in items]``, in order, on ``host_threads`` threads."""
         items = list(items)
         if self.host_threads <= 1 or len(items) < 2:
             return [function(item) for item in items]
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
+        with self._pool_lock:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(self.host_threads, thread_name_prefix="ocr-host")
-        return list(self._pool.map(function, items))
+                self._pool = ThreadPoolExecutor(self.host_threads, thread_name_prefix="ocr-host")
+            pool = self._pool
+        return list(pool.map(function, items))
+
+    def _padded(self, inputs: Sequence[np.ndarray], cap: int) -> np.ndarray:
+        """A cls/rec batch of ``inputs``, padded up the ladder (at most to ``cap``) when ``pad_counts`` is on."""
+        return stack_padded(inputs, padded_count(len(inputs), cap) if self.pad_counts else len(inputs))
 
     # --- the networks (subclasses) ----------------------------------------------------------------------------
 
-    def det_maps(self, resized: list[np.ndarray]) -> list[np.ndarray]:
+    def det_batch(self, resized: list[np.ndarray]) -> DetBatch:
+        """Host half of detection: the inputs of every detection pass (any thread; touches no runtime state)."""
+        raise NotImplementedError
+
+    def det_maps(self, batch: DetBatch) -> list[np.ndarray]:
+        """Device half of detection: each resized image's probability map, in ``det_batch``'s input order."""
         raise NotImplementedError
 
     def cls_probs(self, batch: np.ndarray) -> np.ndarray:
@@ -463,11 +538,10 @@ class PpOcrPipeline:
 
     # --- the three steps --------------------------------------------------------------------------------------
 
-    def detect(self, images: list[np.ndarray]) -> list[list[np.ndarray]]:
-        """Text boxes per image (in each image's pixels, RapidOCR order)."""
-        resized = self._map(det_resize, images)
-        present = [index for index, det_img in enumerate(resized) if det_img is not None]
-        maps = dict(zip(present, self.det_maps([resized[index] for index in present]))) if present else {}
+    def detect(self, prepared: PreparedPages) -> list[list[np.ndarray]]:
+        """Text boxes per page (in each page's pixels, RapidOCR order)."""
+        images = [page.img for page in prepared.pages]
+        maps = dict(zip(prepared.present, self.det_maps(prepared.det))) if prepared.det is not None else {}
 
         def boxes_of(index: int) -> list[np.ndarray]:
             if index not in maps:
@@ -486,7 +560,8 @@ class PpOcrPipeline:
         out = list(crops)
         for start in range(0, len(order), self.cls_batch):
             chunk = order[start : start + self.cls_batch]
-            probs = self.cls_probs(np.stack(self._map(cls_input, [crops[i] for i in chunk])))
+            probs = self.cls_probs(self._padded(self._map(cls_input, [crops[i] for i in chunk]), self.cls_batch))
+            probs = probs[: len(chunk)]  # the padding's rows are dropped
             labels = probs.argmax(axis=1)
             for i, label, row in zip(chunk, labels, probs):
                 if label == 1 and row[label] > _CLS_THRESH:
@@ -504,15 +579,27 @@ class PpOcrPipeline:
             for start in range(0, len(members), self.rec_batch):
                 chunk = members[start : start + self.rec_batch]
                 inputs = self._map(lambda crop, width=canvas_width: rec_input(crop, width), [crops[i] for i in chunk])
-                best, indices = self.rec_probs(np.stack(inputs))
+                best, indices = self.rec_probs(self._padded(inputs, self.rec_batch))
+                best, indices = best[: len(chunk)], indices[: len(chunk)]  # the padding's rows are dropped
                 for i, decoded in zip(chunk, ctc_greedy_decode(indices, best, self.characters)):
                     results[i] = decoded
         return results
 
-    def recognize(self, images: list[np.ndarray]) -> list[list[tuple[list[list[float]], str, float]]]:
-        """``(box, text, score)`` lines per BGR image, in RapidOCR's order and coordinates."""
-        pages = [_Page(img.shape[0], img.shape[1], *prepare_image(img), []) for img in images]
-        for page, boxes in zip(pages, self.detect([page.img for page in pages])):
+    def prepare(self, images: list[np.ndarray]) -> PreparedPages:
+        """Host phase of a batch of BGR images: size limits, letterbox, detection resize and the detection inputs.
+
+        Safe on any thread while ``forward`` runs another batch: it reads only what ``load`` set."""
+        pages = self._map(lambda img: _Page(img.shape[0], img.shape[1], *prepare_image(img), []), images)
+        resized = self._map(det_resize, [page.img for page in pages])
+        present = [index for index, det_img in enumerate(resized) if det_img is not None]
+        det = self.det_batch([resized[index] for index in present]) if present else None
+        return PreparedPages(pages, present, det)
+
+    def forward(self, prepared: PreparedPages) -> list[list[tuple[list[list[float]], str, float]]]:
+        """Device phase: detection, the DB post-processing and crops it feeds (host threads), classification,
+        recognition; ``(box, text, score)`` lines per image, in RapidOCR's order and the input's coordinates."""
+        pages = prepared.pages
+        for page, boxes in zip(pages, self.detect(prepared)):
             page.boxes = boxes
         crops = self._map(lambda job: crop_line(job[0], job[1].copy()), [(page.img, box) for page in pages
                                                                               for box in page.boxes])
@@ -528,6 +615,10 @@ class PpOcrPipeline:
             position += count
         return found
 
+    def recognize(self, images: list[np.ndarray]) -> list[list[tuple[list[list[float]], str, float]]]:
+        """``(box, text, score)`` lines per BGR image: both phases on the calling thread."""
+        return self.forward(self.prepare(images))
+
 
 class PpOcrOnnxRuntime(PpOcrPipeline):
     """The networks on onnxruntime sessions (RapidOCR's, possibly moved to CUDA). Detection runs one call per
@@ -542,15 +633,21 @@ class PpOcrOnnxRuntime(PpOcrPipeline):
     def _run(session: Any, batch: np.ndarray) -> np.ndarray:
         return session.run(None, {session.get_inputs()[0].name: batch})[0]
 
-    def det_maps(self, resized: list[np.ndarray]) -> list[np.ndarray]:
+    def det_batch(self, resized: list[np.ndarray]) -> DetBatch:
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for index, img in enumerate(resized):
             groups[img.shape].append(index)
-        maps: list[np.ndarray] = [np.empty(0)] * len(resized)
-        for members in groups.values():
+        out = []
+        for shape, members in groups.items():
             batch = np.stack([((resized[i].astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1) for i in members])
-            prob = self._run(self.det_session, batch)[:, 0]
-            for slot, index in enumerate(members):
+            out.append(DetGroup(members, batch, np.array([shape[:2]] * len(members), dtype=np.int64)))
+        return DetBatch(len(resized), out)
+
+    def det_maps(self, batch: DetBatch) -> list[np.ndarray]:
+        maps: list[np.ndarray] = [np.empty(0)] * batch.count
+        for group in batch.groups:
+            prob = self._run(self.det_session, group.canvas)[:, 0]
+            for slot, index in enumerate(group.members):
                 maps[index] = prob[slot]
         return maps
 
@@ -563,23 +660,42 @@ class PpOcrOnnxRuntime(PpOcrPipeline):
 
 
 class PpOcrTorch(PpOcrPipeline):
-    """The networks as torch modules converted from the same ONNX files; one instance per device and thread.
+    """The networks as torch modules converted from the same ONNX files; one instance per device.
 
     Detection pads the images of a batch into fixed size buckets and runs one forward pass per bucket, with
-    ``PaddingMask`` keeping every image's answer what it would be alone.
+    ``PaddingMask`` keeping every image's answer what it would be alone. With ``pad_counts`` (default: on CUDA,
+    off on the CPU, where no per-shape planning exists and blank inputs would only cost time) the images of a
+    bucket's pass and the crops of a cls/rec pass are padded up ``COUNT_LADDER`` with blank inputs, so that each
+    network sees a bounded set of shapes: per detection bucket at most ``len(count_shapes(images))`` counts for
+    batches of up to ``images`` images (8 up to 64), per rec width bucket (cls has one input size) at most
+    ``len(count_shapes(n, n))`` for crop passes of ``n`` (12 for CUDA's 128). The buckets themselves are fixed
+    grids (``DET_SIDE_BUCKETS``, ``REC_WIDTH_BUCKETS`` and their steps), never set by a batch's composition.
+
+    cuDNN. It is left as the process has it: torch's default, on, with ``benchmark`` off. It used to be switched
+    off for the whole process because it planned every new shape (23-30x slower OCR on an H100 with changing batch
+    composition), which slowed YOLO and CLIP in the same process; bounded shapes are the cure, each one planned
+    once. Benchmark off: the heuristics pick one algorithm per (convolution, shape) quickly, where benchmark mode
+    would time every algorithm of every convolution for each of the bounded shapes (a longer cold start) to gain
+    little on these small, launch-bound convolutions. No OCR-scoped setting either: torch's cuDNN switches
+    (``torch.backends.cudnn.flags(...)`` included) are process globals, not per thread, so a "scoped" setting
+    would still change the models of other threads while OCR runs, and two replicas restoring it interleaved
+    could leave it wrong. To measure on a GPU (a benchmark script outside this module): cuDNN on against off,
+    cold (the first pass of each shape) and warm, with batch composition changing between rounds, lines
+    compared; and benchmark mode on against off, cold and warm.
     """
 
     def __init__(self, precision: OcrPrecision | None = None, det_buckets: Sequence[int] = DET_SIDE_BUCKETS,
-                 **kwargs: Any) -> None:
+                 pad_counts: bool | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.precision = precision or OcrPrecision()
         self.det_buckets = tuple(det_buckets)
+        self._pad_choice = pad_counts  # None: by device, in ``load``
         self.device: str | None = None
         self.det: Any = None
         self.cls: Any = None
         self.rec: Any = None
         self.dtypes: dict[str, Any] = {}
-        self.padding = PaddingMask()
+        self.padding = PaddingMask()  # set and cleared by detection passes: state of the device phase only
 
     def load(self, device: str) -> None:
         import torch
@@ -589,14 +705,6 @@ class PpOcrTorch(PpOcrPipeline):
                 f"OCR device {device}: this torch build has no CUDA ({torch.__version__}); install the CUDA build "
                 "(make env GPU=1, or deploy/install.sh on the GPU host) or set ocr.devices to cpu"
             )
-        if parse_device(device).is_cuda and torch.backends.cudnn.enabled:
-            # OCR's input shapes change with every batch (size buckets x images per bucket, crop widths), and cuDNN
-            # builds its execution plans per new shape: measured on an H100, 30 images took 30 s with cuDNN and
-            # 0.9-1.3 s without it, same lines (docs/benchmarks.md, "OCR on CUDA"). The switch is process-wide
-            # (torch has no per-thread one); the vision models lose little without it (their cost is BLIP's
-            # decoding, not convolutions), and with process isolation it stays inside the OCR child.
-            torch.backends.cudnn.enabled = False
-            logger.info("cuDNN disabled for this process: the OCR torch runtime runs faster without it on changing shapes")
         folder = model_dir()
         self.dtypes = self.precision.resolve(device)
         nets = {}
@@ -609,6 +717,7 @@ class PpOcrTorch(PpOcrPipeline):
         self.cls, self.rec = nets["cls"], nets["rec"]
         self.characters = character_list(folder / MODEL_FILES["rec"])
         self.set_device(device)
+        self.pad_counts = parse_device(device).is_cuda if self._pad_choice is None else self._pad_choice
         self.device = device
 
     def close(self) -> None:
@@ -630,13 +739,15 @@ class PpOcrTorch(PpOcrPipeline):
     def _on_cuda(self) -> bool:
         return bool(self.device is not None and parse_device(self.device).is_cuda)
 
-    def _to_device(self, array: np.ndarray, dtype: Any) -> Any:
-        """Host array -> device tensor; on CUDA through pinned memory with a non-blocking copy."""
+    def _to_device(self, array: Any, dtype: Any) -> Any:
+        """Host array or tensor -> device tensor; on CUDA through pinned memory with a non-blocking copy."""
         import torch
 
-        tensor = torch.from_numpy(array)
-        if self.device is not None and parse_device(self.device).is_cuda:
-            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        tensor = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
+        if self._on_cuda():
+            if not tensor.is_pinned():
+                tensor = tensor.pin_memory()
+            tensor = tensor.to(self.device, non_blocking=True)
         return tensor.to(dtype)
 
     def det_buckets_of(self, resized: list[np.ndarray]) -> dict[tuple[int, int], list[int]]:
@@ -647,30 +758,46 @@ class PpOcrTorch(PpOcrPipeline):
             groups[(bucket(h, self.det_buckets, 512), bucket(w, self.det_buckets, 512))].append(index)
         return dict(groups)
 
-    def det_maps(self, resized: list[np.ndarray]) -> list[np.ndarray]:
+    def det_batch(self, resized: list[np.ndarray]) -> DetBatch:
+        """One uint8 canvas per bucket (a quarter of a float copy), in pinned memory on CUDA, with the images of the
+        bucket and, with ``pad_counts``, blank slots up the ladder (their valid size is the whole canvas)."""
         import torch
 
         if self.det is None:
             raise RuntimeError("PpOcrTorch used before load()")
-        maps: list[np.ndarray] = [np.empty(0)] * len(resized)
+        groups = []
         for (bucket_h, bucket_w), members in self.det_buckets_of(resized).items():
-            canvas = np.zeros((len(members), bucket_h, bucket_w, 3), dtype=np.uint8)  # uint8: a quarter of the copy
-            sizes = np.array([resized[i].shape[:2] for i in members], dtype=np.int64)
+            slots = padded_count(len(members)) if self.pad_counts else len(members)
+            canvas = torch.zeros((slots, bucket_h, bucket_w, 3), dtype=torch.uint8, pin_memory=self._on_cuda())
+            pixels = canvas.numpy()
+            sizes = np.full((slots, 2), (bucket_h, bucket_w), dtype=np.int64)
             for slot, index in enumerate(members):
-                h, w = sizes[slot]
-                canvas[slot, :h, :w] = resized[index]
+                h, w = resized[index].shape[:2]
+                pixels[slot, :h, :w] = resized[index]
+                sizes[slot] = (h, w)
+            groups.append(DetGroup(members, canvas, sizes))
+        return DetBatch(len(resized), groups)
+
+    def det_maps(self, batch: DetBatch) -> list[np.ndarray]:
+        import torch
+
+        if self.det is None:
+            raise RuntimeError("PpOcrTorch used before load()")
+        maps: list[np.ndarray] = [np.empty(0)] * batch.count
+        for group in batch.groups:
+            bucket_h, bucket_w = group.canvas.shape[1:3]
             with torch.inference_mode():
-                x = self._to_device(canvas, torch.float32).permute(0, 3, 1, 2)
+                x = self._to_device(group.canvas, torch.float32).permute(0, 3, 1, 2)
                 x = ((x * (1 / 255.0) - 0.5) / 0.5).contiguous()
-                self.padding.set((bucket_h, bucket_w), self._to_device(sizes, torch.float32))
+                self.padding.set((bucket_h, bucket_w), self._to_device(group.sizes, torch.float32))
                 try:
                     with self._precision("det"):
                         prob = self.det(x)[:, 0]
                     prob = prob.float().cpu().numpy()
                 finally:
                     self.padding.set(None, None)
-            for slot, index in enumerate(members):
-                h, w = sizes[slot]
+            for slot, index in enumerate(group.members):  # the padding's slots are dropped
+                h, w = group.sizes[slot]
                 maps[index] = prob[slot, :h, :w]
         return maps
 
@@ -691,7 +818,12 @@ class PpOcrTorch(PpOcrPipeline):
             best, indices = probs.float().max(dim=2)
             return best.float().cpu().numpy(), indices.cpu().numpy()
 
-    def recognize(self, images: list[np.ndarray]) -> list[list[tuple[list[list[float]], str, float]]]:
+    def prepare(self, images: list[np.ndarray]) -> PreparedPages:
         if self.det is None:
-            raise RuntimeError("PpOcrTorch.recognize() called before load()")
-        return super().recognize(images)
+            raise RuntimeError("PpOcrTorch.prepare() called before load()")
+        return super().prepare(images)
+
+    def forward(self, prepared: PreparedPages) -> list[list[tuple[list[list[float]], str, float]]]:
+        if self.det is None:
+            raise RuntimeError("PpOcrTorch.forward() called before load()")
+        return super().forward(prepared)

@@ -7,6 +7,7 @@ import csv
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,20 @@ from PIL import Image, ImageDraw
 
 from stages.base import BatchPolicy, ImageItem, OutOfDeviceMemory, is_out_of_memory
 from stages.ocr import OcrOptions, OcrStage, TorchOcrBackend, resolve_runtime
-from stages.ppocr_torch import DET_SIDE_BUCKETS, PpOcrTorch, bucket, ctc_greedy_decode, det_resize, prepare_image
+from stages.ppocr_torch import (
+    DET_SIDE_BUCKETS,
+    REC_WIDTH_BUCKETS,
+    REC_WIDTH_STEP,
+    PpOcrTorch,
+    bucket,
+    count_shapes,
+    crop_line,
+    ctc_greedy_decode,
+    det_resize,
+    padded_count,
+    prepare_image,
+    rec_target_width,
+)
 from stages.rules import RuleThresholds, decide
 from tests.conftest_models import IMAGES, require_shared
 
@@ -317,3 +331,150 @@ def test_host_threads_give_the_same_lines(both_runtimes: tuple[dict[str, Any], d
     assert runtime._pool is None
     for name, got in zip(names, threaded):
         assert got["lines"] == both_runtimes[1][name]["lines"], name
+
+
+def test_count_ladder_and_its_bound() -> None:
+    assert [padded_count(n) for n in (1, 2, 3, 5, 8, 9, 16, 17, 33, 64, 65)] == [1, 2, 4, 8, 8, 16, 16, 32, 48, 64, 80]
+    assert padded_count(5, cap=6) == 6 and padded_count(3, cap=6) == 4  # a capped pass never grows past its cap
+    assert count_shapes(64) == [1, 2, 4, 8, 16, 32, 48, 64]  # a detection bucket, batches of up to 64 images
+    assert count_shapes(128, cap=128) == [1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 112, 128]  # a CUDA cls/rec pass
+    assert count_shapes(6, cap=6) == [1, 2, 4, 6]  # the CPU crop batch
+
+
+# Differently composed batches of real images, few of them (detection costs about a second per image on one CPU
+# thread): three images in one detection bucket (padded to four), one of them with an image of another bucket, and
+# a page of 19 lines alone. Then the narrow text lines they read, cut out of the images again, in crop batches of
+# changing sizes (what the networks after detection get, without paying for more detections).
+LADDER_BATCHES = [["text/rapidocr_devanagari.jpg", "mixed/paddleocr_ger_1.jpg", "mixed/paddleocr_00207393.jpg"],
+                  ["mixed/paddleocr_00207393.jpg", "text/paddleocr_11.jpg"], ["text/paddleocr_00056221.jpg"]]
+CROP_BATCHES = (3, 5, 6, 7, 9)
+LADDER_CROP_BATCH = 8  # crops per cls/rec pass: CUDA's 128 in small, so that the crop counts climb the ladder
+NETS = ("det", "cls", "rec")
+# A pass's size changes the BLAS kernels' rounding (about 1e-6 on rec's probabilities; a line's score, a mean over
+# its characters, moved by up to 6e-5 here). What blank inputs would leak is orders of magnitude more.
+SCORES = 5e-4
+
+
+@dataclass
+class LadderRun:
+    """One run of the ladder batches: what the stage read and what the networks were given."""
+
+    signals: list[list[dict[str, Any]]]  # per batch of LADDER_BATCHES, per image
+    readings: list[list[tuple[str, float]]]  # per crop batch, per crop
+    shapes: list[tuple[str, tuple[int, ...]]]  # (network, input shape) of every forward pass
+
+
+def narrow_crops(signals: list[list[dict[str, Any]]], images: dict[str, Image.Image]) -> list[np.ndarray]:
+    """The lines read in ``LADDER_BATCHES`` that fit rec's narrowest width bucket, cut out of their images (none of
+    these images is downscaled or letterboxed, so the boxes are in the pixels detection saw)."""
+    crops = []
+    for names, batch in zip(LADDER_BATCHES, signals):
+        for name, signal in zip(names, batch):
+            bgr = np.ascontiguousarray(np.asarray(images[name])[:, :, ::-1])
+            for line in signal["lines"]:
+                crop = crop_line(bgr, np.array(line["box"], dtype=np.float32))
+                if bucket(rec_target_width(crop), REC_WIDTH_BUCKETS, REC_WIDTH_STEP) == REC_WIDTH_BUCKETS[0]:
+                    crops.append(crop)
+    return crops
+
+
+@pytest.fixture(scope="module")
+def ladder_runs(torch_stage: OcrStage, images: dict[str, Image.Image]) -> dict[bool, LadderRun]:
+    """``LADDER_BATCHES`` and ``CROP_BATCHES`` through the torch runtime without and with ``pad_counts``. The padded
+    run overlaps the stage's phases as the engine does: each batch is prepared on other threads while the device
+    phase runs the batches before it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert isinstance(torch_stage.backend, TorchOcrBackend)
+    runtime = torch_stage.backend.runtime
+    runs: dict[bool, LadderRun] = {}
+    crops: list[np.ndarray] = []
+    crop_batches = runtime.cls_batch, runtime.rec_batch
+    for pad in (False, True):
+        result = LadderRun([], [], [])
+        hooks = [getattr(runtime, net).register_forward_pre_hook(
+            lambda _module, args, net=net, shapes=result.shapes: shapes.append((net, tuple(args[0].shape))))
+            for net in NETS]
+        runtime.pad_counts = pad
+        runtime.cls_batch = runtime.rec_batch = LADDER_CROP_BATCH
+        try:
+            batches = [[ImageItem(key=i, source=name, image=images[name]) for i, name in enumerate(names)]
+                       for names in LADDER_BATCHES]
+            if pad:
+                with ThreadPoolExecutor(2) as host:
+                    prepared = [host.submit(torch_stage.prepare, items) for items in batches]
+                    finished = [host.submit(torch_stage.finish, items, torch_stage.forward(batch.result()))
+                                for items, batch in zip(batches, prepared)]
+                    done = [future.result() for future in finished]
+            else:
+                done = [torch_stage.process_batch(items) for items in batches]
+            result.signals = [[item.signals["ocr"] for item in items] for items in done]
+            crops = crops or narrow_crops(result.signals, images)
+            start = 0
+            for size in CROP_BATCHES:
+                chosen = [crops[(start + i) % len(crops)] for i in range(size)]
+                result.readings.append(runtime.read(runtime.classify(chosen)))
+                start += size
+        finally:
+            runtime.pad_counts = False
+            runtime.cls_batch, runtime.rec_batch = crop_batches
+            for hook in hooks:
+                hook.remove()
+        runs[pad] = result
+    return runs
+
+
+def test_padded_counts_read_exactly_the_same_lines(ladder_runs: dict[bool, LadderRun]) -> None:
+    """Blank images and crops pad the passes; none of their outputs reaches a real image's lines."""
+    plain, padded = ladder_runs[False], ladder_runs[True]
+    assert OcrStage(OcrOptions(), ["cpu"], BatchPolicy()).has_host_phases  # so the engine overlaps the phases
+    for net in NETS:  # the padded run did pad: more inputs went through every network
+        assert sum(s[0] for n, s in padded.shapes if n == net) > sum(s[0] for n, s in plain.shapes if n == net), net
+    lines = 0
+    for names, batch_plain, batch_padded in zip(LADDER_BATCHES, plain.signals, padded.signals):
+        for name, a, b in zip(names, batch_plain, batch_padded):
+            assert [line["text"] for line in a["lines"]] == [line["text"] for line in b["lines"]], name
+            for line_a, line_b in zip(a["lines"], b["lines"]):
+                assert np.allclose(line_a["box"], line_b["box"], atol=1e-3), name
+                assert line_a["confidence"] == pytest.approx(line_b["confidence"], abs=SCORES), name
+            assert a["text_area_ratio"] == pytest.approx(b["text_area_ratio"], abs=1e-6), name
+            lines += a["line_count"]
+    assert lines >= 20, "the batches should read enough lines to compare"
+    assert [len(crops) for crops in padded.readings] == list(CROP_BATCHES)
+    for crops_plain, crops_padded in zip(plain.readings, padded.readings):
+        assert [text for text, _ in crops_plain] == [text for text, _ in crops_padded]
+        assert np.allclose([score for _, score in crops_plain], [score for _, score in crops_padded], atol=SCORES)
+
+
+def test_padded_shapes_stay_within_the_ladder_times_buckets_bound(ladder_runs: dict[bool, LadderRun]) -> None:
+    """However the batches are composed, a network sees at most the ladder's counts at each input size."""
+    limits = {"det": (max(len(names) for names in LADDER_BATCHES), None),
+              "cls": (LADDER_CROP_BATCH, LADDER_CROP_BATCH), "rec": (LADDER_CROP_BATCH, LADDER_CROP_BATCH)}
+    plain, padded = set(ladder_runs[False].shapes), set(ladder_runs[True].shapes)
+    sizes = {(net, shape[1:]) for net, shape in padded}
+    assert sizes == {(net, shape[1:]) for net, shape in plain}, "padding changes counts, never sizes"
+    for net, shape in padded:
+        assert shape[0] in count_shapes(*limits[net]), (net, shape)
+    assert len(padded) <= sum(len(count_shapes(*limits[net])) for net, _size in sizes)
+    narrow = ("rec", (3, 48, REC_WIDTH_BUCKETS[0]))
+    counts = {pad: sorted(shape[0] for net, shape in shapes if (net, shape[1:]) == narrow) for pad, shapes in
+              ((False, plain), (True, padded))}
+    assert set(counts[True]) <= {1, 4, 8} and {4, 8} <= set(counts[True]), counts  # 3 crops -> 4, 5 to 7 -> 8
+    assert len(counts[False]) >= 5 and len(plain) > len(padded) + 4, (sorted(plain), sorted(padded))
+
+
+def test_cudnn_stays_on_after_loading_the_torch_runtime(torch_stage: OcrStage) -> None:
+    """The runtime used to switch cuDNN off for the whole process (slowing YOLO and CLIP there); it leaves it alone."""
+    import torch
+
+    assert torch.backends.cudnn.enabled  # after this module's CPU runtime loaded and ran its batches
+    if not torch.cuda.is_available():
+        return  # the CUDA load below, where the old switch was, runs on GPU machines
+    benchmark = torch.backends.cudnn.benchmark
+    runtime = PpOcrTorch()
+    runtime.load("cuda:0")
+    try:
+        runtime.recognize([np.ascontiguousarray(np.asarray(text_card(0))[:, :, ::-1])])
+        assert torch.backends.cudnn.enabled and torch.backends.cudnn.benchmark == benchmark
+    finally:
+        runtime.close()
