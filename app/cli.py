@@ -408,8 +408,9 @@ def config_check(config: Path | None = ConfigOption) -> None:
 def bench(
     scenario: list[str] | None = typer.Option(
         None, "--scenario", "-s",
-        help="engine (default), sequential, ray, framework, stream, models, gpu; repeat the option for several"),
-    images: int | None = typer.Option(None, min=1, help="files per scenario (default: each scenario's own size)"),
+        help="engine (default), sequential, ray, framework, stream, models, gpu, scale; repeat the option for several"),
+    images: int | None = typer.Option(None, "--images", "--files", min=1,
+                                      help="files per scenario (default: each scenario's own size)"),
     large_images: int | None = typer.Option(None, "--large-images", min=0,
                                             help="framework: how many 12-megapixel JPEGs (default 300)"),
     stream_seconds: float | None = typer.Option(None, "--stream-seconds", min=0.5,

@@ -15,7 +15,7 @@ from typing import Any
 
 from app.bench.common import BenchOptions, BenchUnavailable, machine
 
-SCENARIOS: tuple[str, ...] = ("engine", "sequential", "ray", "framework", "stream", "models", "gpu")
+SCENARIOS: tuple[str, ...] = ("engine", "sequential", "ray", "framework", "stream", "models", "gpu", "scale")
 RAY_INSTALL_HINT = ("the ray scenario needs Ray Data, a benchmark-only extra: "
                     "pip install -c constraints.txt -e '.[ray]'  (or: pip install 'ray[data]==2.60.*')")
 
@@ -55,6 +55,10 @@ def run_scenario(name: str, options: BenchOptions, done: dict[str, Any]) -> dict
         from app.bench.models import run_models
 
         result = run_models(options)
+    elif name == "scale":
+        from app.bench.scale import run_scale
+
+        result = run_scale(options)
     elif name == "gpu":
         try:
             from app.bench.gpu import run_gpu_scenario
@@ -128,6 +132,10 @@ def _headline(name: str, result: dict[str, Any]) -> str:
     if name == "stream":
         return (f"p50/p95/p99 {_fmt(result.get('p50_s'))}/{_fmt(result.get('p95_s'))}/{_fmt(result.get('p99_s'))} s "
                 f"at 90% load")
+    if name == "scale":
+        return (f"first file after {_fmt(result.get('first_placed_s'))} s; rebin --dry-run "
+                f"{_fmt(result.get('rebin_dry_run_s'))} s, {_fmt(result.get('rebin_peak_rss_mib'))} MiB; "
+                f"{_fmt(result.get('ledger_bytes_per_row'))} B/row")
     if name == "models":
         return f"{_fmt(result.get('ratio_to_slowest_stage'))} of the slowest stage alone"
     return ""

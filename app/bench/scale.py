@@ -1,0 +1,109 @@
+"""The `scale` scenario: `binner once` over N small files with zero-time stages, as a process of its own, so that
+its memory and start are measured as a user would meet them at an archive's size.
+
+It reports the peak RSS of `once` (VmHWM, polled), the seconds from start to the first placed file, images/s, the
+time and peak RSS of `rebin --dry-run` over the resulting ledger, and the ledger's bytes per row. The files are one
+64x64 PNG written N times into folders of 1,000 (distinct paths, one decode each).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from app.bench.common import BenchOptions, process_peak_rss_mib
+
+SCALE_FILES = 100_000
+PER_FOLDER = 1000
+REPO = Path(__file__).resolve().parents[2]
+FIRST_FILE_TARGET_S = 10.0
+
+
+def make_tree(root: Path, count: int) -> None:
+    """``count`` copies of one small PNG under ``root``, ``PER_FOLDER`` per folder."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (90, 120, 150)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    for index in range(count):
+        folder = root / f"d{index // PER_FOLDER:05d}"
+        if index % PER_FOLDER == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"f{index:08d}.png").write_bytes(data)
+
+
+def _placed_any(ledger: Path) -> bool:
+    try:
+        db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=0.2)
+    except sqlite3.Error:
+        return False
+    try:
+        return db.execute("SELECT 1 FROM files WHERE status = 'done' LIMIT 1").fetchone() is not None
+    except sqlite3.Error:
+        return False
+    finally:
+        db.close()
+
+
+def _watched(command: list[str], env: dict[str, str], ledger: Path | None = None) -> dict[str, Any]:
+    """Run ``command`` to its end, polling its peak RSS (and, with ``ledger``, when the first file is placed)."""
+    started = time.monotonic()
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0.0
+    first: float | None = None
+    while process.poll() is None:
+        peak = max(peak, process_peak_rss_mib(process.pid) or 0.0)
+        if ledger is not None and first is None and _placed_any(ledger):
+            first = time.monotonic() - started
+        time.sleep(0.05)
+    stderr = process.stderr.read() if process.stderr else ""
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[2:4])} failed ({process.returncode}): {stderr[-2000:]}")
+    return {"seconds": time.monotonic() - started, "peak_rss_mib": round(peak, 1), "first_placed_s": first}
+
+
+def run_scale(options: BenchOptions) -> dict[str, Any]:
+    count = options.count(SCALE_FILES)
+    with tempfile.TemporaryDirectory(prefix="binner-bench-scale-") as scratch:
+        root = Path(scratch)
+        inbox, output, state = root / "inbox", root / "bins", root / "state"
+        make_tree(inbox, count)
+        config = root / "binner.yaml"
+        config.write_text(yaml.safe_dump({
+            "input": str(inbox), "output": str(output), "state_dir": str(state), "http": {"enabled": False},
+            "ocr": {"backend": "synthetic", "devices": ["cpu"], "batch_size": 64, "synthetic_ms": [0.0, 0.0]},
+            "vision": {"backend": "synthetic", "devices": ["cpu"], "batch_size": 64, "synthetic_ms": [0.0, 0.0]},
+            "log": {"format": "json", "level": "error"},
+        }))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BINNER_")}
+        binner = [sys.executable, "-m", "app.cli"]
+        ledger = state / "ledger.sqlite3"
+        once = _watched([*binner, "once", str(inbox), "--output", str(output), "--config", str(config), "--no-progress"],
+                        env, ledger)
+        rebin = _watched([*binner, "rebin", "--dry-run", "--config", str(config)], env)
+        db = sqlite3.connect(ledger)
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        rows = db.execute("SELECT count(*) FROM files").fetchone()[0]
+        db.close()
+        size = ledger.stat().st_size
+    first = once["first_placed_s"]
+    return {
+        "files": count, "images_per_second": round(count / once["seconds"], 1), "peak_rss_mib": once["peak_rss_mib"],
+        "first_placed_s": round(first, 2) if first is not None else None, "once_seconds": round(once["seconds"], 1),
+        "rebin_dry_run_s": round(rebin["seconds"], 2), "rebin_peak_rss_mib": rebin["peak_rss_mib"],
+        "ledger_bytes_per_row": round(size / rows) if rows else None, "ledger_rows": rows,
+        "p95_latency_s": None, "stage_utilisation": {},
+        "target": {"text": f"first file placed within {FIRST_FILE_TARGET_S:g} s",
+                   "met": first is not None and first <= FIRST_FILE_TARGET_S},
+    }
