@@ -93,6 +93,8 @@ class Stage(ABC):
     #: The signals this stage writes (keys of ``ImageItem.signals``). The engine passes an item by the stage when
     #: the rules need none of them for its decision; a stage that writes none (the loader) always runs.
     produces: frozenset[str] = frozenset()
+    #: Where ``batch_size: auto`` starts probing (halving until it fits); None: the engine's default ceiling.
+    max_auto_batch: int | None = None
 
     def __init__(self, devices: list[str] | None = None, batch_policy: BatchPolicy | None = None) -> None:
         self.devices: list[str] = list(devices or ["cpu"])

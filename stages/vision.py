@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from stages.base import BatchPolicy, ImageItem, OutOfDeviceMemory, Stage, is_out_of_memory
+from stages.base import BatchPolicy, ImageItem, OutOfDeviceMemory, Stage, is_out_of_memory, run_phases
 from stages.devices import parse_device
 from stages.devices import torch_device as torch_device_of
 from stages.rules import unneeded
@@ -109,12 +109,40 @@ def _load_model_and_processor(model_class: Any, name: str, key: str, dtype: Any,
     return processor, model.to(device).eval()
 
 
+def _load_captioner(model_class: Any, name: str, dtype: Any, device: Any) -> tuple[Any, Any, str]:
+    """BLIP with SDPA attention where transformers implements it for BLIP, else eager; says which it got."""
+    from transformers import AutoProcessor
+
+    processor = _load_pretrained(AutoProcessor, name, "vision.captioner.model")
+    try:
+        model = _load_pretrained(model_class, name, "vision.captioner.model", dtype=dtype, attn_implementation="sdpa")
+        attention = "sdpa"
+    except (ValueError, ImportError):  # transformers 5.x: BLIP's text decoder has no SDPA path
+        model = _load_pretrained(model_class, name, "vision.captioner.model", dtype=dtype)
+        attention = str(getattr(model.config, "_attn_implementation", "eager") or "eager")
+    return processor, model.to(device).eval(), attention
+
+
+@dataclass
+class _VisionBatch:
+    """A batch between ``prepare`` and ``forward``: the items with an image, their pixels on (or on their way to)
+    the device, and what keeps the host side of an upload alive until it is done."""
+
+    items: list[ImageItem]
+    frames: list[Any]
+    images: list[Any]
+    ready: Any = None
+    worst_case: bool = False
+
+
 class VisionStage(Stage):
     """YOLO -> BLIP caption -> CLIP(image, caption) on a micro-batch; fills ``detections``, ``caption``,
     ``clip_similarity`` (a disabled model's key stays absent). Boxes are in ``item.image`` pixels."""
 
     name = "vision"
     produces = frozenset({"detections", "caption", "clip_similarity"})
+    # BLIP's decoding is launch-bound: a step costs about the same at 32 images as at 256, so the probe starts high.
+    max_auto_batch = 512
 
     def __init__(
         self,
@@ -151,6 +179,11 @@ class VisionStage(Stage):
         self.clip: Any = None
         self.clip_processor: Any = None
         self._clip_max_tokens = 77
+        self.direct: Any = None  # DirectDetector for .pt weights; exports keep the predictor
+        self._blip_pixels: Any = None  # PixelValues for BLIP's processor (pre-processing on the device)
+        self._clip_pixels: Any = None
+        self._upload_stream: Any = None
+        self.blip_attention = "eager"
 
     def replicate(self) -> VisionStage:
         clone = super().replicate()
@@ -168,21 +201,33 @@ class VisionStage(Stage):
         torch_device = torch_device_of(device, "vision.devices")
         dtype = resolve_dtype(self.precision, device)
         self.torch_device, self.dtype = torch_device, dtype
+        from stages.vision_inputs import PixelValues
+        from stages.yolo_direct import DirectDetector
+
         if self.detector_options is not None:
             prepare_ultralytics()
             self.yolo = self._load_detector(self.detector_options)
             self._yolo_precision = self._detector_precision()
+            if DirectDetector.supports(self.yolo):
+                options = self.detector_options
+                self.direct = DirectDetector(self.yolo, options.image_size, options.confidence, torch_device, dtype)
         if self.captioner_options is not None:
             from transformers import BlipForConditionalGeneration
 
-            self.blip_processor, self.blip = _load_model_and_processor(
-                BlipForConditionalGeneration, self.captioner_options.model, "vision.captioner.model", dtype, torch_device)
+            self.blip_processor, self.blip, self.blip_attention = _load_captioner(
+                BlipForConditionalGeneration, self.captioner_options.model, dtype, torch_device)
+            self._blip_pixels = PixelValues(self.blip_processor)
         if self.clip_options is not None:
             from transformers import CLIPModel
 
             self.clip_processor, self.clip = _load_model_and_processor(
                 CLIPModel, self.clip_options.model, "vision.clip.model", dtype, torch_device)
             self._clip_max_tokens = int(getattr(self.clip.config.text_config, "max_position_embeddings", 77))
+            self._clip_pixels = PixelValues(self.clip_processor)
+        if torch_device.type == "cuda":
+            import torch
+
+            self._upload_stream = torch.cuda.Stream(torch_device)
         super().setup(device)
 
     @staticmethod
@@ -213,7 +258,41 @@ class VisionStage(Stage):
 
     # -- inference ----------------------------------------------------------------------------------------
 
-    def _detect(self, images: list[Image.Image]) -> list[list[dict[str, Any]]]:
+    def _upload(self, images: list[Any]) -> tuple[list[Any], Any]:
+        """One copy of each decoded image to the device: uint8 HWC, through pinned memory with a non-blocking copy
+        on the replica's upload stream (on the CPU, the array itself). Returns the frames and what ``forward``
+        waits on before it uses them."""
+        import numpy as np
+        import torch
+
+        arrays = [np.ascontiguousarray(image if isinstance(image, np.ndarray) else np.asarray(image.convert("RGB")
+                                        if getattr(image, "mode", "RGB") != "RGB" else image)) for image in images]
+        if self._upload_stream is None:
+            return [torch.from_numpy(array) for array in arrays], None
+        hosts = [torch.from_numpy(array).pin_memory() for array in arrays]
+        with torch.cuda.stream(self._upload_stream):
+            frames = [host.to(self.torch_device, non_blocking=True) for host in hosts]
+            done = torch.cuda.Event()
+            done.record(self._upload_stream)
+        return frames, (done, hosts)
+
+    def _frames_ready(self, batch: _VisionBatch) -> None:
+        """On the model thread: the compute stream waits for the batch's uploads, and owns their memory from here."""
+        if batch.ready is None:
+            return
+        import torch
+
+        done, _hosts = batch.ready
+        stream = torch.cuda.current_stream(self.torch_device)
+        stream.wait_event(done)
+        for frame in batch.frames:
+            frame.record_stream(stream)
+
+    def _detect(self, frames: list[Any], images: list[Any]) -> list[list[dict[str, Any]]]:
+        """Detections per image: ``.pt`` weights run directly on the frames (letterbox, network, batched NMS and
+        box scaling on the device, one copy back); exports go through Ultralytics' predictor."""
+        if self.direct is not None:
+            return self.direct.detect(frames)
         from stages.ultralytics_env import preserve_torch_threads
 
         options = self.detector_options
@@ -221,7 +300,7 @@ class VisionStage(Stage):
         on_cuda = self.torch_device.type == "cuda"
         with preserve_torch_threads():
             results = self.yolo.predict(
-                source=images,
+                source=list(images),
                 conf=options.confidence,
                 imgsz=options.image_size,
                 device=str(self.torch_device.index) if on_cuda else "cpu",
@@ -234,69 +313,55 @@ class VisionStage(Stage):
             found = []
             if boxes is not None and len(boxes):
                 for xyxy, conf, cls in zip(boxes.xyxy.tolist(), boxes.conf.tolist(), boxes.cls.tolist()):
-                    found.append(
-                        {
-                            "label": str(result.names[int(cls)]),
-                            "confidence": float(conf),
-                            "box": [float(v) for v in xyxy],
-                        }
-                    )
+                    found.append({"label": str(result.names[int(cls)]), "confidence": float(conf),
+                                  "box": [float(v) for v in xyxy]})
             detections.append(found)
         return detections
 
-    def _caption(self, images: list[Image.Image], min_new_tokens: int | None = None) -> list[str]:
+    def _caption(self, frames: list[Any], min_new_tokens: int | None = None) -> list[str]:
         options = self.captioner_options
         assert options is not None and self.blip is not None
+        inputs: dict[str, Any] = {"pixel_values": self._blip_pixels(frames, self.torch_device, self.dtype)}
         if options.prompt:
-            inputs = self.blip_processor(images=images, text=[options.prompt] * len(images), return_tensors="pt")
-        else:
-            inputs = self.blip_processor(images=images, return_tensors="pt")
-        inputs = {key: value.to(self.torch_device) for key, value in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+            text = self.blip_processor.tokenizer([options.prompt] * len(frames), return_tensors="pt")
+            inputs.update({key: text[key].to(self.torch_device) for key in ("input_ids", "attention_mask") if key in text})
         extra = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
         output = self.blip.generate(**inputs, max_new_tokens=options.max_new_tokens, **extra)
         return [text.strip() for text in self.blip_processor.batch_decode(output, skip_special_tokens=True)]
 
-    def _similarity(self, images: list[Image.Image], captions: list[str]) -> list[float]:
+    def _similarity(self, frames: list[Any], captions: list[str]) -> list[float]:
         assert self.clip is not None
         import torch
 
-        inputs = self.clip_processor(
-            images=images,
-            text=captions,
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=self._clip_max_tokens,
-        )
-        inputs = {key: value.to(self.torch_device) for key, value in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        output = self.clip(**inputs)
+        text = self.clip_processor.tokenizer(captions, return_tensors="pt", padding=True, truncation=True,
+                                             max_length=self._clip_max_tokens)
+        inputs = {key: value.to(self.torch_device) for key, value in text.items()}
+        output = self.clip(pixel_values=self._clip_pixels(frames, self.torch_device, self.dtype), **inputs)
         image = torch.nn.functional.normalize(output.image_embeds.float(), dim=-1)
-        text = torch.nn.functional.normalize(output.text_embeds.float(), dim=-1)
-        return [float(value) for value in (image * text).sum(dim=-1).clamp(-1.0, 1.0).tolist()]
+        text_embeds = torch.nn.functional.normalize(output.text_embeds.float(), dim=-1)
+        return [float(value) for value in (image * text_embeds).sum(dim=-1).clamp(-1.0, 1.0).tolist()]
 
-    def run_models(self, images: list[Image.Image], worst_case: bool = False,
-                   known: list[ImageItem] | None = None) -> list[dict[str, Any]]:
-        """The signals for each image (keys of disabled models absent); ``worst_case`` forces full-length
-        captions, which is what a memory probe must measure.
+    def _infer(self, batch: _VisionBatch) -> list[dict[str, Any]]:
+        """The signals of each image of ``batch`` (keys of disabled models absent).
 
-        With ``known`` (the images' items, in order), an image whose bin the detection has settled under its item's
-        rules (a confident detection decides A) is not captioned or scored: only the rest of the batch goes through
-        BLIP and CLIP, and the item records what was not computed, and why.
+        An image whose bin its detection has settled under its item's rules (a confident detection decides A) is
+        not captioned or scored: only the rest of the batch goes through BLIP and CLIP, and the item records what
+        was not computed, and why. ``worst_case`` forces full-length captions (what a memory probe must measure).
         """
         import torch
 
-        signals: list[dict[str, Any]] = [{} for _ in images]
+        frames, known = batch.frames, batch.items
+        signals: list[dict[str, Any]] = [{} for _ in frames]
         with torch.inference_mode():
+            self._frames_ready(batch)
             if self.yolo is not None:
-                for record, found in zip(signals, self._detect(images)):
+                for record, found in zip(signals, self._detect(frames, batch.images)):
                     record["detections"] = found
             if self.blip is not None:
-                wanted = [index for index in range(len(images))
-                          if known is None or self._caption_needed(known[index], signals[index])]
-                minimum = self.captioner_options.max_new_tokens if worst_case and self.captioner_options else None
-                subset = [images[index] for index in wanted]
+                wanted = [index for index in range(len(frames))
+                          if not known or self._caption_needed(known[index], signals[index])]
+                minimum = self.captioner_options.max_new_tokens if batch.worst_case and self.captioner_options else None
+                subset = [frames[index] for index in wanted]
                 captions = self._caption(subset, min_new_tokens=minimum) if subset else []
                 for index, caption in zip(wanted, captions):
                     signals[index]["caption"] = caption
@@ -304,6 +369,12 @@ class VisionStage(Stage):
                     for index, similarity in zip(wanted, self._similarity(subset, captions)):
                         signals[index]["clip_similarity"] = similarity
         return signals
+
+    def run_models(self, images: list[Any], worst_case: bool = False,
+                   known: list[ImageItem] | None = None) -> list[dict[str, Any]]:
+        """The three phases on one thread, for ``images`` (``known``: their items; see ``_infer``)."""
+        frames, ready = self._upload(images)
+        return self._infer(_VisionBatch(known or [], frames, images, ready, worst_case))
 
     def _caption_needed(self, item: ImageItem, found: dict[str, Any]) -> bool:
         """Whether the caption (and CLIP's score) can still change ``item``'s bin, once its detections are known."""
@@ -324,23 +395,40 @@ class VisionStage(Stage):
             torch.cuda.empty_cache()
         return OutOfDeviceMemory(f"vision ran out of memory on {self.device} with a batch of {size}: {error}")
 
-    def process_batch(self, items: list[ImageItem]) -> list[ImageItem]:
+    # -- the three phases: host (upload), device (the models), host (signals onto the items) ---------------
+
+    def prepare(self, items: list[ImageItem]) -> _VisionBatch:
         if self.device is None:
-            raise RuntimeError("VisionStage.process_batch() called before setup(device)")
+            raise RuntimeError("VisionStage.prepare() called before setup(device)")
         active = [item for item in items if item.failure is None and item.image is not None]
-        if not active:
-            return items
+        images = [item.image for item in active]
         try:
-            results = self.run_models([item.image for item in active], known=active)
+            frames, ready = self._upload(images) if active else ([], None)
+        except Exception as error:  # pinned memory is device-side memory too
+            if is_out_of_memory(error):
+                raise self._out_of_memory(error, len(active)) from error
+            raise
+        return _VisionBatch(active, frames, images, ready)
+
+    def forward(self, batch: _VisionBatch) -> list[tuple[ImageItem, dict[str, Any]]]:
+        if not batch.items:
+            return []
+        try:
+            return list(zip(batch.items, self._infer(batch)))
         except OutOfDeviceMemory:
             raise
         except Exception as error:
             if is_out_of_memory(error):
-                raise self._out_of_memory(error, len(active)) from error
+                raise self._out_of_memory(error, len(batch.items)) from error
             raise
-        for item, record in zip(active, results):
+
+    def finish(self, items: list[ImageItem], outputs: list[tuple[ImageItem, dict[str, Any]]]) -> list[ImageItem]:
+        for item, record in outputs:
             item.signals.update(record)
         return items
+
+    def process_batch(self, items: list[ImageItem]) -> list[ImageItem]:
+        return run_phases(self, items)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 

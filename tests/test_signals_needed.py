@@ -145,9 +145,12 @@ class ReplayedVision(VisionStage):
     def warmup(self) -> None:
         pass
 
-    def _detect(self, images: list[Any]) -> list[list[dict[str, Any]]]:
-        self.calls["detector"] += len(images)
-        return [self.recorded[name]["detections"] for name in images]
+    def _upload(self, images: list[Any]) -> tuple[list[Any], Any]:
+        return list(images), None  # the "pixels" are the files' names: the models answer by name
+
+    def _detect(self, frames: list[Any], images: list[Any]) -> list[list[dict[str, Any]]]:
+        self.calls["detector"] += len(frames)
+        return [self.recorded[name]["detections"] for name in frames]
 
     def _caption(self, images: list[Any], min_new_tokens: int | None = None) -> list[str]:
         self.calls["captioner"] += len(images)

@@ -109,10 +109,10 @@ def test_failed_and_empty_items_pass_through(batch: list[ImageItem]) -> None:
 
 def test_clip_scores_the_caption_it_is_given(stage: VisionStage) -> None:
     """Similarity is computed per (image, caption) pair: other captions give other scores."""
-    image = load(DOG)
-    scores = stage._similarity([image, image], ["a dog on a street", "text document page"])
+    frames, _ = stage._upload([load(DOG), load(DOG)])
+    scores = stage._similarity(frames, ["a dog on a street", "text document page"])
     assert scores[0] != pytest.approx(scores[1], abs=1e-6)
-    again = stage._similarity([image], ["a dog on a street"])
+    again = stage._similarity(frames[:1], ["a dog on a street"])
     assert again[0] == pytest.approx(scores[0], abs=1e-4)
 
 

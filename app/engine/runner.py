@@ -131,7 +131,7 @@ class StageRunner:
             await drivers.run(host.setup)
             cap = self.stage.batch_policy.max_batch_size
             if cap is None:
-                cap = await drivers.run(host.probe_batch_size, AUTO_BATCH_CEILING)
+                cap = await drivers.run(host.probe_batch_size, self.stage.max_auto_batch or AUTO_BATCH_CEILING)
             await drivers.run(host.warmup)
             replica = phases.replica = Replica(host, device, drivers, BatchCap(max(1, int(cap))))
             self.metrics.batch_limit.labels(stage=self.stage.name, device=device).set(replica.batch_cap)

@@ -63,7 +63,7 @@ class RayStage:
             self.replica.setup()
             cap = self.stage.batch_policy.max_batch_size
             if cap is None:
-                cap = self.replica.probe_batch_size(AUTO_BATCH_CEILING)
+                cap = self.replica.probe_batch_size(self.stage.max_auto_batch or AUTO_BATCH_CEILING)
             self.cap = BatchCap(max(1, int(cap)))
             self.replica.warmup()
         except Exception as error:

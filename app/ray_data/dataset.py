@@ -111,7 +111,7 @@ def _build_dataset(blocks: list[Any], stages: list[Stage], config: BinnerConfig)
     ds = ds.map_batches(load_batch, batch_size=block_rows, batch_format="pyarrow", num_cpus=1,
                         fn_kwargs={"stage": loader, "keep_image": bool(models)}, max_retries=TASK_RETRIES)
     for index, stage in enumerate(models):
-        cap = stage.batch_policy.max_batch_size or AUTO_BATCH_CEILING
+        cap = stage.batch_policy.max_batch_size or stage.max_auto_batch or AUTO_BATCH_CEILING
         ds = ds.map_batches(RayStage, batch_size=cap, batch_format="pyarrow",
                             fn_constructor_kwargs={"stage": stage, "thresholds": config.rules,
                                                    "keep_image": index + 1 < len(models)},
