@@ -69,3 +69,18 @@ class SharedLog:
 
     def sizes(self) -> list[int]:
         return [len(keys) for kind, _, keys in self.batches if kind == "ok"]
+
+
+def run_until_idle(pipeline: Any, timeout: float = 120) -> None:
+    """Set the pipeline up, run it until no row is pending or in flight, tear it down (bounded by ``timeout``)."""
+    import anyio
+
+    async def main() -> None:
+        with anyio.fail_after(timeout):
+            await pipeline.setup()
+            try:
+                await pipeline.run(until_idle=True)
+            finally:
+                await pipeline.teardown()
+
+    anyio.run(main)

@@ -13,7 +13,7 @@ from app.engine import Pipeline
 from app.metrics import Metrics
 from app.store import Ledger, scan, to_discovered
 from stages.rules import RuleThresholds
-from tests.fakes import RecordingStage
+from tests.fakes import RecordingStage, run_until_idle
 
 
 def make_inputs(root: Path, count: int) -> Path:
@@ -36,16 +36,6 @@ def build(tmp_path: Path, stages: list[RecordingStage], count: int = 50, capacit
         feeder_page_size=8, placement_mode="copy",
     )
     return pipeline, ledger, metrics
-
-
-def run_until_idle(pipeline: Pipeline) -> None:
-    async def main() -> None:
-        with anyio.fail_after(60):
-            await pipeline.setup()
-            await pipeline.run(until_idle=True)
-            await pipeline.teardown()
-
-    anyio.run(main)
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:

@@ -14,7 +14,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import anyio
 import pytest
 
 from app import bench
@@ -26,6 +25,7 @@ from app.store import Ledger, scan, to_discovered
 from stages.base import BatchPolicy, ImageItem, OutOfDeviceMemory, Stage
 from stages.loader import LoaderOptions, LoaderStage
 from tests.conftest import REPO
+from tests.fakes import run_until_idle
 
 POISON = "img_000005.png"
 
@@ -69,13 +69,7 @@ def run_local(root: Path) -> dict[str, Any]:
                         placer=Placer(config.output, "copy"), queue_capacities={"load": 8, "ocr": 8, "sink": 8},
                         max_attempts=config.max_attempts, placement_mode="copy")
 
-    async def main() -> None:
-        with anyio.fail_after(60):
-            await pipeline.setup()
-            await pipeline.run(until_idle=True)
-            await pipeline.teardown()
-
-    anyio.run(main)
+    run_until_idle(pipeline)
     return outcomes(ledger)
 
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import anyio
 import pytest
 
 from app.engine import Hosting, Pipeline
 from app.metrics import Metrics
 from app.store import Ledger, scan, to_discovered
 from stages.rules import RuleThresholds
-from tests.fakes import RecordingStage
+from tests.fakes import RecordingStage, run_until_idle
 from tests.process_fakes import HostAndDeviceStage
 
 BATCHES, BATCH, HOST_S, DEVICE_S = 20, 4, 0.050, 0.050
@@ -35,15 +34,7 @@ def test_twenty_batches_take_about_twenty_device_calls_not_twenty_host_plus_devi
                         thresholds=RuleThresholds(), placer=None, queue_capacities={"load": 64, "ocr": 64, "sink": 64},
                         max_attempts=2, placement_mode="copy", hosting={"ocr": Hosting(isolation)})
 
-    async def main() -> None:
-        with anyio.fail_after(120):
-            await pipeline.setup()
-            try:
-                await pipeline.run(until_idle=True)
-            finally:
-                await pipeline.teardown()
-
-    anyio.run(main)
+    run_until_idle(pipeline, timeout=120)
     assert {row.status for row in ledger.rows()} == {"done"}
     spans = sorted(tuple(map(float, line.split())) for line in journal.read_text().splitlines())
     assert len(spans) == BATCHES, "every batch went to the device once, in full batches"

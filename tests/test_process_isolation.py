@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 from PIL import Image
 from structlog.testing import capture_logs
@@ -31,7 +30,7 @@ from stages.base import ImageItem, WorkerCrashed
 from stages.rules import RuleThresholds
 from tests.conftest import REPO
 from tests.daemon_harness import DaemonProcess, files_under, wait_for
-from tests.fakes import RecordingStage
+from tests.fakes import RecordingStage, run_until_idle
 from tests.process_fakes import MisbehavingStage
 
 SYNTHETIC_PROCESS = {
@@ -68,18 +67,6 @@ def build(tmp_path: Path, stages: list[Any], count: int, max_attempts: int,
                         feeder_page_size=8, placement_mode="copy",
                         hosting={name: Hosting("process", stall_timeout_s=limit) for name, limit in (in_process or {}).items()})
     return pipeline, ledger, metrics
-
-
-def run_until_idle(pipeline: Pipeline, timeout: float = 120) -> None:
-    async def main() -> None:
-        with anyio.fail_after(timeout):
-            await pipeline.setup()
-            try:
-                await pipeline.run(until_idle=True)
-            finally:
-                await pipeline.teardown()
-
-    anyio.run(main)
 
 
 def restarts(metrics: Metrics, stage: str, cause: str) -> float:

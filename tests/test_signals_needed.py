@@ -16,7 +16,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 from app.config import load_config
@@ -28,7 +27,7 @@ from stages.rules import MODEL_OF_SIGNAL, RuleThresholds, decide, settled
 from stages.vision import CaptionerOptions, ClipOptions, DetectorOptions, VisionStage
 from tests.conftest import REPO
 from tests.daemon_harness import DaemonProcess, wait_for
-from tests.fakes import RecordingStage
+from tests.fakes import RecordingStage, run_until_idle
 
 OFFLINE = REPO / "deploy" / "examples" / "offline-cpu.yaml"
 SETTLED_EARLY = {"text_area", "text_chars", "text_lines", "incidental_text", "confident_detection"}
@@ -182,13 +181,7 @@ def replay(root: Path, recorded: dict[str, dict[str, Any]], rules: RuleThreshold
                         queue_capacities={"load": 16, "ocr": 16, "vision": 16, "sink": 16}, max_attempts=2,
                         placement_mode="copy")
 
-    async def main() -> None:
-        with anyio.fail_after(60):
-            await pipeline.setup()
-            await pipeline.run(until_idle=True)
-            await pipeline.teardown()
-
-    anyio.run(main)
+    run_until_idle(pipeline)
     bins = {row.rel_path: row.bin for row in ledger.rows()}
     ledger.close()
     return bins, vision.calls
