@@ -295,6 +295,7 @@ def intake_all(runtime: Runtime, only: Callable[[str], bool] | None = None) -> d
     ``only`` accepts, e.g. the labelled images of `eval`) in the ledger, chunk by chunk."""
     config = runtime.config
     recovered = runtime.ledger.recover_interrupted()
+    runtime.ledger.retry_refused()
     seen = new = requeued = 0
     for chunk in iter_scan(config.input):
         wanted = [observed for observed in chunk if only is None or only(observed.rel_path)]
