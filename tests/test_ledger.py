@@ -122,7 +122,7 @@ def test_watch_events_with_absolute_paths_match_a_relative_input(tmp_path: Path,
     dropped.write_bytes(b"jpeg")
     os.utime(dropped, (time.time() - 60, time.time() - 60))
     tracker = SettleTracker(Path("inbox"), settle_s=1.0)
-    taken = tracker.hint(dropped.absolute())  # watchfiles reports absolute paths
+    taken = tracker.hint(dropped.absolute())  # the watcher reports absolute paths
     assert [d.rel_path for d in taken] == ["photo.jpg"] and taken[0].path == str(dropped.absolute())
 
 
