@@ -316,6 +316,7 @@ class StreamingIntake:
         config, counts = self.runtime.config, self.counts
         try:
             counts["recovered"] = self.runtime.ledger.recover_interrupted()
+            self.runtime.ledger.retry_refused()  # each start tries a refused file once more
             for chunk in iter_scan(config.input):
                 while self.runtime.ledger.backlog()[0] > self.ahead and not (stop and stop.is_set()):
                     time.sleep(0.2)

@@ -14,11 +14,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperOption
 
 from app import __version__
 from app.config import BinnerConfig, ConfigError, dump_config, load_config
 from app.logs import configure_logging
+from stages.paths import shown
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="binner: sort images into bins A (clean content), B (everything else), C (text-dominant).")
@@ -66,9 +68,27 @@ def main_options(
 
 
 def emit_json(value: Any) -> None:
-    """One compact JSON line on stdout, whatever the width (for jq and for JSON-only log streams)."""
-    out.file.write(json.dumps(value, ensure_ascii=False, default=str) + "\n")
+    """One compact JSON line on stdout, whatever the width (for jq and for JSON-only log streams). Every text goes
+    through ``shown``: names appear as in the text output (``\\xff``, ``\\x1b``), and the line is valid UTF-8."""
+    out.file.write(json.dumps(_json_safe(value), ensure_ascii=False, default=str) + "\n")
     out.file.flush()
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, str):
+        return shown(value, lines=True)
+    if isinstance(value, dict):
+        return {_json_safe(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, Path):
+        return shown(value)
+    return value
+
+
+def said(value: Any) -> str:
+    """A name or any text for the terminal: ``shown`` (no raw bytes or control characters), and never rich markup."""
+    return shown(str(value), lines=True)
 
 
 def start_logging(cfg: BinnerConfig, level: str, stream_name: str) -> bool:
@@ -90,7 +110,7 @@ def load(config_file: Path | None, **overrides: Any) -> BinnerConfig:
     try:
         return load_config(config_file, overrides)
     except ConfigError as error:
-        err.print(f"[red]error:[/red] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(said(error))}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -104,7 +124,7 @@ def fail(message: str, code: int = 2) -> NoReturn:
         err.file.write(fatal_json_line(message) + "\n")
         err.file.flush()
         raise typer.Exit(code)
-    err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False, soft_wrap=True)  # one line
+    err.print(f"[red]error:[/red] {escape(said(message))}", markup=True, highlight=False, soft_wrap=True)  # one line
     raise typer.Exit(code)
 
 
@@ -140,18 +160,21 @@ def once(
         emit_json({"event": "once finished", "input": str(cfg.input), "output": str(cfg.output),
                    "bins": {name: stats.bins.get(name, 0) for name in ("A", "B", "C")},
                    "quarantined": dict(sorted(stats.quarantined.items())), "vanished": stats.vanished,
+                   "refused": dict(sorted(stats.refused.items())),
                    "not_finished": summary.not_finished, "finished": stats.finished,
                    "seconds": round(summary.seconds, 3), "images_per_second": round(summary.images_per_second, 3),
                    "new": summary.intake["new"], "already_done": summary.already_done})
     else:
-        out.print(f"binner once: {cfg.input} -> {cfg.output}", highlight=False, markup=False)
+        out.print(f"binner once: {said(cfg.input)} -> {said(cfg.output)}", highlight=False, markup=False)
         table = Table()
         table.add_column("outcome")
         table.add_column("files", justify="right")
         for name in ("A", "B", "C"):
             table.add_row(f"bin {name}", str(stats.bins.get(name, 0)))
         for reason, count in sorted(stats.quarantined.items()):
-            table.add_row(f"quarantined: {reason}", str(count))
+            table.add_row(Text(f"quarantined: {said(reason)}"), str(count))
+        for reason, count in sorted(stats.refused.items()):
+            table.add_row(Text(f"left in the input, the output refused it: {said(reason)}"), str(count))
         if stats.vanished:
             table.add_row("vanished before placement", str(stats.vanished))
         table.add_row("not finished", str(summary.not_finished))
@@ -189,7 +212,7 @@ def evaluate(
         table.add_column(column, justify="left" if column == "category" else "right")
     for category, line in result["per_category"].items():
         c = result["confusion"][category]
-        table.add_row(category, str(line["n"]), *(str(c[k]) for k in ("A", "B", "C", "quarantined", "missing")),
+        table.add_row(Text(said(category)), str(line["n"]), *(str(c[k]) for k in ("A", "B", "C", "quarantined", "missing")),
                       str(line["correct"]), _accuracy_text(line))
     out.print(table)
     overall = result["overall"]
@@ -204,7 +227,7 @@ def evaluate(
     for column in ("file", "expected", "actual", "rule", "acceptable"):
         wrong.add_column(column)
     for item in misbinned:
-        wrong.add_row(item["file"], item["expected"], item["actual"], item["rule"] or "",
+        wrong.add_row(*(Text(said(item[key] or "")) for key in ("file", "expected", "actual", "rule")),
                       "yes" if item["acceptable"] else "no")
     out.print(wrong)
 
@@ -240,7 +263,7 @@ def daemon_config(config: Path | None, state: Path | None) -> Path | None:
 
     if config is not None or os.environ.get("BINNER_CONFIG"):
         chosen = config or Path(os.environ["BINNER_CONFIG"])
-        err.print(f"using the configuration {chosen.absolute()} ({'--config' if config else 'BINNER_CONFIG'})",
+        err.print(f"using the configuration {said(chosen.absolute())} ({'--config' if config else 'BINNER_CONFIG'})",
                   highlight=False, markup=False, soft_wrap=True)
         return config
     state_dir = load(None, state_dir=state).state_dir
@@ -249,11 +272,12 @@ def daemon_config(config: Path | None, state: Path | None) -> Path | None:
         if not recorded.is_file():
             fail(f"`{writer}` used the configuration {recorded} (recorded in {state_dir}), which no longer exists; "
                  "pass the current one with --config")
-        err.print(f"using the configuration {recorded} (recorded by `{writer}` in {state_dir}; --config overrides)",
+        err.print(f"using the configuration {said(recorded)} (recorded by `{writer}` in {said(state_dir)}; --config "
+                  "overrides)",
                   highlight=False, markup=False, soft_wrap=True)
         return recorded
-    why = (f"as `{writer}` did (recorded in {state_dir})" if found else
-           f"no --config given and {state_dir} records none")
+    why = (f"as `{writer}` did (recorded in {said(state_dir)})" if found else
+           f"no --config given and {said(state_dir)} records none")
     err.print(f"using the built-in defaults and BINNER_* environment: {why}", highlight=False, markup=False,
               soft_wrap=True)
     return None
@@ -287,12 +311,15 @@ def status(config: Path | None = ConfigOption, state: Path | None = StateOption,
     if as_json:
         emit_json(counts)
         return
-    out.print(f"ledger {cfg.ledger_path}")
-    for title, key in (("status", "status"), ("bins", "bins"), ("quarantined", "quarantined")):
+    out.print(f"ledger {said(cfg.ledger_path)}", highlight=False, markup=False)
+    for title, key in (("status", "status"), ("bins", "bins"), ("quarantined", "quarantined"),
+                       ("left in the input, the output refused them", "refused")):
         values = counts[key]
-        out.print(f"{title}: " + (", ".join(f"{k}={v}" for k, v in sorted(values.items(), key=lambda kv: str(kv[0])))
-                                  or "none"))
-    out.print(f"backlog: {backlog} (oldest {counts['oldest_pending_age_s']} s)")
+        if key == "refused" and not values:
+            continue
+        out.print(f"{title}: " + (", ".join(f"{said(k)}={v}" for k, v in sorted(values.items(), key=lambda kv: str(kv[0])))
+                                  or "none"), highlight=False, markup=False)
+    out.print(f"backlog: {backlog} (oldest {counts['oldest_pending_age_s']} s)", highlight=False, markup=False)
 
 
 @cli.command()
@@ -314,20 +341,20 @@ def explain(file: str = typer.Argument(..., help="input path, output path, relat
             record["signals"] = row.signals
             emit_json(record)
             continue
-        out.print(f"[bold]{escape(row.path)}[/bold]: {row.status}", highlight=False)
-        if row.decision:
-            out.print(f"  bin {row.bin} by rule '{row.rule}': {row.decision.get('reason')}", highlight=False, markup=False)
-            for key, value in (row.decision.get("criteria") or {}).items():
-                out.print(f"    {key}: {readable(value)}", highlight=False, markup=False)
+        lines = [f"  bin {row.bin} by rule '{row.rule}': {row.decision.get('reason')}"] if row.decision else []
+        lines += [f"    {key}: {readable(value)}" for key, value in ((row.decision or {}).get("criteria") or {}).items()]
         if row.reason:
-            out.print(f"  quarantined: {row.reason}: {row.last_error}", highlight=False, markup=False)
-        for key, value in record["signals"].items():
-            out.print(f"  {key}: {readable(value)}", highlight=False, markup=False)
+            what = "left in the input, the output refused it" if row.status == "refused" else "quarantined"
+            lines.append(f"  {what}: {row.reason}: {row.last_error}")
+        lines += [f"  {key}: {readable(value)}" for key, value in record["signals"].items()]
         if row.timings:
-            out.print("  timings: " + ", ".join(f"{stage} {readable_seconds(seconds)}"
-                                                for stage, seconds in row.timings.items()), highlight=False, markup=False)
+            lines.append("  timings: " + ", ".join(f"{stage} {readable_seconds(seconds)}"
+                                                   for stage, seconds in row.timings.items()))
         if row.output_path:
-            out.print(f"  placed at {row.output_path}", highlight=False, markup=False)
+            lines.append(f"  placed at {row.output_path}")
+        out.print(Text(said(row.path), style="bold") + Text(f": {said(row.status)}"), highlight=False)
+        for line in lines:
+            out.print(shown(line), highlight=False, markup=False)
 
 
 def readable(value: Any) -> str:
@@ -372,13 +399,14 @@ def rebin(config: Path | None = ConfigOption, state: Path | None = StateOption,
     from app.store import rebin_all
 
     cfg, ledger = open_ledger(config, state, read_only=dry_run, command="rebin")
+    configure_logging(cfg.log.format, cfg.log.level, sys.stderr)  # each move is logged too: on stderr (names shown)
     report = rebin_all(cfg, ledger, dry_run=dry_run)
     for move in report.moves:
-        out.print(f"{move.old} -> {move.new} ({move.rule}): {move.path}", highlight=False)
+        out.print(f"{move.old} -> {move.new} ({move.rule}): {said(move.path)}", highlight=False, markup=False)
     out.print(f"{len(report.moves)} files {'would move' if dry_run else 'moved'}, {report.unchanged} unchanged, "
               f"{len(report.need_models)} need the vision models (their vision stage was skipped as text-dominant)")
     for path in report.need_models[:20]:
-        out.print(f"  needs reprocessing: {path}", highlight=False)
+        out.print(f"  needs reprocessing: {said(path)}", highlight=False, markup=False)
 
 
 @config_cli.command("show")

@@ -9,7 +9,7 @@ import contextvars
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -21,7 +21,12 @@ _yaml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("binner
 
 Devices = Literal["auto"] | list[str]
 DEFAULT_INPUT = Path("./inbox")
-BatchSize = Literal["auto"] | int
+# Batch caps, queue capacities and time limits: a zero or negative one is refused where it is read (a cap of 0 ran
+# as 1, a timeout of 0 fired at once), like loader.batch_size always was.
+Count = Annotated[int, Field(ge=1)]
+BatchSize = Literal["auto"] | Count
+Milliseconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 # Where a model stage's replicas run: in the worker thread, or in a child process that the thread drives;
 # auto picks by device kind what measured faster (docs/benchmarks.md, "Thread vs process isolation").
 Isolation = Literal["thread", "process", "auto"]
@@ -51,10 +56,10 @@ class LogConfig(Section):
 class QueueConfig(Section):
     """Capacities of the bounded queues; about two batches each keeps latency low (see docs/benchmarks.md)."""
 
-    load: int = Field(32, ge=1)
-    ocr: int = Field(16, ge=1)
-    vision: int = Field(32, ge=1)
-    sink: int = Field(64, ge=1)
+    load: Count = 32
+    ocr: Count = 16
+    vision: Count = 32
+    sink: Count = 64
 
 
 class LimitsConfig(Section):
@@ -65,8 +70,8 @@ class LimitsConfig(Section):
 
 class LoaderConfig(Section):
     workers: int = Field(2, ge=1, le=64)
-    batch_size: int = Field(16, ge=1)
-    max_wait_ms: float = Field(10.0, ge=0)
+    batch_size: Count = 16
+    max_wait_ms: Milliseconds = 10.0
 
 
 class OcrPrecisionConfig(Section):
@@ -85,11 +90,11 @@ class OcrConfig(Section):
     precision: OcrPrecisionConfig = OcrPrecisionConfig()
     devices: Devices = "auto"
     batch_size: BatchSize = 8
-    max_wait_ms: float = Field(50.0, ge=0)
+    max_wait_ms: Milliseconds = 50.0
     min_confidence: float = Field(0.5, ge=0, le=1)
     max_side: int = Field(1280, ge=64)
     paddle_model_dir: str | None = None
-    synthetic_ms: tuple[float, float] = (20.0, 10.0)
+    synthetic_ms: tuple[Milliseconds, Milliseconds] = (20.0, 10.0)
     isolation: Isolation = "auto"
 
     _split = field_validator("devices", mode="before")(_split_devices)
@@ -124,10 +129,10 @@ class ClipConfig(Section):
 class VisionConfig(Section):
     devices: Devices = "auto"
     batch_size: BatchSize = 16
-    max_wait_ms: float = Field(50.0, ge=0)
+    max_wait_ms: Milliseconds = 50.0
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     backend: Literal["models", "synthetic"] = "models"
-    synthetic_ms: tuple[float, float] = (15.0, 6.0)
+    synthetic_ms: tuple[Milliseconds, Milliseconds] = (15.0, 6.0)
     isolation: Isolation = "auto"
     detector: DetectorConfig = DetectorConfig()
     captioner: CaptionerConfig = CaptionerConfig()
@@ -158,11 +163,11 @@ class BinnerConfig(BaseSettings):
     state_dir: Path = Path("./.binner")
     placement: Literal["move", "copy", "hardlink"] = "move"
     settle_ms: int = Field(1000, ge=0)
-    rescan_interval_s: float = Field(60.0, gt=0)
-    max_attempts: int = Field(3, ge=1)
-    drain_timeout_s: float = Field(60.0, gt=0)
-    stall_timeout_s: float = Field(300.0, gt=0)
-    feeder_page_size: int = Field(64, ge=1)
+    rescan_interval_s: Seconds = 60.0
+    max_attempts: Count = 3
+    drain_timeout_s: Seconds = 60.0
+    stall_timeout_s: Seconds = 300.0
+    feeder_page_size: Count = 64
     http: HttpConfig = HttpConfig()
     ray: RayConfig = RayConfig()
     log: LogConfig = LogConfig()
@@ -234,10 +239,20 @@ class ConfigError(Exception):
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """The file's top-level mapping; a file that cannot be read (missing, a directory, unreadable, not UTF-8) is a
+    ``ConfigError`` naming it, like a file that does not parse: `run` stops with one line, a reload keeps the rules."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist: check the path given to --config") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory: give the path of the YAML file (--config)") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                          f"{error.start}): save it as UTF-8") from None
+    except OSError as error:
+        raise ConfigError(f"config file {path} cannot be read: {error.strerror or error}; check its permissions "
+                          "(binner reads it as the user it runs as)") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
     if data is None:
@@ -269,7 +284,7 @@ def _field_path(loc: tuple[Any, ...]) -> tuple[str, ...]:
     path: list[str] = []
     for part in loc:
         text = str(part)
-        if isinstance(part, int) or "[" in text or text in _TYPE_TAGS:
+        if isinstance(part, int) or "[" in text or text in _TYPE_TAGS or text.startswith("constrained-"):
             if isinstance(part, int):
                 path.append(text)
             continue

@@ -27,8 +27,12 @@ class LabelsError(ValueError):
 
 def read_labels(path: Path) -> list[dict[str, str]]:
     """The rows of a labels CSV, checked for the columns scoring needs."""
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except UnicodeDecodeError as error:
+        raise LabelsError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}): "
+                          "save it as UTF-8") from None
     if not rows or "file" not in rows[0] or "expected_bin" not in rows[0]:
         raise LabelsError(f"{path}: needs a header with at least the columns file,expected_bin")
     return rows

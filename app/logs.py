@@ -34,6 +34,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from stages.paths import shown
+
 _real: dict[str, TextIO] = {}  # "stdout"/"stderr" -> a file on the original descriptor, once captured
 _readers: list[threading.Thread] = []
 _live_console: Any = None  # a rich Console showing a progress bar: log lines go above the bar
@@ -52,7 +54,7 @@ def wants_json(fmt: str, stream: TextIO) -> bool:
 
 def fatal_json_line(message: str) -> str:
     """The error a command stops with, as one JSON log line (first line as the event, the rest as details)."""
-    first, *rest = message.splitlines() or [""]
+    first, *rest = [shown(line) for line in message.splitlines()] or [""]
     return json.dumps({"level": "error", "event": first, "details": [line.strip() for line in rest] or None,
                        "fatal": True, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                       ensure_ascii=False)
@@ -148,6 +150,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            escape_names,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -173,6 +176,33 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     # warnings module's hook may have been swapped by someone else (a test runner's recorder, a library).
     logging.captureWarnings(False)
     logging.captureWarnings(True)
+
+
+_MULTI_LINE_FIELDS = frozenset({"event", "exception", "stack"})  # messages and tracebacks keep their lines
+
+
+def escape_names(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Every text of every event through ``shown``: a field that names a file (or an error message that does) can
+    never put a terminal escape, a forged line or bytes that are not UTF-8 into the log, whoever logged it.
+    Messages and tracebacks keep their lines (each line escaped); field values are one line."""
+    for key, value in event.items():
+        event[key] = _escaped(value, key in _MULTI_LINE_FIELDS)
+    return event
+
+
+def _escaped(value: Any, lines: bool = False, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return shown(value, lines=lines)
+    if depth < 4 and isinstance(value, dict):
+        return {_escaped(key, depth=depth + 1): _escaped(item, depth=depth + 1) for key, item in value.items()}
+    if depth < 4 and isinstance(value, (list, tuple)):
+        return [_escaped(item, depth=depth + 1) for item in value]
+    return value
+
+
+# Terminal colour and cursor sequences that libraries print natively (a coloured "INFO"): decoration, dropped from
+# the lines relayed as events rather than shown as escapes.
+_ANSI_SEQUENCE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 
 
 def capture_output() -> bool:
@@ -294,7 +324,7 @@ def _relay(read_end: int, name: str) -> None:
 
 
 def _emit_line(raw: bytes, name: str, log: Any) -> None:
-    line = raw.decode("utf-8", errors="replace").strip("\n").rstrip()
+    line = _ANSI_SEQUENCE.sub("", raw.decode("utf-8", errors="replace")).strip("\n").rstrip()
     if not line.strip():
         return
     line = line if "\n" in line else line.strip()

@@ -25,7 +25,7 @@ QUEUES = ("load", "ocr", "vision", "sink")
 QUARANTINE_REASONS = ("empty_file", "not_an_image", "truncated", "too_many_pixels", "file_too_large", "decode_error",
                       "unreadable", "out_of_memory", "retries_exhausted", "crashed_repeatedly", "output_refused")
 ITEM_OUTCOMES = ("ok", "failed")
-SINK_OUTCOMES = ("binned", "quarantined", "vanished", "retry")
+SINK_OUTCOMES = ("binned", "quarantined", "vanished", "refused", "retry")
 WORKER_RESTART_CAUSES = ("crashed", "stuck")
 HOST_PHASES = ("prepare", "finish")
 
@@ -151,6 +151,12 @@ class Metrics:
             registry=r,
         )
         self.state_paused.set(0)
+        self.watch_degraded = Gauge(
+            "binner_watch_degraded",
+            "1 while watching the input has stopped (the watcher failed, or the input directory is gone) and new files "
+            "are found only by rescans", registry=r,
+        )
+        self.watch_degraded.set(0)
         self.placement_errors = Counter(
             "binner_placement_errors", "Failed placement attempts, by errno name", ["error"], registry=r
         )

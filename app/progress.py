@@ -6,7 +6,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from stages.paths import shown
 
 
 class BinningProgress:
@@ -24,12 +27,12 @@ class BinningProgress:
     @contextmanager
     def shown(self, first_phase: str) -> Iterator[BinningProgress]:
         with self._bar:
-            self._task = self._bar.add_task(first_phase, total=self._total, rate=0.0)
+            self._task = self._bar.add_task(_described(first_phase), total=self._total, rate=0.0)
             yield self
 
     def phase(self, description: str) -> None:
         if self._task is not None:
-            self._bar.update(self._task, description=description)
+            self._bar.update(self._task, description=_described(description))
 
     def add_total(self, more: int) -> None:
         """The scan found ``more`` files to do."""
@@ -40,3 +43,8 @@ class BinningProgress:
     def advance(self, rate: float) -> None:
         if self._task is not None:
             self._bar.update(self._task, advance=1, rate=rate)
+
+
+def _described(text: str) -> str:
+    """A phase for the bar: what it names is ``shown`` (no control characters reach the terminal), never markup."""
+    return escape(shown(text))

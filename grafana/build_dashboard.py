@@ -99,10 +99,17 @@ def panels() -> list[dict[str, Any]]:
              mappings=[{"type": "value", "options": {"0": {"text": "placing", "color": "green"},
                                                      "1": {"text": "PAUSED", "color": "red"}}}],
              thresholds=[(None, "green"), (1, "red")]),
+        stat("Watch", "DEGRADED while watching the input has stopped (the watcher failed or the input directory is "
+             "gone): new files are then found only by the periodic rescan (rescan_interval_s), and /healthz says "
+             "why. The daemon re-arms the watch by itself.",
+             f"max(binner_watch_degraded{{{SEL}}})",
+             mappings=[{"type": "value", "options": {"0": {"text": "watching", "color": "green"},
+                                                     "1": {"text": "DEGRADED", "color": "orange"}}}],
+             thresholds=[(None, "green"), (1, "orange")], w=3),
         stat("Targets up", "Scraped binner instances that answered the last scrape.",
-             f'sum(up{{job="binner", {SEL}}})', thresholds=[(None, "red"), (1, "green")]),
+             f'sum(up{{job="binner", {SEL}}})', thresholds=[(None, "red"), (1, "green")], w=3),
         stat("Version", "binner_build_info: the running build(s).",
-             f"count by (version) (binner_build_info{{{SEL}}})", legend="{{version}}", text_mode="name"),
+             f"count by (version) (binner_build_info{{{SEL}}})", legend="{{version}}", text_mode="name", w=2),
 
         row("Flow"),
         timeseries("Throughput by bin", "Files placed per second in each bin (A, B, C).",

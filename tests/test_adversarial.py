@@ -314,6 +314,9 @@ def test_a_full_state_disk_at_intake_pauses_without_crashing_and_resumes(tmp_pat
     anyio.run(daemon._rescan)
     assert paused() == 1 and runtime.pipeline.state_paused and runtime.ledger.backlog()[0] == 0
     runtime.ledger.intake = real_intake  # type: ignore[method-assign]
+    anyio.run(daemon._rescan)  # still paused: nothing is written until the disk is known to have room
+    assert paused() == 1 and runtime.ledger.backlog()[0] == 0 and daemon.rescan_when_resumed
+    anyio.run(runtime.pipeline.wait_for_state_room)  # there is room here: it resumes
     anyio.run(daemon._rescan)
     assert paused() == 0 and runtime.ledger.backlog()[0] == 3
     runtime.ledger.close()

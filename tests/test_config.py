@@ -168,3 +168,43 @@ def test_every_shipped_configuration_loads(shared_images: Path) -> None:
     assert example.input == REPO / "inbox" and example.state_dir == REPO / ".binner"  # as `make run` had them
     production = load_config(REPO / "deploy" / "binner.yaml")
     assert production.input.is_absolute() and production.http.port
+
+
+@pytest.mark.parametrize("kind", ["not_utf8", "directory"])
+@pytest.mark.parametrize("command", [["run"], ["config", "check"]])
+def test_a_configuration_that_cannot_be_read_stops_start_up_with_one_line(tmp_path: Path, kind: str,
+                                                                          command: list[str]) -> None:
+    """A config file that is not UTF-8, or a path that is a directory: one line naming the file and what to do, exit 2
+    (before, a UnicodeDecodeError or IsADirectoryError traceback and exit 1)."""
+    config = tmp_path / "binner.yaml"
+    if kind == "directory":
+        config.mkdir()
+    else:
+        config.write_bytes(b"settle_ms: 100\n# r\xe9pertoire\n")
+    result = CliRunner().invoke(cli, [*command, "--config", str(config)])
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(config) in lines[0], result.stderr
+    assert ("not UTF-8" if kind == "not_utf8" else "is a directory") in lines[0], lines
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("key, value", [
+    ("ocr.batch_size", 0), ("ocr.batch_size", -3), ("vision.batch_size", 0), ("loader.batch_size", 0),
+    ("queues.load", 0), ("queues.sink", -1), ("feeder_page_size", 0), ("ocr.max_wait_ms", -1),
+    ("vision.max_wait_ms", float("nan")), ("drain_timeout_s", 0), ("stall_timeout_s", -5),
+    ("rescan_interval_s", float("inf")), ("ocr.synthetic_ms", [-1.0, 0.0]),
+])
+def test_every_batch_size_queue_size_and_timeout_is_validated(key: str, value: object) -> None:
+    """``ocr.batch_size: 0`` used to pass `config check` and run with a cap of 1; now each is refused, naming it."""
+    section, _, name = key.rpartition(".")
+    overrides: dict[str, object] = {section: {name: value}} if section else {name: value}
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(None, overrides)
+
+
+def test_auto_batch_sizes_stay_allowed_and_config_check_refuses_a_zero(tmp_path: Path) -> None:
+    assert load_config(None, {"ocr": {"batch_size": "auto"}, "vision": {"batch_size": "auto"}}).ocr.batch_size == "auto"
+    config = write(tmp_path / "zero.yaml", "ocr:\n  batch_size: 0\n")
+    result = CliRunner().invoke(cli, ["config", "check", "--config", str(config)])
+    assert result.exit_code == 2 and "ocr.batch_size" in result.stderr and "configuration OK" not in result.output

@@ -389,6 +389,75 @@ def test_an_idle_connection_is_closed_after_the_idle_timeout() -> None:
         server.stop()
 
 
+def _drip(clients: list[socket.socket], stop: threading.Event, every_s: float) -> threading.Thread:
+    """Each client sends one more header line every ``every_s``: a request that never completes."""
+
+    def drip() -> None:
+        while not stop.wait(every_s):
+            for client in clients:
+                try:
+                    client.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_200_dripping_clients_never_delay_a_health_check_and_hold_no_threads() -> None:
+    """Before, a started request held one of the 4 workers and every read restarted its 10 s timeout: 4 clients
+    dripping a header line every few seconds made every health check time out. Now a request reaches a worker only
+    once its headers are complete."""
+    server = StatusServer("127.0.0.1", 0, CollectorRegistry(), lambda: (True, "ok"), lambda: True).start()
+    clients: list[socket.socket] = []
+    stop = threading.Event()
+    dripping: threading.Thread | None = None
+    try:
+        assert urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5).status == 200
+        before = threading.active_count()
+        for _ in range(200):
+            clients.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+            clients[-1].sendall(b"GET /healthz HTTP/1.1\r\n")
+        dripping = _drip(clients, stop, 0.2)
+        for _ in range(12):
+            started = time.monotonic()
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=1) as response:
+                assert response.status == 200 and response.read() == b"ok\n"
+            assert time.monotonic() - started < 1.0
+            time.sleep(0.1)
+        assert threading.active_count() - before <= 1, "threads grew with the dripping clients (1: the dripper)"
+    finally:
+        stop.set()
+        if dripping is not None:
+            dripping.join(5)
+        for client in clients:
+            client.close()
+        server.stop()
+
+
+def test_a_request_that_never_completes_is_closed_at_its_deadline_however_it_drips() -> None:
+    """The whole request has one deadline (request_timeout_s, here the 1 s idle timeout), not one per read."""
+    server = StatusServer("127.0.0.1", 0, CollectorRegistry(), lambda: (True, "ok"), lambda: True,
+                          idle_timeout_s=1.0).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+            slow.sendall(b"GET /healthz HTTP/1.1\r\n")
+            started, closed = time.monotonic(), False
+            slow.settimeout(0.1)
+            while not closed and time.monotonic() - started < 6:
+                try:
+                    slow.sendall(b"X-Slow: 1\r\n")
+                    closed = slow.recv(1024) == b""
+                except TimeoutError:
+                    pass
+                except OSError:
+                    closed = True
+            assert closed and time.monotonic() - started < 3, "a dripping request must not keep its connection"
+    finally:
+        server.stop()
+
+
 def test_the_stall_clock_starts_when_work_arrives_not_at_the_last_placement(tmp_path: Path) -> None:
     """After a long idle spell the first new file is not a stall; a backlog that stops moving, or a ledger that
     stops answering, is one (the daemon's health logic on a stand-in pipeline, no process)."""

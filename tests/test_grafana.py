@@ -96,7 +96,7 @@ def test_dashboard_structure(dashboard: dict[str, Any], queries: list[tuple[str,
     for wanted in ("Throughput by bin", "Items by stage and outcome", "Stage utilisation (bottleneck finder)",
                    "Queue depth vs capacity", "Backpressure", "Batch size p50/p95", "Batch seconds p95",
                    "End-to-end latency", "Backlog", "Oldest pending", "Quarantined by reason",
-                   "OOM events and batch size limit", "GPU utilisation", "GPU memory", "Version", "Placement"):
+                   "OOM events and batch size limit", "GPU utilisation", "GPU memory", "Version", "Placement", "Watch"):
         assert wanted in titles, f"panel {wanted!r} is missing"
 
 
@@ -140,7 +140,7 @@ def test_alert_rules_pass_promtool() -> None:
     names = {rule["alert"] for group in groups for rule in group["rules"]}
     assert {"BinnerDown", "BinnerMetricsAbsent", "BinnerNoProgress", "BinnerBacklogGrowing",
             "BinnerOldestPendingTooOld", "BinnerPlacementPaused", "BinnerQuarantineSpike",
-            "BinnerOOMRepeated"} <= names
+            "BinnerOOMRepeated", "BinnerWatchDegraded"} <= names
     for group in groups:
         for rule in group["rules"]:
             assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
@@ -204,6 +204,7 @@ def _populate(metrics: Metrics, step: int) -> None:
     m.oldest_pending_age.set(3.0 + step)
     m.oom.labels(stage="vision", device="cuda:1").inc()
     m.placement_paused.set(0)
+    m.watch_degraded.set(step % 2)
     m.placement_errors.labels(error="ENOSPC").inc()
 
 

@@ -122,7 +122,7 @@ def test_watch_events_with_absolute_paths_match_a_relative_input(tmp_path: Path,
     dropped.write_bytes(b"jpeg")
     os.utime(dropped, (time.time() - 60, time.time() - 60))
     tracker = SettleTracker(Path("inbox"), settle_s=1.0)
-    taken = tracker.hint(dropped.absolute())  # watchfiles reports absolute paths
+    taken = tracker.hint(dropped.absolute())  # the watcher reports absolute paths
     assert [d.rel_path for d in taken] == ["photo.jpg"] and taken[0].path == str(dropped.absolute())
 
 
@@ -278,3 +278,23 @@ def test_messages_and_signals_naming_odd_files_are_recorded(tmp_path: Path) -> N
     assert stored.last_error == "/in/bad\\xfe.jpg: not an image" and stored.signals == {"source": odd}
     assert os.fsencode(stored.output_path).endswith(b"bad\xfe.jpg")
     assert [r.id for r in ledger.find(stored.output_path)] == [row.id]
+
+
+def test_a_refused_row_waits_for_a_change_of_its_file_or_the_next_start(tmp_path: Path) -> None:
+    """The output refused a file (its bin and the quarantine): rescans leave the row alone, a change of the file
+    makes the same row pending again (nothing was placed), and so does ``retry_refused`` at a start."""
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    seen = Discovered(str(tmp_path / "in" / "notes.jpg"), "notes.jpg", 12, 1_000, 7, 2_000)
+    ledger.intake([seen])
+    (row,) = ledger.claim_pending(10)
+    ledger.record([Outcome(row.id, "refused", reason="not_an_image", last_error="quarantine refused")])
+    assert ledger.intake([seen]).requeued == 0 and not ledger.has_pending(), "a rescan leaves it alone"
+    assert ledger.counts()["refused"] == {"not_an_image": 1} and ledger.counts()["quarantined"] == {}
+    changed = Discovered(seen.path, seen.rel_path, 20, 3_000, 7, 4_000)
+    assert ledger.intake([changed]).requeued == 1
+    (again,) = ledger.claim_pending(10)
+    assert again.id == row.id and again.attempts == 1, "the same row, from its first attempt"
+    ledger.record([Outcome(again.id, "refused", reason="not_an_image", last_error="quarantine refused")])
+    assert ledger.retry_refused() == 1 and [r.id for r in ledger.claim_pending(10)] == [row.id]
+    assert len(list(ledger.rows())) == 1
+    ledger.close()

@@ -9,7 +9,7 @@ from app.metrics import Metrics
 from app.store import Outcome, Row
 from stages.rules import MODEL_OF_SIGNAL
 
-FINISHED = ("done", "quarantined", "vanished")  # outcomes that end a file's journey through this run
+FINISHED = ("done", "quarantined", "vanished", "refused")  # outcomes that end a file's journey through this run
 
 
 @dataclass
@@ -20,6 +20,7 @@ class RunStats:
     finished: int = 0
     bins: dict[str, int] = field(default_factory=dict)
     quarantined: dict[str, int] = field(default_factory=dict)
+    refused: dict[str, int] = field(default_factory=dict)  # left in the input: the output refused bin and quarantine
     retried: int = 0
     vanished: int = 0
 
@@ -36,6 +37,10 @@ class RunStats:
             self.finished += 1
             reason = outcome.reason or "unknown"
             self.quarantined[reason] = self.quarantined.get(reason, 0) + 1
+        elif outcome.status == "refused":
+            self.finished += 1
+            reason = outcome.reason or "unknown"
+            self.refused[reason] = self.refused.get(reason, 0) + 1
         elif outcome.status == "vanished":
             self.vanished += 1
         else:
@@ -56,5 +61,7 @@ def observe(metrics: Metrics, row: Row, outcome: Outcome) -> None:
         metrics.items.labels(stage="sink", outcome="quarantined").inc()
     elif outcome.status == "vanished":
         metrics.items.labels(stage="sink", outcome="vanished").inc()
+    elif outcome.status == "refused":
+        metrics.items.labels(stage="sink", outcome="refused").inc()
     else:
         metrics.items.labels(stage="sink", outcome="retry").inc()

@@ -94,7 +94,9 @@ class Finisher:
         """One file could not be placed: retried while it has attempts, then quarantined under ``reason``.
 
         When even the quarantine cannot take it (the same refusal, or an input that cannot be read), the row
-        is finished as quarantined without an output and the input stays where it is, so it cannot loop.
+        is finished as ``refused``, without an output, and the input stays where it is: it is not counted as
+        quarantined (nothing is in the quarantine), and it is tried again when the file changes or at the next start,
+        not at every rescan.
         """
         final = item.failure is not None and (not item.failure.retryable or row.attempts >= self.max_attempts)
         if not final and row.attempts < self.max_attempts:
@@ -106,9 +108,9 @@ class Finisher:
                 if self.refuses_whole_output(error):  # the output as a whole refuses now: try again later
                     return Outcome(row.id, "pending", last_error=f"{message}; quarantine failed too: {error}")
                 message = f"{message}; quarantine failed too: {error}"
-        log.error("cannot place or quarantine a file; it stays in the input", file=row.shown_path, reason=reason,
-                  detail=shown(message))
-        return Outcome(row.id, "quarantined", sha256=item.sha256, reason=item.failure.reason if item.failure else reason,
+        log.error("cannot place or quarantine a file; it stays in the input until it changes or the next start",
+                  file=row.shown_path, reason=reason, detail=shown(message))
+        return Outcome(row.id, "refused", sha256=item.sha256, reason=item.failure.reason if item.failure else reason,
                        last_error=f"{message} (the input was left where it is)")
 
     def finish_one(self, row: Row, item: ImageItem) -> Outcome:

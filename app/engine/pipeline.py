@@ -20,13 +20,13 @@ from typing import Any
 import anyio
 import structlog
 
-from app.engine.accounting import RunStats, observe
+from app.engine.accounting import FINISHED, RunStats, observe
 from app.engine.admission import admit
 from app.engine.finishing import Finisher, PlacementBlocked, remove_inputs
 from app.engine.routing import next_stage
 from app.engine.runner import Hosting, StageRunner, StageSetupError
 from app.metrics import Metrics
-from app.store import Ledger, Outcome, Placer, Row, is_disk_full
+from app.store import Ledger, Outcome, Placer, Row, StateRoom, is_disk_full
 from queues import BoundedQueue, DedicatedThread, EndOfStream, next_batch
 from stages.base import ImageItem, Stage
 from stages.rules import RuleThresholds
@@ -36,6 +36,7 @@ log = structlog.get_logger("binner.engine")
 # The sink takes what is already queued: under a backlog its batches still fill (items pile up while the last
 # batch is placed); waiting 50 ms for company only added latency to every file of a stream.
 SINK_MAX_WAIT_S = 0.005
+STATE_CHECK_S = 1.0  # while the state disk is full: how often the room on it is measured again
 
 
 class MetricsObserver:
@@ -200,25 +201,41 @@ class Pipeline:
 
     # --- state disk -------------------------------------------------------------------------------
     def note_state_full(self, error: BaseException) -> None:
-        """The ledger could not be written (state disk full): pause intake and placement, say so once."""
+        """The ledger could not be written (state disk full): pause intake and placement, say so once.
+
+        Safe from any thread (a stage thread's ``mark_in_call`` may be the first to find the disk full)."""
         if not self.state_paused:
             log.error("state disk full: the ledger cannot be written; intake and placement pause until there is "
-                      "space again (free space on the disk holding state_dir)", ledger=str(self.ledger.path),
-                      error=str(error))
+                      "room again (free space on the disk holding state_dir)", ledger=str(self.ledger.path),
+                      error=str(error), resumes_with_free_bytes=self.ledger.headroom_bytes)
         self.state_paused = True
         self.metrics.state_paused.set(1)
 
-    def note_state_ok(self) -> None:
+    def note_state_ok(self, room: StateRoom) -> None:
         if self.state_paused:
-            log.info("state disk writable again: resuming intake and placement", ledger=str(self.ledger.path))
+            log.info("state disk has room again: resuming intake and placement", ledger=str(self.ledger.path),
+                     free_bytes=room.free_bytes, needed_bytes=room.needed_bytes, wal_bytes=room.wal_bytes)
             self.state_paused = False
             self.metrics.state_paused.set(0)
+            self.wake()
+
+    async def wait_for_state_room(self, give_up_on_stop: bool = True) -> None:
+        """While the state disk is full: fold the WAL away and resume only once there is headroom, so that the
+        first writes after space is freed do not fill the disk again (checked every STATE_CHECK_S)."""
+        while self.state_paused and not (give_up_on_stop and self._stopping):
+            room = await self.ledger_thread.run(self.ledger.reclaim_space)
+            if room.enough:
+                self.note_state_ok(room)
+                return
+            await anyio.sleep(STATE_CHECK_S)
 
     def _mark_call(self, keys: list[int], stage: str | None) -> None:
         """Runs on a stage thread around each model call; a failure to mark never fails the items."""
         try:
             self.ledger.mark_in_call(keys, stage)
         except sqlite3.Error as error:
+            if is_disk_full(error):
+                self.note_state_full(error)
             if not self._mark_failed_logged:
                 log.warning("could not mark rows as inside a model call; a crash now would not be charged",
                             error=str(error))
@@ -263,6 +280,9 @@ class Pipeline:
         try:
             while not self._stopping:
                 self._wake = anyio.Event()
+                if self.state_paused:  # claims are writes: wait for room rather than spend it
+                    await self.wait_for_state_room()
+                    continue
                 limit = max(1, min(self.page_size, first.free))
                 try:
                     rows = await self.ledger_thread.run(self.ledger.claim_pending, limit, after_id)
@@ -270,8 +290,6 @@ class Pipeline:
                     if not is_disk_full(error):
                         raise
                     self.note_state_full(error)
-                    with anyio.move_on_after(2.0):
-                        await self._wake.wait()
                     continue
                 if rows:
                     after_id = rows[-1].id
@@ -311,10 +329,8 @@ class Pipeline:
                         raise
                     # Nothing was recorded and no input removed; placing again finds the same outputs.
                     self.note_state_full(error)
-                    await anyio.sleep(backoff)
-                    backoff = min(backoff * 2, 30.0)
+                    await self.wait_for_state_room(give_up_on_stop=False)
                     continue
-                self.note_state_ok()
                 for row, outcome in finished:
                     self._account(row, outcome)
                 if blocked is None:
@@ -357,7 +373,7 @@ class Pipeline:
         self.last_progress = time.monotonic()
         self.stats.count(outcome)
         observe(self.metrics, row, outcome)
-        if outcome.status not in ("done", "quarantined", "vanished"):
+        if outcome.status not in FINISHED:
             self.wake()  # back to pending: the feeder takes it again
         if self.on_finished is not None:
             self.on_finished(row, outcome)

@@ -4,20 +4,33 @@ Start: load and warm the models, recover interrupted rows, scan the input, then 
 input (events are hints), rescan periodically, feed the pipeline from the ledger, ping the watchdog while
 the pipeline makes progress. SIGTERM/SIGINT: STOPPING=1, stop intake, drain in-flight work, exit 0 within
 ``drain_timeout_s``. SIGHUP: reload the rules from the configuration file without reloading models.
+
+No signal ever has its default action once ``serve`` runs: a SIGHUP that arrives before the signal task exists is
+noted and applied once it does, and one signal task serves the whole life of the process (loading, the start-up
+scan, running, draining), so there is no gap between phases where SIGHUP would end the process.
+The watch (watchdog's inotify observer, which takes names as bytes: a name that is not UTF-8 is an event like any
+other) is a hint, and a hint that stops is re-armed: when the watcher cannot start or dies (inotify limits) or the
+input directory is removed or replaced, the daemon says so, shows a degraded watch in /healthz and
+``binner_watch_degraded``, re-arms the watch (backing off while it keeps failing) and rescans what it may have missed.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import signal
 import sqlite3
 import sys
 import threading
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import anyio
+import anyio.abc
 import structlog
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from app.build import Runtime, build_runtime, preflight_weights, prepare_dirs, take_files
 from app.config import BinnerConfig, ConfigError, load_config
@@ -25,9 +38,68 @@ from app.engine import Pipeline, StageSetupError
 from app.service.http import StatusServer
 from app.service.lifecycle import run_async, stop_on_signals
 from app.service.notify import SystemdNotifier, start_timeout_extended
-from app.store import SettleTracker, is_disk_full, iter_scan
+from app.store import SettleTracker, is_disk_full, iter_scan, shown
 
 log = structlog.get_logger("binner.daemon")
+
+# A re-armed watch that runs this long without failing counts as healthy again. One that fails sooner is re-armed
+# at once WATCH_QUICK_RETRIES times in a row, then after a back-off that doubles from WATCH_BACKOFF_FIRST_S up to
+# WATCH_BACKOFF_MAX_S: a watch that keeps failing costs a rescan per re-arm, and files still arrive no later than
+# the periodic rescan would bring them.
+WATCH_STABLE_S = 5.0
+WATCH_QUICK_RETRIES = 2
+WATCH_BACKOFF_FIRST_S = 0.5
+WATCH_BACKOFF_MAX_S = 60.0
+# How often the watch checks that the input directory is still the one it watches (removed, or replaced by another).
+ROOT_CHECK_S = 1.0
+
+
+def _directory_id(path: Path) -> tuple[int, int] | None:
+    """Device and inode of the directory at ``path``, or None when there is none."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if os.path.isdir(path) else None
+
+
+# How long a burst of watch events is gathered before the intake looks at it.
+HINT_BATCH_S = 0.05
+_HINTED = frozenset({"created", "modified", "closed", "moved"})  # not opened/closed_no_write: loading an input opens it
+
+
+class _Hints(FileSystemEventHandler):
+    """watchdog's events, on its dispatcher thread, as (kind, path) for the event loop. Paths are ``str`` with
+    surrogate escapes for bytes that are not UTF-8, like every path binner handles, so no name can end the watch."""
+
+    def __init__(self, hints: queue.SimpleQueue[tuple[str, str] | None]) -> None:
+        self.hints = hints
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            if event.event_type == "deleted":
+                self.hints.put(("deleted", os.fsdecode(event.src_path)))
+            return
+        if event.event_type in _HINTED:
+            self.hints.put((event.event_type, os.fsdecode(event.dest_path or event.src_path)))
+
+
+def _next_hints(hints: queue.SimpleQueue[tuple[str, str] | None]) -> list[tuple[str, str]] | None:
+    """The next burst of hints (on a worker thread: it blocks until one comes); None once the watch ends."""
+    first = hints.get()
+    if first is None:
+        return None
+    time.sleep(HINT_BATCH_S)
+    batch = {first}
+    while True:
+        try:
+            more = hints.get_nowait()
+        except queue.Empty:
+            return list(batch)
+        if more is None:
+            hints.put(None)  # seen after this batch
+            return list(batch)
+        batch.add(more)
 
 
 class Daemon:
@@ -48,6 +120,18 @@ class Daemon:
         self.housekept_at: float | None = None  # when housekeeping last got an answer from the ledger
         self.drain_until: float | None = None  # set when a stop signal starts the drain
         self.serving = False  # models warm and the start-up scan recorded: /readyz and READY=1
+        self.watch_problem: str | None = None  # why the watch is degraded (read by /healthz), None while it works
+        self.rescan_requested = False  # the watch was re-armed: rescan now for what it may have missed
+        self.rescan_when_resumed = False  # files were seen while the state disk was full: rescan once it has room
+        self.reload_pending = False  # a SIGHUP arrived before the signal task existed
+
+    def hold_signals(self) -> None:
+        """From now on a SIGHUP cannot end the process: until the signal task takes over it is noted, and the
+        reload runs once the rules can be swapped (``main``). Call from the main thread, before anything slow."""
+        signal.signal(signal.SIGHUP, self._note_reload)
+
+    def _note_reload(self, signum: int, frame: FrameType | None) -> None:
+        self.reload_pending = True
 
     # --- health -----------------------------------------------------------------------------------
     @property
@@ -75,8 +159,15 @@ class Daemon:
                                       [*pipeline.queues.items(), ("sink", pipeline.sink_queue)]))
             return False, (f"nothing placed for {idle_for:.0f} s while {self.backlog} files wait and "
                            f"{pipeline.in_flight} are in flight ({where}; stall_timeout_s={limit:g})")
-        if pipeline.placement_paused:
-            return True, "ok (placement paused: output disk refused writes)"
+        paused = [text for on, text in (
+            (getattr(pipeline, "state_paused", False), "the state disk is full: intake and placement wait for space"),
+            (pipeline.placement_paused, "placement paused: output disk refused writes")) if on]
+        if self.watch_problem is not None:  # still serving, so no 503 (a restart would not help): but not "ok"
+            return True, "degraded: " + "; ".join([
+                f"watching the input: {self.watch_problem}; new files are found by rescans meanwhile (every "
+                f"{self.config.rescan_interval_s:g} s)", *paused])
+        if paused:
+            return True, f"ok ({'; '.join(paused)})"
         return True, "ok"
 
     def progress_stalled_for(self, now: float) -> float:
@@ -95,19 +186,23 @@ class Daemon:
         assert self.runtime is not None
         if not discovered:
             return
+        if self.pipeline.state_paused:  # the room freed must go to the work in flight; look again once resumed
+            self.rescan_when_resumed = True
+            return
         try:
             result, _ = take_files(self.runtime, discovered)
-        except sqlite3.OperationalError as error:  # a full state disk pauses intake; rescans find the files later
+        except sqlite3.OperationalError as error:  # a full state disk pauses intake; a rescan finds the files later
             if not is_disk_full(error):
                 raise
             self.pipeline.note_state_full(error)
+            self.rescan_when_resumed = True
             return
         if result.new or result.requeued:
-            self.pipeline.note_state_ok()
             log.info("files taken", new=result.new, requeued=result.requeued)
 
     async def _rescan(self) -> None:
         """Scan in chunks off the event loop: memory and loop time stay flat however many files exist."""
+        self.rescan_requested = False
         chunks = iter_scan(self.config.input)
         while (observations := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
             ready = self.settle.offer(observations)
@@ -117,24 +212,136 @@ class Daemon:
                     self.pipeline.wake()
         self.last_rescan = time.monotonic()
 
-    async def _watch(self) -> None:
-        from watchfiles import Change, awatch
+    def request_rescan(self) -> None:
+        """Rescan at the intake loop's next turn (the watch was re-armed and may have missed files meanwhile)."""
+        self.rescan_requested = True
+        self.settle_changed.set()
+
+    # --- the watch ----------------------------------------------------------------------------------
+    async def _watch(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Watch the input for as long as intake runs; re-arm the watch whenever it stops, backing off while it
+        keeps failing, and rescan after each re-arm for what it missed. Started with ``TaskGroup.start``, it
+        returns to the starter once the first watch is armed (or could not be), so a scan after that misses
+        nothing: a file written meanwhile is either listed by the scan or seen by the watch."""
+        quick_failures = 0
+        missing_since: float | None = None
+        first = True
+        while not self.stop_intake.is_set():
+            root = _directory_id(self.config.input)
+            if root is None:
+                if missing_since is None:
+                    missing_since = time.monotonic()
+                    self._watch_degraded(f"the input directory {shown(self.config.input)} does not exist; nothing "
+                                         "can arrive until it exists again")
+                    log.error("the input directory is gone: watching it again once it exists; meanwhile nothing can "
+                              "arrive (recreate it, or fix the mount it is on)", input=shown(self.config.input))
+                task_status.started()
+                task_status = anyio.TASK_STATUS_IGNORED
+                with anyio.move_on_after(ROOT_CHECK_S):
+                    await self.stop_intake.wait()
+                continue
+            if missing_since is not None:
+                log.info("the input directory exists again: watching it", input=shown(self.config.input),
+                         missing_for_s=round(time.monotonic() - missing_since, 1))
+                missing_since = None
+            started = time.monotonic()
+            why = await self._watch_until_it_stops(root, rescan_when_armed=not first, armed=task_status)
+            task_status = anyio.TASK_STATUS_IGNORED
+            first = False
+            if why is None:  # intake stopped
+                return
+            if _directory_id(self.config.input) is None:
+                continue  # removed: said and waited for above
+            quick_failures = 0 if time.monotonic() - started >= WATCH_STABLE_S else quick_failures + 1
+            backoff = 0.0 if quick_failures <= WATCH_QUICK_RETRIES else min(
+                WATCH_BACKOFF_FIRST_S * 2 ** (quick_failures - WATCH_QUICK_RETRIES - 1), WATCH_BACKOFF_MAX_S)
+            self._watch_degraded(why)
+            log.error("watching the input stopped; re-arming it (rescans find what it missed)", reason=why,
+                      retry_in_s=backoff, input=shown(self.config.input))
+            if backoff:
+                with anyio.move_on_after(backoff):
+                    await self.stop_intake.wait()
+
+    async def _watch_until_it_stops(self, root: tuple[int, int], rescan_when_armed: bool,
+                                    armed: anyio.abc.TaskStatus[None]) -> str | None:
+        """One watch of the input directory whose identity is ``root``: returns why it stopped by itself, or None
+        when intake stopped."""
+        from watchdog.observers import Observer
+
+        hints: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
+        observer = Observer(timeout=0.2)
+        try:
+            observer.schedule(_Hints(hints), str(self.config.input), recursive=True)
+            observer.start()
+        except Exception as error:  # noqa: BLE001 - inotify limits, a directory gone meanwhile: back off, try again
+            observer.stop()
+            armed.started()
+            return f"the watcher could not start ({type(error).__name__}: {error})"
+        armed.started()
+        stopped: list[str] = []
+        roots = {str(self.config.input), os.path.realpath(self.config.input)}
+
+        def end(why: str | None) -> None:
+            if why is not None:
+                stopped.append(why)
+            hints.put(None)  # wakes the thread waiting for hints
+
+        async def guard() -> None:  # intake stops, the directory is no longer the one watched, or watchdog died
+            while True:
+                with anyio.move_on_after(ROOT_CHECK_S):
+                    await self.stop_intake.wait()
+                if self.stop_intake.is_set():
+                    return end(None)
+                if _directory_id(self.config.input) != root:
+                    return end("the input directory was removed or replaced")
+                emitters = observer.emitters
+                if not observer.is_alive() or not emitters or not all(emitter.is_alive() for emitter in emitters):
+                    return end("the watcher stopped")
+
+        async def settle_in() -> None:  # the watch is armed: catch up on the gap, then call it healthy after a while
+            if rescan_when_armed:
+                self.request_rescan()
+            await anyio.sleep(WATCH_STABLE_S)
+            self._watch_ok()
 
         try:
-            async for changes in awatch(self.config.input, stop_event=self.stop_intake, recursive=True,
-                                        watch_filter=None, debounce=200, step=25, rust_timeout=1000):
-                paths = [Path(path) for change, path in changes if change != Change.deleted]
-                ready: list[Any] = []
-                for path in paths:
-                    ready.extend(self.settle.hint(path))
-                self.settle_changed.set()  # the intake loop recomputes when the next file is due
-                if ready:
-                    await anyio.to_thread.run_sync(self._intake, ready)
-                    assert self.runtime is not None
-                    self.pipeline.wake()
-        except Exception as error:  # the rescans still find everything; say so and carry on
-            log.error("watching the input failed; relying on periodic rescans", error=str(error),
-                      input=str(self.config.input))
+            async with anyio.create_task_group() as group:
+                group.start_soon(guard)
+                group.start_soon(settle_in)
+                while (batch := await anyio.to_thread.run_sync(_next_hints, hints, abandon_on_cancel=True)) is not None:
+                    if any(kind == "deleted" and path in roots for kind, path in batch):
+                        end("the input directory was removed")
+                    await self._take_hints([Path(path) for kind, path in batch if kind != "deleted"])
+                group.cancel_scope.cancel()
+        finally:
+            hints.put(None)
+            observer.stop()
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(observer.join, 5.0)
+        if self.stop_intake.is_set():
+            return None
+        return stopped[0] if stopped else "the watcher stopped"
+
+    async def _take_hints(self, paths: list[Path]) -> None:
+        ready: list[Any] = []
+        for path in paths:
+            ready.extend(self.settle.hint(path))
+        self.settle_changed.set()  # the intake loop recomputes when the next file is due
+        if ready:
+            await anyio.to_thread.run_sync(self._intake, ready)
+            self.pipeline.wake()
+
+    def _watch_degraded(self, why: str) -> None:
+        if self.watch_problem is None and self.runtime is not None:
+            self.runtime.metrics.watch_degraded.set(1)
+        self.watch_problem = why
+
+    def _watch_ok(self) -> None:
+        if self.watch_problem is not None:
+            log.info("watching the input again", input=shown(self.config.input), after=self.watch_problem)
+            self.watch_problem = None
+            if self.runtime is not None:
+                self.runtime.metrics.watch_degraded.set(0)
 
     async def _intake_loop(self) -> None:
         settle_s = max(self.config.settle_ms / 1000.0, 0.05)
@@ -146,7 +353,10 @@ class Daemon:
             self.settle_changed = anyio.Event()
             if self.stop_intake.is_set():
                 return
-            if time.monotonic() - self.last_rescan >= self.config.rescan_interval_s:
+            if self.rescan_when_resumed and not self.pipeline.state_paused:
+                self.rescan_when_resumed = False
+                self.rescan_requested = True
+            if self.rescan_requested or time.monotonic() - self.last_rescan >= self.config.rescan_interval_s:
                 await self._rescan()
             elif len(self.settle):
                 ready = self.settle.poll()
@@ -188,11 +398,17 @@ class Daemon:
             await anyio.sleep(min(1.0, ping_every or 1.0))
 
     def begin_drain(self, scope: anyio.CancelScope, why: str) -> None:
-        """Stop intake and let what is in flight finish, within ``drain_timeout_s`` (the scope's new deadline)."""
+        """Stop intake and let what is in flight finish, within ``drain_timeout_s`` (the scope's new deadline).
+
+        Before the daemon serves (models loading, the start-up scan) nothing is in flight: it stops at once."""
+        self.notifier.stopping()
+        if not self.serving:
+            log.info("stopping while starting: nothing is in flight yet", signal=why)
+            scope.cancel()
+            return
         log.info("stopping: draining in-flight work; a second Ctrl-C or SIGTERM stops at once", signal=why,
                  in_flight=self.pipeline.in_flight, timeout_s=self.config.drain_timeout_s)
         self.drain_until = time.monotonic() + self.config.drain_timeout_s
-        self.notifier.stopping()
         self.stop_intake.set()
         self.settle_changed.set()
         self.pipeline.request_stop()
@@ -203,23 +419,31 @@ class Daemon:
         log.info("draining", in_flight=self.pipeline.in_flight, remaining_s=round(max(0.0, remaining_s), 1),
                  hint="a second Ctrl-C or SIGTERM stops at once; interrupted files resume at the next start")
 
-    async def _signals(self, scope: anyio.CancelScope) -> None:
+    async def _signals(self, scope: anyio.CancelScope, *,
+                       task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await stop_on_signals(
             scope, self.config.drain_timeout_s, lambda why: self.begin_drain(scope, why), report=self._report_drain,
             stop_now=lambda: log.warning("second stop signal: stopping now; interrupted files resume at the next start"),
-            reload=self._reload_rules)
+            reload=self._reload_rules, task_status=task_status)
 
     def _reload_rules(self) -> None:
+        """SIGHUP: new rules from the configuration file. Whatever is wrong with the file (invalid, not YAML, not
+        UTF-8, unreadable, a directory), the reload is refused in one log line and the current rules stay."""
         assert self.runtime is not None
-        self.notifier.reloading()
+        if self.serving:
+            self.notifier.reloading()
         try:
             fresh = load_config(self.config_file)
-        except ConfigError as error:
-            log.error("reload refused: the configuration is invalid; keeping the current rules", error=str(error))
+        except Exception as error:  # noqa: BLE001 - a reload must never end the service
+            why = " ".join(line.strip() for line in str(error).splitlines()) if isinstance(error, ConfigError) else \
+                f"{type(error).__name__}: {error}"
+            log.error("reload refused: the configuration cannot be used; keeping the current rules", error=why,
+                      config=shown(str(self.config_file)) if self.config_file else os.environ.get("BINNER_CONFIG"))
         else:
             self.pipeline.thresholds = fresh.rules
             log.info("rules reloaded", rules=fresh.rules.model_dump())
-        self.notifier.ready()
+        if self.serving:
+            self.notifier.ready()
 
     # --- main -------------------------------------------------------------------------------------
     async def main(self) -> int:
@@ -231,51 +455,59 @@ class Daemon:
             self.http = StatusServer(config.http.host, config.http.port, runtime.metrics.registry,
                                      self.healthy, self.ready).start()
             log.info("serving /metrics, /healthz, /readyz", address=f"http://{config.http.host}:{self.http.port}")
-        self.notifier.status("loading models")
-        _quiet_model_progress_bars()
-        from app import __version__
-
-        log.info("starting binner", version=__version__,
-                 config=str(config.source_file) if config.source_file else "built-in defaults (no --config)",
-                 devices={r.stage.name: list(r.stage.devices) for r in self.pipeline.runners},
-                 input=str(config.input), output=str(config.output), state_dir=str(config.state_dir))
-        log.info("loading models", stages=[r.stage.name for r in self.pipeline.runners])
-        with anyio.CancelScope(shield=False) as cancel_during_setup:
-            async with anyio.create_task_group() as group:
-                group.start_soon(self._signals_during_setup, cancel_during_setup)
-                await self.pipeline.setup()
-                group.cancel_scope.cancel()
-        if cancel_during_setup.cancelled_caught:
-            log.info("stopped while loading models")
-            await self.pipeline.teardown()
-            runtime.close()
-            return 0
-        recovered = runtime.ledger.recover_interrupted()
-        if recovered:
-            log.info("resuming files interrupted by the last stop", files=recovered)
-        await self._rescan()
-        backlog, _ = runtime.ledger.backlog()
-        runtime.metrics.backlog.set(backlog)  # true from the first scrape after READY, not only after housekeeping
-        self.serving = True
-        self.notifier.ready()
-        log.info("ready", input=str(config.input), output=str(config.output), backlog=backlog)
         try:
             async with anyio.create_task_group() as group:
-                group.start_soon(self._signals, group.cancel_scope)
-                group.start_soon(self._watch)
+                # One signal task for the whole life: loading, the start-up scan, running and draining.
+                await group.start(self._signals, group.cancel_scope)
+                if self.reload_pending:
+                    self.reload_pending = False
+                    log.info("a reload (SIGHUP) was asked for while starting; applying it now")
+                    self._reload_rules()
+                await self._start_serving(runtime, group)
                 group.start_soon(self._intake_loop)
                 group.start_soon(self._housekeeping)
                 await self.pipeline.run(until_idle=False)
                 group.cancel_scope.cancel()
         finally:
+            signal.signal(signal.SIGHUP, self._note_reload)  # the signal task is gone: a late SIGHUP is ignored
             with anyio.CancelScope(shield=True):
                 await self.pipeline.teardown()
                 if self.http:
                     self.http.stop()
                 runtime.close()
+        if not self.serving:
+            log.info("stopped while starting")
+            return 0
         left = self.pipeline.in_flight
         log.info("stopped", drained=left == 0, left_for_next_start=left)
         return 0
+
+    async def _start_serving(self, runtime: Runtime, group: anyio.abc.TaskGroup) -> None:
+        """Load and warm the models, recover interrupted rows, arm the watch, scan the input; then READY=1."""
+        config = self.config
+        self.notifier.status("loading models")
+        _quiet_model_progress_bars()
+        from app import __version__
+
+        log.info("starting binner", version=__version__,
+                 config=shown(str(config.source_file)) if config.source_file else "built-in defaults (no --config)",
+                 devices={r.stage.name: list(r.stage.devices) for r in self.pipeline.runners},
+                 input=shown(config.input), output=shown(config.output), state_dir=shown(config.state_dir))
+        log.info("loading models", stages=[r.stage.name for r in self.pipeline.runners])
+        await self.pipeline.setup()
+        recovered = runtime.ledger.recover_interrupted()
+        if recovered:
+            log.info("resuming files interrupted by the last stop", files=recovered)
+        refused = runtime.ledger.retry_refused()
+        if refused:
+            log.info("trying again the files the output refused before this start", files=refused)
+        await group.start(self._watch)
+        await self._rescan()
+        backlog, _ = runtime.ledger.backlog()
+        runtime.metrics.backlog.set(backlog)  # true from the first scrape after READY, not only after housekeeping
+        self.serving = True
+        self.notifier.ready()
+        log.info("ready", input=shown(config.input), output=shown(config.output), backlog=backlog)
 
     def fetch_missing_weights(self) -> None:
         """Preflight the weights; a first-start download keeps systemd's start timeout extended meanwhile."""
@@ -286,18 +518,18 @@ class Daemon:
 
         preflight_weights(self.config, while_fetching=fetching)
 
-    async def _signals_during_setup(self, scope: anyio.CancelScope) -> None:
-        """While models load, a stop signal stops at once (there is nothing in flight to drain)."""
-        await stop_on_signals(scope, 0.0, lambda why: self.notifier.stopping(), reload=self._reload_rules)
-
 
 def serve(config: BinnerConfig, config_file: Path | None) -> int:
     daemon = Daemon(config, config_file)
+    daemon.hold_signals()
     try:
         code = int(run_async(daemon.main))
-    except (ConfigError, StageSetupError) as error:
+    except BaseException as error:
+        problem = _user_problem(error)
+        if problem is None:
+            raise
         # One message, on stderr (the journal under systemd): what is wrong and what to do.
-        report_error(str(error), as_json=config.log.format == "json")
+        report_error(str(problem), as_json=config.log.format == "json")
         return 2
     deadline = time.monotonic() + 2.0
     for thread in threading.enumerate():
@@ -313,11 +545,21 @@ def serve(config: BinnerConfig, config_file: Path | None) -> int:
     return code
 
 
+def _user_problem(error: BaseException) -> ConfigError | StageSetupError | None:
+    """The configuration or set-up error inside ``error`` (task groups wrap what they raise), if that is what it is."""
+    if isinstance(error, (ConfigError, StageSetupError)):
+        return error
+    if isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        return _user_problem(error.exceptions[0])
+    return None
+
+
 def report_error(message: str, as_json: bool) -> None:
     """One message on stderr (the journal under systemd): a JSON log line under ``log.format: json``, else text."""
     from app.logs import fatal_json_line, real_stream
 
-    print(fatal_json_line(message) if as_json else f"error: {message}", file=real_stream("stderr"), flush=True)
+    print(fatal_json_line(message) if as_json else f"error: {shown(message, lines=True)}", file=real_stream("stderr"),
+          flush=True)
 
 
 def _quiet_model_progress_bars() -> None:

@@ -2,13 +2,24 @@
 into the output tree, the instance lock of a state directory, and ``rebin``. Nothing here runs a model."""
 
 from app.store.intake import SettleTracker, finish_leftovers, iter_scan, prune_empty_dirs, scan, to_discovered
-from app.store.ledger import Discovered, Finished, IntakeResult, Ledger, LedgerOpenError, Outcome, Row, is_disk_full, shown
+from app.store.ledger import (
+    Discovered,
+    Finished,
+    IntakeResult,
+    Ledger,
+    LedgerOpenError,
+    Outcome,
+    Row,
+    StateRoom,
+    is_disk_full,
+    shown,
+)
 from app.store.lock import InstanceLock, StateDirLocked
 from app.store.placement import QUARANTINE_DIR, TEMP_PREFIX, Placer, SourceError, SourceVanished, safe_relative_path, sha256_file
 from app.store.rebin import Move, RebinReport, rebin_all
 
 __all__ = ["QUARANTINE_DIR", "TEMP_PREFIX", "Discovered", "Finished", "InstanceLock", "IntakeResult",
            "Ledger", "LedgerOpenError", "Move", "Outcome", "Placer", "RebinReport", "Row",
-           "SettleTracker", "SourceError", "SourceVanished", "StateDirLocked", "finish_leftovers",
+           "SettleTracker", "SourceError", "SourceVanished", "StateDirLocked", "StateRoom", "finish_leftovers",
            "is_disk_full", "iter_scan", "prune_empty_dirs", "rebin_all", "safe_relative_path", "scan", "sha256_file",
            "shown", "to_discovered"]

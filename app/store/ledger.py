@@ -2,7 +2,9 @@
 been done.
 
 Statuses: ``pending`` (known, waiting), ``processing`` (handed to the pipeline), ``done`` (placed in a bin),
-``quarantined`` (placed under _quarantine), ``vanished`` (deleted before it could be placed).
+``quarantined`` (placed under _quarantine), ``vanished`` (deleted before it could be placed), ``refused`` (the output
+refused both its bin and the quarantine, so the input was left where it is: retried when the file changes or at the
+next start, not at every rescan).
 A crash leaves rows in ``processing``; ``recover_interrupted()`` returns them to ``pending`` at start and charges
 a crash only to the rows that were inside a model call (``in_call``) when the process died.
 
@@ -18,6 +20,11 @@ Why it is built this way:
   same value (equality and the unique index keep working). Python sees surrogate-escaped ``str`` paths.
 - ``synchronous=FULL``: a commit is on disk when ``record()`` returns, so a ``done`` row can never roll back
   after the input it describes was removed (move mode removes only after ``record()``).
+- The WAL is kept small relative to the state disk (``wal_autocheckpoint`` and ``journal_size_limit`` at a
+  sixteenth of the disk, at most SQLite's default 1000 pages): on a small disk the WAL would otherwise grow to
+  4 MB between checkpoints and fill it. When the disk does fill, ``reclaim_space`` checkpoints the WAL away
+  (``wal_checkpoint(TRUNCATE)``) and says whether there is room to resume: ``headroom_bytes``, twice what the WAL
+  may grow to before its next checkpoint (the WAL, and as much again for the pages it copies into the database).
 """
 
 from __future__ import annotations
@@ -33,10 +40,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-Status = Literal["pending", "processing", "done", "quarantined", "vanished"]
-FINISHED: tuple[str, ...] = ("done", "quarantined", "vanished")
+from stages.paths import shown
+
+Status = Literal["pending", "processing", "done", "quarantined", "vanished", "refused"]
+FINISHED: tuple[str, ...] = ("done", "quarantined", "vanished", "refused")
 
 SCHEMA_VERSION = "2"
+_WAL_PAGES_DEFAULT = 1000  # SQLite's wal_autocheckpoint
+_WAL_PAGES_MIN = 16
 
 _FILES_V2 = """
 CREATE TABLE files (
@@ -98,22 +109,6 @@ def py_path(value: str | bytes | None) -> str | None:
     if isinstance(value, bytes):
         return os.fsdecode(value)
     return value
-
-
-def shown(path: str | None) -> str | None:
-    """A path (or a message naming one) safe to print, log or store as text: bytes that are not UTF-8 appear as
-    ``\\xff`` escapes."""
-    if path is None:
-        return None
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        pass
-    try:
-        return os.fsencode(path).decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate that no file name produced
-        return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -208,6 +203,19 @@ class Outcome:
     ctime_ns: int | None = None
 
 
+@dataclass(frozen=True)
+class StateRoom:
+    """Free space on the state disk against what resuming needs (``Ledger.reclaim_space``)."""
+
+    free_bytes: int
+    needed_bytes: int
+    wal_bytes: int
+
+    @property
+    def enough(self) -> bool:
+        return self.free_bytes >= self.needed_bytes
+
+
 @dataclass
 class IntakeResult:
     new: int = 0
@@ -248,6 +256,8 @@ class Ledger:
     ``LedgerOpenError`` (a ``sqlite3.DatabaseError``) naming the file and what to do.
     """
 
+    headroom_bytes = 0  # free space the state disk needs before a paused run resumes (set for a writable ledger)
+
     def __init__(self, path: Path | str, read_only: bool = False) -> None:
         self.path = Path(path)
         self.read_only = read_only
@@ -257,7 +267,7 @@ class Ledger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             if read_only:
-                uri = f"file:{urllib.parse.quote(str(self.path.absolute()))}?mode=ro"
+                uri = f"file:{urllib.parse.quote(os.fsencode(self.path.absolute()))}?mode=ro"  # any bytes
                 self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=30)
             else:
                 self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
@@ -268,6 +278,7 @@ class Ledger:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.execute("PRAGMA foreign_keys=ON")
+                self._size_the_wal(memory)
                 self.schema_version = self._prepare_schema()
         except LedgerOpenError:
             self._close_quietly()
@@ -278,6 +289,37 @@ class Ledger:
                 f"cannot open the ledger {self.path}: {error}. Check state_dir and its permissions, or move the "
                 "file aside to start a new ledger (files already placed stay placed)."
             ) from error
+
+    def _size_the_wal(self, memory: bool) -> None:
+        """Checkpoint often enough that the WAL stays at a sixteenth of the state disk (see the module docstring)."""
+        page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        pages = _WAL_PAGES_DEFAULT
+        if not memory:
+            disk = os.statvfs(self.path.parent)
+            pages = max(_WAL_PAGES_MIN, min(_WAL_PAGES_DEFAULT, disk.f_blocks * disk.f_frsize // 16 // page_size))
+        self._db.execute(f"PRAGMA wal_autocheckpoint={pages}")
+        self._db.execute(f"PRAGMA journal_size_limit={pages * page_size}")
+        self.headroom_bytes = 2 * pages * page_size
+
+    def reclaim_space(self) -> StateRoom:
+        """While the state disk is full: fold the WAL into the database and truncate it, then measure the room.
+
+        The checkpoint itself may fail for want of space (it can grow the database file); the WAL then stays and
+        the room measured says so. Never raises for a full disk."""
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.OperationalError:
+                pass
+        wal = Path(f"{self.path}-wal")
+        try:
+            wal_bytes = wal.stat().st_size
+        except OSError:
+            wal_bytes = 0
+        if str(self.path) == ":memory:":
+            return StateRoom(1 << 62, self.headroom_bytes, 0)
+        disk = os.statvfs(self.path.parent)
+        return StateRoom(disk.f_bavail * disk.f_frsize, self.headroom_bytes, wal_bytes)
 
     def _close_quietly(self) -> None:
         db = getattr(self, "_db", None)
@@ -419,6 +461,10 @@ class Ledger:
                             " WHERE id = ?",
                             (*entry.identity, now, row["id"]),
                         )
+                elif row["status"] == "refused":
+                    if not same:  # nothing was placed: the row can describe the new file (the same file waits)
+                        self._requeue(db, row["id"], entry, now)
+                        result.requeued += 1
                 elif same and row["status"] != "vanished":
                     result.already_finished.append(
                         Finished(row["id"], entry.path, py_path(row["output_path"]), row["sha256"])
@@ -486,6 +532,18 @@ class Ledger:
                 "UPDATE files SET status = 'pending', updated_at = ? WHERE status = 'processing'", (now,)
             ).rowcount
 
+    def retry_refused(self) -> int:
+        """Rows whose file the output refused go back to pending, once per start (the output may have been fixed);
+        between starts a rescan leaves them alone, so a refused file is not retried, and logged, every minute."""
+        with self._tx() as db:
+            ids = [r[0] for r in db.execute(
+                "SELECT id FROM files WHERE status = 'refused' AND NOT EXISTS (SELECT 1 FROM files AS other WHERE"
+                " other.path = files.path AND other.status IN ('pending', 'processing'))").fetchall()]
+            now = time.time()
+            for row_id in ids:
+                self._requeue(db, row_id, None, now)
+        return len(ids)
+
     # --- feeding ----------------------------------------------------------------------------------
     def claim_pending(self, limit: int, after_id: int = 0) -> list[Row]:
         """Take up to ``limit`` pending rows (oldest id first, after ``after_id``) and mark them processing.
@@ -552,7 +610,7 @@ class Ledger:
                     " crash_stage = NULL, updated_at = ?, finished_at = ? WHERE id = ?",
                     (
                         o.status, o.sha256, o.bin, o.rule, o.reason, _dumps(o.decision), _dumps(o.signals),
-                        sql_path(o.output_path) if o.output_path else None, shown(o.last_error),
+                        sql_path(o.output_path) if o.output_path else None, shown(o.last_error, lines=True),
                         _dumps(o.timings or None),
                         o.size, o.mtime_ns, o.inode, o.ctime_ns, now, finished, o.id,
                     ),
@@ -610,7 +668,10 @@ class Ledger:
                     "SELECT reason, count(*) FROM files WHERE status = 'quarantined' GROUP BY reason"
                 ).fetchall()
             )
-        return {"status": by_status, "bins": by_bin, "quarantined": by_reason}
+            refused = dict(
+                self._db.execute("SELECT reason, count(*) FROM files WHERE status = 'refused' GROUP BY reason").fetchall()
+            )
+        return {"status": by_status, "bins": by_bin, "quarantined": by_reason, "refused": refused}
 
     def backlog(self) -> tuple[int, float | None]:
         """Unfinished files and the time the oldest of them was seen."""

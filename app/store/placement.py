@@ -38,7 +38,7 @@ from typing import Literal
 
 import structlog
 
-from stages.paths import open_no_symlinks, open_parent_no_symlinks
+from stages.paths import open_no_symlinks, open_parent_no_symlinks, shown
 
 log = structlog.get_logger(__name__)
 
@@ -141,14 +141,14 @@ class Placer:
                 # The last line of defence: an input that *is* its output (an input folder inside the output, seen
                 # through any spelling or mount) would be deleted together with the only copy.
                 log.error("refusing to remove an input that is the output it was placed at; left where it is",
-                          file=_shown(source), output=_shown(placed))
+                          file=shown(source), output=shown(placed))
                 return False
             info = os.stat(name, dir_fd=parent, follow_symlinks=False)
             if not stat.S_ISREG(info.st_mode):
-                log.warning("input is no longer a regular file; left alone", file=_shown(source))
+                log.warning("input is no longer a regular file; left alone", file=shown(source))
                 return False
             if (placed is not None or sha256 is not None) and not self._still_placed(source, info, placed, sha256):
-                log.warning("input changed after placement; kept for another pass", file=_shown(source))
+                log.warning("input changed after placement; kept for another pass", file=shown(source))
                 return False
             os.unlink(name, dir_fd=parent)
         finally:
@@ -388,7 +388,7 @@ class Placer:
         level = log.warning if not self._warned_copy_fallback else log.debug
         level(
             "cannot link input into the output; copying instead",
-            mode=self.mode, file=_shown(source), output=_shown(dest_dir),
+            mode=self.mode, file=shown(source), output=shown(dest_dir),
             error=errno.errorcode.get(error.errno or 0, str(error.errno)),
             hint="put input and output on one file system to place without copying",
         )
@@ -540,11 +540,6 @@ def _fsync_dir(directory: Path) -> None:
 def _replaced_by_link(source: Path) -> SourceVanished:
     return SourceVanished(errno.ENOENT, "the input was replaced by a symbolic link (links are never followed)",
                           str(source))
-
-
-def _shown(path: Path | str) -> str:
-    """A path safe to log: bytes that are not UTF-8 appear as ``\\xff`` escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _fsync_file_if_readable(path: Path) -> None:
