@@ -327,6 +327,8 @@ def explain(file: str = typer.Argument(..., help="input path, output path, relat
             config: Path | None = ConfigOption, state: Path | None = StateOption, as_json: bool = JsonOption) -> None:
     """Why a file went where it went: bin, rule, the values it compared, and the signals."""
     _, ledger = open_ledger(config, state)
+    from app.store import missing_signals
+
     rows = ledger.find(str(Path(file).absolute())) or ledger.find(file)
     if not rows:
         fail(f"{file}: not in the ledger; `binner status` shows what is there")
@@ -347,6 +349,7 @@ def explain(file: str = typer.Argument(..., help="input path, output path, relat
             what = "left in the input, the output refused it" if row.status == "refused" else "quarantined"
             lines.append(f"  {what}: {row.reason}: {row.last_error}")
         lines += [f"  {key}: {readable(value)}" for key, value in record["signals"].items()]
+        lines += [f"  {line}" for line in not_computed_lines(missing_signals(row.signals or {}))]
         if row.timings:
             lines.append("  timings: " + ", ".join(f"{stage} {readable_seconds(seconds)}"
                                                    for stage, seconds in row.timings.items()))
@@ -386,27 +389,62 @@ def _signal_summary(signals: dict[str, Any]) -> dict[str, Any]:
     if "detections" in signals:
         best = sorted(signals["detections"], key=lambda d: -d["confidence"])[:5]
         summary["detections"] = [f"{d['label']} {d['confidence']:.2f}" for d in best]
-    for key in ("caption", "clip_similarity", "vision_skipped"):
+    for key in ("caption", "clip_similarity"):
         if key in signals:
             summary[key] = signals[key]
     return summary
 
 
+def not_computed_lines(missing: dict[str, str]) -> list[str]:
+    """``{"caption": "confident_detection"}`` -> ["caption not computed: a confident detection decided A"]."""
+    from stages.rules import not_computed_words
+
+    return [f"{signal} not computed: {not_computed_words(reason)}" for signal, reason in sorted(missing.items())]
+
+
 @cli.command()
 def rebin(config: Path | None = ConfigOption, state: Path | None = StateOption,
-          dry_run: bool = typer.Option(False, "--dry-run", help="only show what would move")) -> None:
-    """Re-apply the current thresholds to stored signals and move files between bins (no model runs)."""
+          dry_run: bool = typer.Option(False, "--dry-run", help="only show what would move"),
+          infer: bool = typer.Option(False, "--infer", help="run the models a decision did not compute where the new "
+                                     "thresholds need them (on the placed files, where they are), then move them")) -> None:
+    """Re-apply the current thresholds to stored signals and move files between bins (no model runs unless
+    --infer)."""
     from app.store import rebin_all
 
+    if dry_run and infer:
+        fail("--dry-run and --infer: a dry run computes nothing; run --dry-run to see which files need the models, "
+             "then --infer to compute them")
     cfg, ledger = open_ledger(config, state, read_only=dry_run, command="rebin")
     configure_logging(cfg.log.format, cfg.log.level, sys.stderr)  # each move is logged too: on stderr (names shown)
-    report = rebin_all(cfg, ledger, dry_run=dry_run)
-    for move in report.moves:
+    models = None
+    if infer:
+        from app.infer import MissingSignals
+
+        try:
+            models = MissingSignals(cfg)
+        except Exception as error:  # a model that cannot load: say which, and stop
+            fail(f"rebin --infer cannot load the models: {error}")
+
+    def moved(move: Any) -> None:
         out.print(f"{move.old} -> {move.new} ({move.rule}): {said(move.path)}", highlight=False, markup=False)
-    out.print(f"{len(report.moves)} files {'would move' if dry_run else 'moved'}, {report.unchanged} unchanged, "
-              f"{len(report.need_models)} need the vision models (their vision stage was skipped as text-dominant)")
-    for path in report.need_models[:20]:
-        out.print(f"  needs reprocessing: {said(path)}", highlight=False, markup=False)
+
+    def needs_models(row: Any, missing: dict[str, str]) -> None:
+        out.print(f"  needs the models: {said(row.output_path or row.path)} ({'; '.join(not_computed_lines(missing))})",
+                  highlight=False, markup=False)
+
+    try:
+        report = rebin_all(cfg, ledger, dry_run=dry_run, infer=models, on_move=moved, on_needs_models=needs_models)
+    finally:
+        if models is not None:
+            models.close()
+    verb = "would move" if dry_run else "moved"
+    line = f"{report.moved} files {verb}, {report.unchanged} unchanged"
+    if infer:
+        line += f", {report.inferred} decided with the models now"
+    if report.need_models:
+        line += (f", {report.need_models} need models that did not run (a signal they skipped could change their bin; "
+                 f"{'binner rebin --infer computes them' if not infer else 'their files could not be read'})")
+    out.print(line, highlight=False, markup=False)
 
 
 @config_cli.command("show")

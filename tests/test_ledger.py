@@ -166,15 +166,15 @@ def test_a_version_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
     assert old.schema_version == "1" and old.counts()["bins"] == {"A": 1}
     old.close()
     ledger = Ledger(path)
-    assert ledger.schema_version == "2"
+    assert ledger.schema_version == "3"
     first = ledger.find("/out/A/IMG_0001.jpg")
-    assert [(r.status, r.decision, r.inode) for r in first] == [("done", {"bin": "A"}, None)]
+    assert [(r.status, r.decision, r.inode) for r in first] == [("done", {"bin": "A", "rule": "r"}, None)]
     assert ledger.recover_interrupted() == 1
     # the name is reused with other content: a new row, the migrated one is untouched
     assert ledger.intake([Discovered("/in/IMG_0001.jpg", "IMG_0001.jpg", 12, 2, 7, 3)]).requeued == 1
     assert ledger.get(1).status == "done" and len(ledger.find("/in/IMG_0001.jpg")) == 2
     ledger.close()
-    assert Ledger(path).schema_version == "2", "opening a migrated ledger again changes nothing"
+    assert Ledger(path).schema_version == "3", "opening a migrated ledger again changes nothing"
 
 
 def test_same_size_and_mtime_with_new_inode_or_ctime_is_a_new_file(tmp_path: Path) -> None:

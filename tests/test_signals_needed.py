@@ -252,3 +252,79 @@ def test_skips_are_counted_per_model_with_the_rule_that_decided() -> None:
         value = metrics.registry.get_sample_value("binner_signals_skipped_total",
                                                   {"model": MODEL_OF_SIGNAL[signal], "reason": "confident_detection"})
         assert value == 1.0
+
+
+# --- rebin knows what is missing --------------------------------------------------------------------------------
+@pytest.mark.models
+@pytest.mark.system
+@pytest.mark.timeout(420)
+def test_rebin_lists_computes_and_moves_exactly_the_files_a_raised_threshold_leaves_open(
+        tmp_path: Path, everything: dict[str, dict[str, Any]], shared_images: Path, tiny_blip_dir: Path,
+        tiny_clip_dir: Path) -> None:
+    """`once` computes only what is needed; the detection threshold is then raised past half of the detections that
+    decided A. Images whose A rested on a detection in between now need CLIP, which was never run for them: `rebin --dry-run` lists exactly
+    those, plain `rebin` moves only what the stored signals settle and says how many it left, and `rebin --infer`
+    computes the missing signals (as computing everything had) and moves exactly those files."""
+    import yaml
+
+    from app.config import read_config_file
+    from tests.daemon_harness import binner
+
+    base = {**read_config_file(OFFLINE), "vision": {**read_config_file(OFFLINE)["vision"],
+                                                    **vision_models(tiny_blip_dir, tiny_clip_dir)}}
+    inbox, output, state = tmp_path / "in", tmp_path / "out", tmp_path / "state"
+    shutil.copytree(shared_images, inbox, ignore=shutil.ignore_patterns("*.csv", "*.md"))
+    first = tmp_path / "first.yaml"
+    first.write_text(yaml.safe_dump({**base, "input": str(inbox), "output": str(output), "state_dir": str(state)}))
+    done = binner("once", str(inbox), "--output", str(output), "--config", str(first), "--no-progress", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before = ledger_rows(state)
+    confident = sorted(max(d["confidence"] for d in row["signals"]["detections"]) for row in before.values()
+                       if row["status"] == "done" and row["rule"] == "confident_detection")
+    threshold = round(confident[len(confident) // 2] + 1e-4, 4)  # raised past half of the detections that decided A
+    raised_rules = RuleThresholds(a_min_detection_confidence=threshold)
+    raised = tmp_path / "raised.yaml"
+    raised.write_text(yaml.safe_dump({**yaml.safe_load(first.read_text()),
+                                      "rules": {"a_min_detection_confidence": threshold}}))
+    open_now = {rel for rel, row in before.items() if row["status"] == "done"
+                and (row["signals"].get("not_computed") or {}).get("caption") == "confident_detection"
+                and max(d["confidence"] for d in row["signals"]["detections"]) < threshold}
+    assert open_now, "no image's A rested on a detection below the new threshold: the test would prove nothing"
+    settled_moves = {rel for rel, row in before.items() if row["status"] == "done" and rel not in open_now
+                     and decide(row["signals"], raised_rules).bin != row["bin"]}
+
+    dry = binner("rebin", "--dry-run", "--config", str(raised), timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    listed = {line.split("needs the models: ", 1)[1].split(" (", 1)[0] for line in dry.stdout.splitlines()
+              if "needs the models: " in line}
+    assert {str(Path(before[rel]["output_path"]).relative_to(output)) for rel in open_now} == \
+        {str(Path(path).relative_to(output)) for path in listed}
+    assert f"{len(open_now)} need models that did not run" in dry.stdout, dry.stdout
+    assert "caption not computed: a confident detection decided A" in dry.stdout
+
+    plain = binner("rebin", "--config", str(raised), timeout=120)
+    assert plain.returncode == 0, plain.stderr
+    assert f"{len(settled_moves)} files moved" in plain.stdout and f"{len(open_now)} need models" in plain.stdout, \
+        plain.stdout
+    assert {rel for rel, row in ledger_rows(state).items() if row["bin"] != before[rel]["bin"]} == settled_moves
+
+    inferred = binner("rebin", "--infer", "--config", str(raised), timeout=300)
+    assert inferred.returncode == 0, inferred.stderr[-3000:]
+    assert f"{len(open_now)} decided with the models now" in inferred.stdout, inferred.stdout
+    after = ledger_rows(state)
+    for rel in open_now:
+        signals, truth = after[rel]["signals"], everything[rel]["signals"]
+        assert signals["caption"] == truth["caption"], rel
+        assert signals["clip_similarity"] == pytest.approx(truth["clip_similarity"], abs=1e-5), rel
+        assert "caption" not in (signals.get("not_computed") or {}), rel
+    moved = {rel for rel, row in after.items() if row["bin"] != before[rel]["bin"]}
+    assert moved == settled_moves | {rel for rel in open_now if decide(everything[rel]["signals"], raised_rules).bin
+                                     != before[rel]["bin"]}
+    for rel, row in after.items():  # every row's file is where its bin says, and nothing else is in the bins
+        if row["status"] == "done":
+            assert row["bin"] == decide(everything[rel]["signals"], raised_rules).bin, rel
+            assert Path(row["output_path"]).relative_to(output).parts[0] == row["bin"], rel
+    on_disk = sorted(str(p) for p in output.rglob("*") if p.is_file())
+    assert on_disk == sorted(row["output_path"] for row in after.values() if row["output_path"])
+    status = json.loads(binner("status", "--config", str(raised), "--json").stdout)
+    assert sum(status["bins"].values()) + sum(status["quarantined"].values()) == len(on_disk)

@@ -16,10 +16,10 @@ from app.store.ledger import (
 )
 from app.store.lock import InstanceLock, StateDirLocked
 from app.store.placement import QUARANTINE_DIR, TEMP_PREFIX, Placer, SourceError, SourceVanished, safe_relative_path, sha256_file
-from app.store.rebin import Move, RebinReport, rebin_all
+from app.store.rebin import Inference, Move, RebinReport, merged_signals, missing_signals, rebin_all
 
-__all__ = ["QUARANTINE_DIR", "TEMP_PREFIX", "Discovered", "Finished", "InstanceLock", "IntakeResult",
-           "Ledger", "LedgerOpenError", "Move", "Outcome", "Placer", "RebinReport", "Row",
-           "SettleTracker", "SourceError", "SourceVanished", "StateDirLocked", "StateRoom", "finish_leftovers",
-           "is_disk_full", "iter_scan", "prune_empty_dirs", "rebin_all", "safe_relative_path", "scan", "sha256_file",
-           "shown", "to_discovered"]
+__all__ = ["QUARANTINE_DIR", "TEMP_PREFIX", "Discovered", "Finished", "Inference", "InstanceLock", "IntakeResult",
+           "Ledger", "LedgerOpenError", "Move", "Outcome", "Placer", "RebinReport", "Row", "SettleTracker",
+           "SourceError", "SourceVanished", "StateDirLocked", "StateRoom", "finish_leftovers", "is_disk_full",
+           "iter_scan", "merged_signals", "missing_signals", "prune_empty_dirs", "rebin_all", "safe_relative_path",
+           "scan", "sha256_file", "shown", "to_discovered"]

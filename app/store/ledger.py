@@ -45,7 +45,7 @@ from stages.paths import shown
 Status = Literal["pending", "processing", "done", "quarantined", "vanished", "refused"]
 FINISHED: tuple[str, ...] = ("done", "quarantined", "vanished", "refused")
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 _WAL_PAGES_DEFAULT = 1000  # SQLite's wal_autocheckpoint
 _WAL_PAGES_MIN = 16
 
@@ -74,7 +74,8 @@ CREATE TABLE files (
     crashes INTEGER NOT NULL DEFAULT 0,
     seen_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    finished_at REAL
+    finished_at REAL,
+    name TEXT
 )
 """
 _INDEXES_V2 = (
@@ -83,6 +84,27 @@ _INDEXES_V2 = (
     "CREATE INDEX IF NOT EXISTS files_path ON files(path, id)",
     "CREATE INDEX IF NOT EXISTS files_output_path ON files(output_path)",
     "CREATE UNIQUE INDEX IF NOT EXISTS files_one_unfinished ON files(path) WHERE status IN ('pending', 'processing')",
+)
+# Version 3: the files' names (``explain NAME`` by index), counts kept by triggers (``status`` and the backlog in
+# constant time at any size), and the removals a ``rebin`` still owes after a crash.
+_V3 = (
+    "CREATE INDEX IF NOT EXISTS files_name ON files(name)",
+    "CREATE INDEX IF NOT EXISTS files_status_seen ON files(status, seen_at)",
+    "CREATE TABLE IF NOT EXISTS counts (status TEXT NOT NULL, bin TEXT NOT NULL, reason TEXT NOT NULL,"
+    " n INTEGER NOT NULL, PRIMARY KEY (status, bin, reason)) WITHOUT ROWID",
+    "CREATE TRIGGER IF NOT EXISTS files_counted_in AFTER INSERT ON files BEGIN"
+    " INSERT INTO counts VALUES (NEW.status, COALESCE(NEW.bin, ''), COALESCE(NEW.reason, ''), 1)"
+    " ON CONFLICT DO UPDATE SET n = n + 1; END",
+    "CREATE TRIGGER IF NOT EXISTS files_counted_out AFTER DELETE ON files BEGIN"
+    " UPDATE counts SET n = n - 1 WHERE status = OLD.status AND bin = COALESCE(OLD.bin, '')"
+    " AND reason = COALESCE(OLD.reason, ''); END",
+    "CREATE TRIGGER IF NOT EXISTS files_counted_move AFTER UPDATE OF status, bin, reason ON files"
+    " WHEN OLD.status IS NOT NEW.status OR OLD.bin IS NOT NEW.bin OR OLD.reason IS NOT NEW.reason BEGIN"
+    " UPDATE counts SET n = n - 1 WHERE status = OLD.status AND bin = COALESCE(OLD.bin, '')"
+    " AND reason = COALESCE(OLD.reason, '');"
+    " INSERT INTO counts VALUES (NEW.status, COALESCE(NEW.bin, ''), COALESCE(NEW.reason, ''), 1)"
+    " ON CONFLICT DO UPDATE SET n = n + 1; END",
+    "CREATE TABLE IF NOT EXISTS owed_removals (row_id INTEGER NOT NULL, path TEXT NOT NULL, new_path TEXT NOT NULL)",
 )
 # Columns a version 1 ledger (binner 0.1.0) already has; the rest start empty after migration.
 _V1_COLUMNS = (
@@ -159,6 +181,9 @@ class Row:
         data = {key: row[key] for key in row.keys() if key in _ROW_FIELDS}
         for key in ("decision", "signals", "timings"):
             data[key] = json.loads(data[key]) if data[key] else None
+        data["signals"] = _loaded_signals(data["signals"])
+        if data["decision"] is not None:  # bin and rule are columns; older rows may also hold criteria
+            data["decision"] = {"bin": data.get("bin"), "rule": data.get("rule"), **data["decision"]}
         for key in ("path", "rel_path", "output_path"):
             data[key] = py_path(data[key])
         return cls(**data)
@@ -216,6 +241,19 @@ class StateRoom:
         return self.free_bytes >= self.needed_bytes
 
 
+@dataclass(frozen=True)
+class PlacementChange:
+    """A placed file's new bin (``rebin``): where it is now, and the output it leaves (removed once this is durable)."""
+
+    row_id: int
+    bin: str
+    rule: str
+    decision: dict[str, Any]
+    output_path: str
+    old_path: str | None = None
+    signals: dict[str, Any] | None = None
+
+
 @dataclass
 class IntakeResult:
     new: int = 0
@@ -232,6 +270,44 @@ def _dumps(value: Any) -> str | None:
     except UnicodeEncodeError:  # a non-UTF-8 file name inside: \udcff escapes keep it valid, reversible JSON
         text = json.dumps(value, separators=(",", ":"))
     return text
+
+
+def _name_of(rel_path: str | bytes) -> str | bytes:
+    """The last component of a stored relative path (bytes stay bytes)."""
+    if isinstance(rel_path, bytes):
+        return rel_path.rsplit(b"/", 1)[-1]
+    return rel_path.rsplit("/", 1)[-1]
+
+
+# What a row stores, without what it would store twice: the decision's bin and rule are columns, its criteria are
+# the signals' own values; the OCR text is its lines' texts joined; timings keep 0.1 ms. ``Row.from_sql`` gives the
+# same shapes back.
+def _stored_decision(decision: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not decision:
+        return decision
+    return {key: value for key, value in decision.items() if key not in ("bin", "rule", "criteria")}
+
+
+def _stored_signals(signals: dict[str, Any] | None) -> dict[str, Any] | None:
+    ocr = (signals or {}).get("ocr")
+    if not isinstance(ocr, dict) or "text" not in ocr or "lines" not in ocr:
+        return signals
+    if ocr["text"] != "\n".join(line.get("text", "") for line in ocr["lines"]):
+        return signals  # not the joined lines (another backend): keep it as it is
+    return {**signals, "ocr": {key: value for key, value in ocr.items() if key != "text"}}  # type: ignore[dict-item]
+
+
+def _stored_timings(timings: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not timings:
+        return None
+    return {key: round(value, 4) if isinstance(value, float) else value for key, value in timings.items()}
+
+
+def _loaded_signals(signals: dict[str, Any] | None) -> dict[str, Any] | None:
+    ocr = (signals or {}).get("ocr")
+    if isinstance(ocr, dict) and "text" not in ocr and "lines" in ocr:
+        ocr["text"] = "\n".join(line.get("text", "") for line in ocr["lines"])
+    return signals
 
 
 def _same_file(stored: tuple[Any, ...], seen: tuple[Any, ...]) -> bool:
@@ -346,6 +422,7 @@ class Ledger:
         with self._tx() as db:
             names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            version = SCHEMA_VERSION
             if "files" not in names:
                 db.execute(_FILES_V2)
             else:
@@ -354,8 +431,27 @@ class Ledger:
                     self._migrate_v1(db)
             for statement in _INDEXES_V2:
                 db.execute(statement)
+            if version != SCHEMA_VERSION:
+                self._migrate_to_v3(db)
+            for statement in _V3:
+                db.execute(statement)
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
         return SCHEMA_VERSION
+
+    @staticmethod
+    def _migrate_to_v3(db: sqlite3.Connection) -> None:
+        """Names for the rows there are, and the counts the triggers keep from now on."""
+        columns = {r[1] for r in db.execute("PRAGMA table_info(files)")}
+        if "name" not in columns:
+            db.execute("ALTER TABLE files ADD COLUMN name TEXT")
+        cursor = db.execute("SELECT id, rel_path FROM files")
+        while batch := cursor.fetchmany(10_000):
+            db.executemany("UPDATE files SET name = ? WHERE id = ?",
+                           [(_name_of(rel_path), row_id) for row_id, rel_path in batch])
+        db.execute("DROP TABLE IF EXISTS counts")
+        db.execute(_V3[2])
+        db.execute("INSERT INTO counts SELECT status, COALESCE(bin, ''), COALESCE(reason, ''), count(*) FROM files"
+                   " GROUP BY 1, 2, 3")
 
     @staticmethod
     def _migrate_v1(db: sqlite3.Connection) -> None:
@@ -478,10 +574,11 @@ class Ledger:
 
     @staticmethod
     def _insert(db: sqlite3.Connection, entry: Discovered, now: float) -> None:
+        rel = sql_path(entry.rel_path)
         db.execute(
-            "INSERT INTO files(path, rel_path, size, mtime_ns, inode, ctime_ns, status, seen_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-            (sql_path(entry.path), sql_path(entry.rel_path), *entry.identity, now, now),
+            "INSERT INTO files(path, rel_path, name, size, mtime_ns, inode, ctime_ns, status, seen_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+            (sql_path(entry.path), rel, _name_of(rel), *entry.identity, now, now),
         )
 
     def new_generation(self, row_id: int) -> int:
@@ -490,8 +587,8 @@ class Ledger:
         with self._tx() as db:
             old = db.execute("SELECT path, rel_path FROM files WHERE id = ?", (row_id,)).fetchone()
             cursor = db.execute(
-                "INSERT INTO files(path, rel_path, status, seen_at, updated_at) VALUES (?, ?, 'pending', ?, ?)",
-                (old["path"], old["rel_path"], now, now),
+                "INSERT INTO files(path, rel_path, name, status, seen_at, updated_at) VALUES (?, ?, ?, 'pending', ?, ?)",
+                (old["path"], old["rel_path"], _name_of(old["rel_path"]), now, now),
             )
             return int(cursor.lastrowid or 0)
 
@@ -609,19 +706,46 @@ class Ledger:
                     " ctime_ns = COALESCE(?, ctime_ns), attempts = attempts + 1, in_call = NULL, crashes = 0,"
                     " crash_stage = NULL, updated_at = ?, finished_at = ? WHERE id = ?",
                     (
-                        o.status, o.sha256, o.bin, o.rule, o.reason, _dumps(o.decision), _dumps(o.signals),
+                        o.status, o.sha256, o.bin, o.rule, o.reason, _dumps(_stored_decision(o.decision)),
+                        _dumps(_stored_signals(o.signals)),
                         sql_path(o.output_path) if o.output_path else None, shown(o.last_error, lines=True),
-                        _dumps(o.timings or None),
+                        _dumps(_stored_timings(o.timings)),
                         o.size, o.mtime_ns, o.inode, o.ctime_ns, now, finished, o.id,
                     ),
                 )
 
-    def update_placement(self, row_id: int, bin_name: str, rule: str, decision: dict[str, Any], output_path: str) -> None:
+    def update_placement(self, row_id: int, bin_name: str, rule: str, decision: dict[str, Any], output_path: str,
+                         signals: dict[str, Any] | None = None) -> None:
+        self.record_moves([PlacementChange(row_id, bin_name, rule, decision, output_path, None, signals)])
+
+    def record_moves(self, moves: Iterable[PlacementChange]) -> None:
+        """New bins for placed files, durably, in one transaction; a move that names the output it leaves is owed
+        that removal until ``removals_done`` (a crash in between is finished by ``owed_removals``)."""
+        now = time.time()
         with self._tx() as db:
-            db.execute(
-                "UPDATE files SET bin = ?, rule = ?, decision = ?, output_path = ?, updated_at = ? WHERE id = ?",
-                (bin_name, rule, _dumps(decision), sql_path(output_path), time.time(), row_id),
-            )
+            for move in moves:
+                db.execute(
+                    "UPDATE files SET bin = ?, rule = ?, decision = ?, output_path = ?, signals = COALESCE(?, signals),"
+                    " updated_at = ? WHERE id = ?",
+                    (move.bin, move.rule, _dumps(_stored_decision(move.decision)), sql_path(move.output_path),
+                     _dumps(_stored_signals(move.signals)), now, move.row_id),
+                )
+                if move.old_path is not None:
+                    db.execute("INSERT INTO owed_removals VALUES (?, ?, ?)",
+                               (move.row_id, sql_path(move.old_path), sql_path(move.output_path)))
+
+    def owed_removals(self) -> list[tuple[int, str, str]]:
+        """(row id, output left behind, output it moved to) of moves whose old output may still be there."""
+        with self._lock:
+            found = self._db.execute("SELECT row_id, path, new_path FROM owed_removals").fetchall()
+        return [(int(row_id), py_path(path) or "", py_path(new) or "") for row_id, path, new in found]
+
+    def removals_done(self, row_ids: Iterable[int]) -> None:
+        ids = list(row_ids)
+        if not ids:
+            return
+        with self._tx(durable=False) as db:  # a lost "done" only means checking an absent file again
+            db.executemany("DELETE FROM owed_removals WHERE row_id = ?", [(row_id,) for row_id in ids])
 
     # --- reading ----------------------------------------------------------------------------------
     def get(self, row_id: int) -> Row | None:
@@ -637,46 +761,61 @@ class Ledger:
                 found = self._db.execute(f"SELECT * FROM files WHERE {column} = ? ORDER BY id", (key,)).fetchall()
                 if found:
                     return [Row.from_sql(row) for row in found]
-            if isinstance(key, bytes):
-                found = self._db.execute(
-                    "SELECT * FROM files WHERE substr(rel_path, -?) = ? ORDER BY id", (len(key) + 1, b"/" + key)
-                ).fetchall()
-            else:
-                found = self._db.execute(
-                    "SELECT * FROM files WHERE rel_path LIKE ? ESCAPE '\\' ORDER BY id",
-                    ("%/" + name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_"),),
-                ).fetchall()
+            if self.schema_version == SCHEMA_VERSION:
+                found = self._db.execute("SELECT * FROM files WHERE name = ? ORDER BY id", (_name_of(key),)).fetchall()
+            else:  # an older ledger opened read-only has no name column: compare the paths' ends
+                tail = (b"/" + key) if isinstance(key, bytes) else "/" + key
+                found = [row for row in self._db.execute("SELECT * FROM files ORDER BY id")
+                         if row["rel_path"] == key or row["rel_path"].endswith(tail)]
         return [Row.from_sql(row) for row in found]
 
-    def rows(self, status: str | None = None) -> Iterator[Row]:
-        with self._lock:
-            if status:
-                found = self._db.execute("SELECT * FROM files WHERE status = ? ORDER BY id", (status,)).fetchall()
-            else:
-                found = self._db.execute("SELECT * FROM files ORDER BY id").fetchall()
-        for row in found:
-            yield Row.from_sql(row)
+    def rows(self, status: str | None = None, page: int = 1000) -> Iterator[Row]:
+        """Rows in id order, read ``page`` at a time: memory stays flat however many rows there are."""
+        after = 0
+        while True:
+            with self._lock:
+                if status:
+                    found = self._db.execute("SELECT * FROM files WHERE status = ? AND id > ? ORDER BY id LIMIT ?",
+                                             (status, after, page)).fetchall()
+                else:
+                    found = self._db.execute("SELECT * FROM files WHERE id > ? ORDER BY id LIMIT ?",
+                                             (after, page)).fetchall()
+            if not found:
+                return
+            for row in found:
+                yield Row.from_sql(row)
+            after = found[-1]["id"]
 
     def counts(self) -> dict[str, Any]:
+        """Files by status, done files by bin, quarantined and refused ones by reason (kept by triggers)."""
         with self._lock:
-            by_status = dict(self._db.execute("SELECT status, count(*) FROM files GROUP BY status").fetchall())
-            by_bin = dict(
-                self._db.execute("SELECT bin, count(*) FROM files WHERE status = 'done' GROUP BY bin").fetchall()
-            )
-            by_reason = dict(
-                self._db.execute(
-                    "SELECT reason, count(*) FROM files WHERE status = 'quarantined' GROUP BY reason"
-                ).fetchall()
-            )
-            refused = dict(
-                self._db.execute("SELECT reason, count(*) FROM files WHERE status = 'refused' GROUP BY reason").fetchall()
-            )
+            if self.schema_version == SCHEMA_VERSION:
+                found = self._db.execute("SELECT status, bin, reason, n FROM counts WHERE n > 0").fetchall()
+            else:  # an older ledger opened read-only, as it is: count the rows themselves
+                found = self._db.execute("SELECT status, COALESCE(bin, ''), COALESCE(reason, ''), count(*) FROM files"
+                                         " GROUP BY 1, 2, 3").fetchall()
+        by_status: dict[str, int] = {}
+        by_bin: dict[str, int] = {}
+        by_reason: dict[str, int] = {}
+        refused: dict[str, int] = {}
+        for status, bin_name, reason, n in found:
+            by_status[status] = by_status.get(status, 0) + n
+            if status == "done":
+                by_bin[bin_name or None] = by_bin.get(bin_name or None, 0) + n  # type: ignore[index]
+            elif status == "quarantined":
+                by_reason[reason or None] = by_reason.get(reason or None, 0) + n  # type: ignore[index]
+            elif status == "refused":
+                refused[reason or None] = refused.get(reason or None, 0) + n  # type: ignore[index]
         return {"status": by_status, "bins": by_bin, "quarantined": by_reason, "refused": refused}
 
     def backlog(self) -> tuple[int, float | None]:
-        """Unfinished files and the time the oldest of them was seen."""
+        """Unfinished files and the time the oldest of them was seen (both from indexes, at any ledger size)."""
+        counted = ("SELECT COALESCE(sum(n), 0) FROM counts WHERE status IN ('pending', 'processing')"
+                   if self.schema_version == SCHEMA_VERSION else
+                   "SELECT count(*) FROM files WHERE status IN ('pending', 'processing')")
         with self._lock:
-            count, oldest = self._db.execute(
-                "SELECT count(*), min(seen_at) FROM files WHERE status IN ('pending', 'processing')"
-            ).fetchone()
+            (count,) = self._db.execute(counted).fetchone()
+            (oldest,) = self._db.execute(
+                "SELECT min(seen) FROM (SELECT min(seen_at) AS seen FROM files WHERE status = 'pending'"
+                " UNION ALL SELECT min(seen_at) FROM files WHERE status = 'processing')").fetchone()
         return int(count), oldest
