@@ -262,9 +262,10 @@ def test_rebin_lists_computes_and_moves_exactly_the_files_a_raised_threshold_lea
         tmp_path: Path, everything: dict[str, dict[str, Any]], shared_images: Path, tiny_blip_dir: Path,
         tiny_clip_dir: Path) -> None:
     """`once` computes only what is needed; the detection threshold is then raised past half of the detections that
-    decided A. Images whose A rested on a detection in between now need CLIP, which was never run for them: `rebin --dry-run` lists exactly
-    those, plain `rebin` moves only what the stored signals settle and says how many it left, and `rebin --infer`
-    computes the missing signals (as computing everything had) and moves exactly those files."""
+    decided A. Images whose A rested on a detection below the new threshold now need CLIP, which was never run for
+    them: `rebin --dry-run` lists exactly those, plain `rebin` moves only what the stored signals settle and says how
+    many it left, and `rebin --infer` computes the missing signals (as computing everything had) and moves exactly
+    those files."""
     import yaml
 
     from app.config import read_config_file
