@@ -27,7 +27,7 @@ SCENARIO_KEYS = {
     "framework": {"images_per_second", "overhead_us_per_file", "large_jpeg", "limit_images_per_second",
                   "ratio_to_limit", "disk", "busy_us_per_file"},
     "stream": {"p50_s", "p95_s", "p99_s", "levels"},
-    "models": {"ratio_to_slowest_stage", "standalone"},
+    "models": {"ratio_to_slowest_stage", "standalone", "signals"},
 }
 
 
@@ -99,6 +99,9 @@ def test_models_scenario_measures_the_pipeline_and_each_stage_alone(shared_image
     assert models["finished"] == 2
     assert {"load", "ocr", "vision"} <= models["standalone"].keys()
     assert models["ratio_to_slowest_stage"] > 0
+    signals = models["signals"]
+    assert signals["files"] == 2 and signals["bins_identical"] == 2, signals  # needed bins as all does
+    assert signals["needed_images_per_second"] > 0 and signals["all_images_per_second"] > 0
 
 
 def test_models_scenario_without_config_says_what_to_pass() -> None:

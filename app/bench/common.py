@@ -186,6 +186,8 @@ class BacklogRun:
     peak_rss_mib: float
     bins: dict[str, int] = field(default_factory=dict)
     quarantined: dict[str, int] = field(default_factory=dict)
+    file_bins: dict[str, str] = field(default_factory=dict)  # relative path -> bin (or _quarantine/<reason>)
+    skipped: dict[str, float] = field(default_factory=dict)  # model -> images it did not run on
 
     @property
     def images_per_second(self) -> float:
@@ -238,9 +240,12 @@ def run_backlog(overrides: dict[str, Any], fill_inbox: Callable[[Path], None], c
         claimed: dict[int, float] = {}
         placed: dict[int, float] = {}
 
+        file_bins: dict[str, str] = {}
+
         def on_finished(row: Any, outcome: Any) -> None:
             if outcome.status in ("done", "quarantined"):
                 placed[row.id] = time.monotonic()
+                file_bins[row.rel_path] = outcome.bin or f"_quarantine/{outcome.reason}"
 
         runtime = build_runtime(config, metrics=metrics, on_finished=on_finished, command="bench")
         claim = runtime.ledger.claim_pending
@@ -289,7 +294,20 @@ def run_backlog(overrides: dict[str, Any], fill_inbox: Callable[[Path], None], c
             peak_rss_mib=clock["rss"],
             bins=dict(stats.bins),
             quarantined=dict(stats.quarantined),
+            file_bins=file_bins,
+            skipped=_skipped_by_model(metrics),
         )
+
+
+def _skipped_by_model(metrics: Metrics) -> dict[str, float]:
+    """Images that did not run each model (``rules.signals: needed``), from ``binner_signals_skipped_total``."""
+    totals: dict[str, float] = {}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == "binner_signals_skipped_total":
+                model = sample.labels.get("model", "")
+                totals[model] = totals.get(model, 0.0) + sample.value
+    return totals
 
 
 def machine() -> dict[str, Any]:

@@ -1,5 +1,9 @@
 """The `models` scenario: the real models of a configuration, in the pipeline and each stage on its own.
 
+The pipeline runs twice over the same images: computing only what each decision needs (``rules.signals: needed``,
+the default) and computing every signal (``all``); the report gives both rates, whether every file got the same bin,
+and the share of images that did not run each model.
+
 The pipeline runs over ``--repeat`` copies of the ``--source`` images. Then, in the same process, each stage
 runs alone, on its own thread, over the same images decoded once, at its configured batch size: its standalone
 throughput. The pipeline cannot beat its slowest stage, so ``ratio_to_slowest_stage`` says how much of that
@@ -93,11 +97,23 @@ def run_models(options: BenchOptions) -> dict[str, Any]:
         # Standalone first: the process's one-time costs (library start-up, first inference) then fall outside
         # both clocks rather than inside the pipeline's.
         rates = standalone_rates(config, source)
-        run = run_backlog({"state_dir": state}, _copy_source(source, options.repeat), config_file=options.config_file)
+        run = run_backlog({"state_dir": state, "rules": {"signals": "needed"}}, _copy_source(source, options.repeat),
+                          config_file=options.config_file)
+        everything = run_backlog({"state_dir": state, "rules": {"signals": "all"}}, _copy_source(source, options.repeat),
+                                 config_file=options.config_file)
         report = run.summary()
         report["config"] = str(options.config_file)
         report["bins"] = run.bins
         report["quarantined"] = run.quarantined
+        same = sum(everything.file_bins.get(rel) == found for rel, found in run.file_bins.items())
+        report["signals"] = {
+            "needed_images_per_second": round(run.images_per_second, 2),
+            "all_images_per_second": round(everything.images_per_second, 2),
+            "speedup": round(run.images_per_second / everything.images_per_second, 3)
+            if everything.images_per_second else None,
+            "bins_identical": same, "files": len(run.file_bins),
+            "skipped_share": {model: round(count / max(1, run.finished), 3) for model, count in run.skipped.items()},
+        }
     report["standalone"] = rates
     model_rates = {name: figures["images_per_second"] for name, figures in rates.items()
                    if name != "load" and figures["images_per_second"]}
