@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,6 +23,10 @@ from typing import Any
 
 import pytest
 import yaml
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.cog.plugins import register_default_plugins
+from grafana_foundation_sdk.models import dashboard as sdk_dashboard
+from grafana_foundation_sdk.models import prometheus as sdk_prometheus
 from prometheus_client import start_http_server
 
 from app.metrics import Metrics
@@ -77,18 +82,65 @@ def test_committed_dashboard_is_up_to_date() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def _leaves(value: Any, path: str = "") -> dict[str, Any]:
+    """Every scalar (and empty container) of a JSON document by its path; named list items (variables) by name."""
+    if isinstance(value, dict) and value:
+        children = [(f"{path}.{key}", item) for key, item in value.items()]
+    elif isinstance(value, list) and value:
+        children = [(f"{path}[{item.get('name', index) if isinstance(item, dict) else index}]", item)
+                    for index, item in enumerate(value)]
+    else:
+        return {path: value}
+    return {key: leaf for child_path, child in children for key, leaf in _leaves(child, child_path).items()}
+
+
+# Keys build_dashboard.py merges in by hand because the SDK's models cannot hold them (see _hand_built there).
+HAND_BUILT = {".templating.list[instance].definition"}
+
+
+def test_dashboard_is_the_sdk_model_plus_the_hand_built_parts(dashboard: dict[str, Any]) -> None:
+    """The file decodes into the SDK's typed models (panel options, Prometheus queries) and encodes back to itself:
+    a key the SDK does not know would be dropped here, so anything built by hand has to be declared above."""
+    register_default_plugins()  # typed stat/timeseries options and Prometheus queries instead of raw dicts
+    model = sdk_dashboard.Dashboard.from_json(dashboard)
+    targets = [target for panel in model.panels or [] if isinstance(panel, sdk_dashboard.Panel)
+               for target in panel.targets or []]
+    assert targets and all(isinstance(target, sdk_prometheus.Dataquery) for target in targets)
+    before, after = _leaves(dashboard), _leaves(json.loads(json.dumps(model, cls=JSONEncoder)))
+    changed = {key for key in before.keys() | after.keys() if before.get(key, ...) != after.get(key, ...)}
+    assert changed == HAND_BUILT, (f"keys outside the SDK's model: {sorted(changed - HAND_BUILT)}; "
+                                   f"declared hand-built but not in the file: {sorted(HAND_BUILT - changed)}")
+
+
+def test_the_sdk_is_a_build_time_dependency_only() -> None:
+    """grafana-foundation-sdk is in the `test` extra, not in binner's dependencies: no installed package may use it."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert not any(dep.startswith("grafana-foundation-sdk") for dep in project["project"]["dependencies"])
+    assert any(dep.startswith("grafana-foundation-sdk") for dep in project["project"]["optional-dependencies"]["test"])
+    users = [str(path.relative_to(REPO)) for package in project["tool"]["setuptools"]["packages"]
+             for path in (REPO / package).rglob("*.py") if "grafana_foundation_sdk" in path.read_text()]
+    assert not users, f"binner's runtime imports the dashboard SDK: {users}"
+
+
 def test_dashboard_structure(dashboard: dict[str, Any], queries: list[tuple[str, str]]) -> None:
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     assert variables["instance"]["type"] == "query" and variables["instance"]["includeAll"]
+    assert variables["instance"]["current"]["value"] == ["$__all"], "the dashboard starts on every instance"
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+    cells: dict[tuple[int, int], str] = {}  # the SDK lays the grid out: no two panels may share a cell
     for panel in dashboard["panels"]:
+        pos = panel["gridPos"]
+        for cell in ((x, y) for x in range(pos["x"], pos["x"] + pos["w"]) for y in range(pos["y"], pos["y"] + pos["h"])):
+            assert cell not in cells, f"{panel['title']} overlaps {cells[cell]} at {cell}"
+            cells[cell] = panel["title"]
         if panel["type"] == "row":
             continue
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
-        pos = panel["gridPos"]
         assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24, panel["title"]
+        if panel["type"] == "timeseries":  # the SDK's legend model defaults showLegend to false: a hidden legend
+            assert panel["options"]["legend"]["showLegend"] is True, f"{panel['title']}: legend hidden"
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}"
             assert 'instance=~"$instance"' in target["expr"], f"{panel['title']}: not filtered by $instance"
