@@ -91,19 +91,13 @@ def expected_skips(rows: dict[str, dict[str, Any]], rules: RuleThresholds) -> Co
     return skips
 
 
-@pytest.mark.models
-@pytest.mark.system
-@pytest.mark.timeout(300)
-def test_the_daemon_computes_only_what_is_needed_and_bins_like_computing_everything(
-        tmp_path: Path, everything: dict[str, dict[str, Any]], shared_images: Path, tiny_blip_dir: Path,
-        tiny_clip_dir: Path) -> None:
-    daemon = DaemonProcess(tmp_path, OFFLINE, {"vision": vision_models(tiny_blip_dir, tiny_clip_dir), "settle_ms": 0,
-                                               "placement": "copy"})
-    for path in shared_images.rglob("*"):
-        if path.is_file() and path.suffix != ".csv" and path.name != "README.md":
-            target = daemon.input / path.relative_to(shared_images)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
+@pytest.fixture(scope="module")
+def daemon_run(tmp_path_factory: pytest.TempPathFactory, shared_images: Path, tiny_blip_dir: Path,
+               tiny_clip_dir: Path) -> tuple[DaemonProcess, dict[tuple[str, str], float]]:
+    """The real daemon over the 30 labelled images, computing only what is needed (the default); stopped."""
+    daemon = DaemonProcess(tmp_path_factory.mktemp("daemon"), OFFLINE,
+                           {"vision": vision_models(tiny_blip_dir, tiny_clip_dir), "settle_ms": 0})
+    shutil.copytree(shared_images, daemon.input, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.csv", "*.md"))
     try:
         daemon.start().wait_ready(180)
         wait_for(lambda: sum(row["status"] == "done" for row in ledger_rows(daemon.state).values()) == 30, 240,
@@ -113,6 +107,15 @@ def test_the_daemon_computes_only_what_is_needed_and_bins_like_computing_everyth
         assert daemon.stop() == 0
     finally:
         daemon.kill()
+    return daemon, skipped
+
+
+@pytest.mark.models
+@pytest.mark.system
+@pytest.mark.timeout(300)
+def test_the_daemon_computes_only_what_is_needed_and_bins_like_computing_everything(
+        everything: dict[str, dict[str, Any]], daemon_run: tuple[DaemonProcess, dict[tuple[str, str], float]]) -> None:
+    daemon, skipped = daemon_run
     needed = ledger_rows(daemon.state)
     assert {rel: row["bin"] for rel, row in needed.items()} == {rel: row["bin"] for rel, row in everything.items()}
     assert skipped == expected_skips(everything, RuleThresholds()), "BLIP and CLIP ran only where rules 1-3 left it open"
@@ -259,26 +262,20 @@ def test_skips_are_counted_per_model_with_the_rule_that_decided() -> None:
 @pytest.mark.system
 @pytest.mark.timeout(420)
 def test_rebin_lists_computes_and_moves_exactly_the_files_a_raised_threshold_leaves_open(
-        tmp_path: Path, everything: dict[str, dict[str, Any]], shared_images: Path, tiny_blip_dir: Path,
-        tiny_clip_dir: Path) -> None:
-    """`once` computes only what is needed; the detection threshold is then raised past half of the detections that
-    decided A. Images whose A rested on a detection below the new threshold now need CLIP, which was never run for
-    them: `rebin --dry-run` lists exactly those, plain `rebin` moves only what the stored signals settle and says how
-    many it left, and `rebin --infer` computes the missing signals (as computing everything had) and moves exactly
-    those files."""
+        tmp_path: Path, everything: dict[str, dict[str, Any]],
+        daemon_run: tuple[DaemonProcess, dict[tuple[str, str], float]]) -> None:
+    """The daemon computed only what was needed; the detection threshold is then raised past half of the detections
+    that decided A. Images whose A rested on a detection below the new threshold now need CLIP, which was never run
+    for them: `rebin --dry-run` lists exactly those, plain `rebin` moves only what the stored signals settle and says
+    how many it left, and `rebin --infer` computes the missing signals (as computing everything had) and moves
+    exactly those files. (Runs after the daemon test: it moves that run's files.)"""
     import yaml
 
-    from app.config import read_config_file
     from tests.daemon_harness import binner
 
-    base = {**read_config_file(OFFLINE), "vision": {**read_config_file(OFFLINE)["vision"],
-                                                    **vision_models(tiny_blip_dir, tiny_clip_dir)}}
-    inbox, output, state = tmp_path / "in", tmp_path / "out", tmp_path / "state"
-    shutil.copytree(shared_images, inbox, ignore=shutil.ignore_patterns("*.csv", "*.md"))
-    first = tmp_path / "first.yaml"
-    first.write_text(yaml.safe_dump({**base, "input": str(inbox), "output": str(output), "state_dir": str(state)}))
-    done = binner("once", str(inbox), "--output", str(output), "--config", str(first), "--no-progress", timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    daemon, _ = daemon_run
+    output, state = daemon.output, daemon.state
+    first = daemon.config_path
     before = ledger_rows(state)
     confident = sorted(max(d["confidence"] for d in row["signals"]["detections"]) for row in before.values()
                        if row["status"] == "done" and row["rule"] == "confident_detection")
