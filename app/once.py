@@ -57,11 +57,15 @@ def bin_once(config: BinnerConfig, engine: Literal["local", "ray"], ray_address:
         if engine == "ray":
             from app.ray_data import run_on_ray
 
-            scanner = threading.Thread(target=intake.run, name="binner-scan", daemon=True)
+            stop = threading.Event()
+            scanner = threading.Thread(target=intake.run, args=(None, stop), name="binner-scan", daemon=True)
             scanner.start()
-            stats = run_on_ray(runtime, ray_address, None, show_progress, build_stages,
-                               more_coming=lambda: not intake.done.is_set())
-            scanner.join()
+            try:
+                stats = run_on_ray(runtime, ray_address, None, show_progress, build_stages,
+                                   more_coming=lambda: not intake.done.is_set())
+            finally:
+                stop.set()  # a run that stopped early stops the scan before the ledger closes
+                scanner.join()
         else:
             stats = run_to_idle(runtime, None, show_progress, console, intake)
         seconds = time.monotonic() - started
