@@ -489,6 +489,8 @@ def bench(
     source: Path | None = typer.Option(None, help="models and gpu: directory of images to use"),
     repeat: int = typer.Option(3, min=1, help="models: how many copies of --source"),
     as_json: bool = typer.Option(False, "--json", help="print the JSON report (layout: docs/benchmarks.md)"),
+    quick: bool = typer.Option(False, "--quick",
+                               help="gpu: the short plan, same keys (under 5 minutes on one H100-class GPU)"),
 ) -> None:
     """Measure binner side by side with its limit, the seeds' loop, Ray Data and more (docs/benchmarks.md)."""
     from app.bench import BenchOptions, BenchUnavailable, parse_ms, render_table, run_benchmarks
@@ -503,7 +505,7 @@ def bench(
     announce = None if as_json else (lambda name: err.print(f"bench: running scenario {name}", highlight=False))
     try:
         with contextlib.redirect_stdout(sys.stderr):  # model libraries print; keep stdout for the result
-            report = run_benchmarks(list(scenario or ["engine"]), options, announce=announce)
+            report = run_benchmarks(list(scenario or ["engine"]), options, announce=announce, quick=quick)
     except BenchUnavailable as error:
         fail(str(error))
     if as_json:

@@ -20,8 +20,9 @@ RAY_INSTALL_HINT = ("the ray scenario needs Ray Data, a benchmark-only extra: "
                     "pip install -c constraints.txt -e '.[ray]'  (or: pip install 'ray[data]==2.60.*')")
 
 
-def run_scenario(name: str, options: BenchOptions, done: dict[str, Any]) -> dict[str, Any]:
-    """One scenario; ``done`` holds this run's earlier results (``sequential`` and ``stream`` reuse ``engine``)."""
+def run_scenario(name: str, options: BenchOptions, done: dict[str, Any], quick: bool = False) -> dict[str, Any]:
+    """One scenario; ``done`` holds this run's earlier results (``sequential`` and ``stream`` reuse ``engine``);
+    ``quick``: the gpu scenario's short plan (under 5 minutes on one H100-class GPU), ignored by the others."""
     if name == "engine":
         from app.bench.engine import run_engine
 
@@ -68,7 +69,7 @@ def run_scenario(name: str, options: BenchOptions, done: dict[str, Any]) -> dict
             raise BenchUnavailable("the gpu scenario is not part of this build (app/bench/gpu.py is missing)") from None
         from app.config import load_config
 
-        result = run_gpu_scenario(load_config(options.config_file), options.source)
+        result = run_gpu_scenario(load_config(options.config_file), options.source, **({"quick": True} if quick else {}))
     else:
         raise BenchUnavailable(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
     result.setdefault("bottleneck", bottleneck(result.get("stage_utilisation")))
@@ -76,7 +77,7 @@ def run_scenario(name: str, options: BenchOptions, done: dict[str, Any]) -> dict
 
 
 def run_benchmarks(names: list[str], options: BenchOptions, command: str | None = None,
-                   announce: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   announce: Callable[[str], None] | None = None, quick: bool = False) -> dict[str, Any]:
     """Run ``names`` (each once, in the order given) and return the stable JSON report."""
     unknown = [name for name in names if name not in SCENARIOS]
     if unknown:
@@ -90,7 +91,7 @@ def run_benchmarks(names: list[str], options: BenchOptions, command: str | None 
     for name in dict.fromkeys(names):
         if announce is not None:
             announce(name)
-        report["scenarios"][name] = run_scenario(name, options, report["scenarios"])
+        report["scenarios"][name] = run_scenario(name, options, report["scenarios"], quick=quick)
     return report
 
 
