@@ -12,7 +12,7 @@ rm -rf .whl
 mkdir -p .whl
 "$PYTHON" -m pip download --no-deps --python-version 3.12 --only-binary=:all: -d .whl \
     ultralytics==8.4.190 ultralytics-thop==2.2.3 rapidocr-onnxruntime==1.4.4 pyclipper==1.4.0 shapely==2.2.0 \
-    onnx2torch==1.5.15 pi-heif==1.4.0 watchfiles==1.3.0 structlog==26.1.0 pydantic==2.14.3 pydantic-core==2.50.4 \
+    onnx2torch==1.5.15 pi-heif==1.4.0 watchdog==7.1.1 structlog==26.1.0 pydantic==2.14.3 pydantic-core==2.50.4 \
     pydantic-settings==2.16.3 python-dotenv==1.2.4 annotated-types==0.8.0 typing-inspection==0.4.5 \
     typing-extensions==4.16.0
 
