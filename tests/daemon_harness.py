@@ -236,3 +236,19 @@ class DaemonProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def drip_headers(clients: list[socket.socket], stop: threading.Event, every_s: float) -> threading.Thread:
+    """Each client sends one more header line every ``every_s``: a request that never completes."""
+
+    def drip() -> None:
+        while not stop.wait(every_s):
+            for client in clients:
+                try:
+                    client.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    return thread

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_harness import DaemonProcess, binner, wait_for
+from tests.daemon_harness import DaemonProcess, binner, drip_headers, wait_for
 from tests.test_adversarial import images
 
 pytestmark = pytest.mark.system
@@ -276,16 +276,7 @@ def test_200_slow_http_clients_never_blind_the_health_check(tmp_path: Path) -> N
             client.sendall(b"GET /healthz HTTP/1.1\r\n")
             clients.append(client)
 
-        def drip() -> None:
-            while not stop.wait(0.5):
-                for client in clients:
-                    try:
-                        client.sendall(b"X-Slow: 1\r\n")
-                    except OSError:
-                        pass
-
-        dripping = threading.Thread(target=drip, daemon=True)
-        dripping.start()
+        dripping = drip_headers(clients, stop, 0.5)
         try:
             slowest = 0.0
             for check in range(10):

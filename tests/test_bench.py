@@ -28,6 +28,8 @@ SCENARIO_KEYS = {
                   "ratio_to_limit", "disk", "busy_us_per_file"},
     "stream": {"p50_s", "p95_s", "p99_s", "levels"},
     "models": {"ratio_to_slowest_stage", "standalone", "signals"},
+    "scale": {"files", "first_placed_s", "once_seconds", "rebin_dry_run_s", "rebin_peak_rss_mib",
+              "ledger_bytes_per_row", "sizes", "rss_ratio", "rebin_rss_ratio"},
 }
 
 
@@ -68,6 +70,18 @@ def test_engine_sequential_framework_and_stream_complete_with_the_documented_key
     assert framework["disk"]["write_2kb_us"] > 0 and framework["disk"]["fsync_us"] > 0
     for level in scenarios["stream"]["levels"].values():
         assert level["placed"] == level["files"], level
+
+
+def test_scale_runs_a_tenth_and_the_whole_size_as_processes_and_compares_their_memory() -> None:
+    report = bench_json("--scenario", "scale", "--files", "200")
+    check_layout(report, ["scale"])
+    scale = report["scenarios"]["scale"]
+    small, large = scale["sizes"]
+    assert (small["files"], small["ledger_rows"], large["files"], large["ledger_rows"]) == (20, 20, 200, 200)
+    assert scale["files"] == 200 and scale["peak_rss_mib"] == large["peak_rss_mib"] > 20
+    assert scale["rss_ratio"] == pytest.approx(large["peak_rss_mib"] / small["peak_rss_mib"], abs=1e-3)
+    assert scale["rebin_rss_ratio"] == pytest.approx(large["rebin_peak_rss_mib"] / small["rebin_peak_rss_mib"], abs=1e-3)
+    assert 0 < scale["first_placed_s"] < scale["once_seconds"] and 100 < scale["ledger_bytes_per_row"] < 100_000
 
 
 def test_zero_cost_stages_do_not_divide_by_zero() -> None:

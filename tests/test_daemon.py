@@ -25,7 +25,7 @@ from prometheus_client import Counter as PromCounter
 from app import bench
 from app.service.http import StatusServer
 from tests.conftest import REPO
-from tests.daemon_harness import DaemonProcess, NotifyListener, binner, error_lines, files_under, sha256, wait_for
+from tests.daemon_harness import DaemonProcess, NotifyListener, binner, drip_headers, error_lines, files_under, sha256, wait_for
 
 pytestmark = pytest.mark.system
 OFFLINE = REPO / "deploy" / "examples" / "offline-cpu.yaml"
@@ -389,22 +389,6 @@ def test_an_idle_connection_is_closed_after_the_idle_timeout() -> None:
         server.stop()
 
 
-def _drip(clients: list[socket.socket], stop: threading.Event, every_s: float) -> threading.Thread:
-    """Each client sends one more header line every ``every_s``: a request that never completes."""
-
-    def drip() -> None:
-        while not stop.wait(every_s):
-            for client in clients:
-                try:
-                    client.sendall(b"X-Slow: 1\r\n")
-                except OSError:
-                    pass
-
-    thread = threading.Thread(target=drip, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_200_dripping_clients_never_delay_a_health_check_and_hold_no_threads() -> None:
     """Before, a started request held one of the 4 workers and every read restarted its 10 s timeout: 4 clients
     dripping a header line every few seconds made every health check time out. Now a request reaches a worker only
@@ -419,7 +403,7 @@ def test_200_dripping_clients_never_delay_a_health_check_and_hold_no_threads() -
         for _ in range(200):
             clients.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
             clients[-1].sendall(b"GET /healthz HTTP/1.1\r\n")
-        dripping = _drip(clients, stop, 0.2)
+        dripping = drip_headers(clients, stop, 0.2)
         for _ in range(12):
             started = time.monotonic()
             with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=1) as response:

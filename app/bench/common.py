@@ -211,6 +211,44 @@ class BacklogRun:
         }
 
 
+@dataclass
+class FileTimes:
+    """``time.perf_counter()`` when the feeder claimed each ledger row and when its file was placed (or quarantined),
+    by row id: per-file latency, never read from histogram buckets."""
+
+    claimed: dict[int, float] = field(default_factory=dict)
+    placed: dict[int, float] = field(default_factory=dict)
+
+    def latencies(self) -> list[float]:
+        return [at - self.claimed[key] for key, at in self.placed.items() if key in self.claimed]
+
+
+def clocked_runtime(config: Any, metrics: Metrics, on_placed: Callable[[Any, Any], None]) -> tuple[Any, FileTimes]:
+    """The runtime of ``config`` with its ledger's claims and its finished files stamped into a ``FileTimes``;
+    ``on_placed(row, outcome)`` sees each placed or quarantined file after its stamp."""
+    from app.build import build_runtime
+
+    times = FileTimes()
+
+    def on_finished(row: Any, outcome: Any) -> None:
+        if outcome.status in ("done", "quarantined"):
+            times.placed[row.id] = time.perf_counter()
+            on_placed(row, outcome)
+
+    runtime = build_runtime(config, metrics=metrics, on_finished=on_finished, command="bench")
+    claim = runtime.ledger.claim_pending
+
+    def claim_and_stamp(limit: int, after_id: int = 0) -> list[Any]:
+        rows = claim(limit, after_id)
+        now = time.perf_counter()
+        for row in rows:
+            times.claimed.setdefault(row.id, now)
+        return rows
+
+    runtime.ledger.claim_pending = claim_and_stamp  # type: ignore[method-assign]
+    return runtime, times
+
+
 def run_backlog(overrides: dict[str, Any], fill_inbox: Callable[[Path], None], config_file: Path | None = None,
                 on_setup: Callable[[Any], None] | None = None) -> BacklogRun:
     """Fill a temporary inbox, take it into a fresh ledger, load the stages, then run the engine to idle.
@@ -222,7 +260,7 @@ def run_backlog(overrides: dict[str, Any], fill_inbox: Callable[[Path], None], c
 
     import anyio
 
-    from app.build import build_runtime, intake_all
+    from app.build import intake_all
     from app.config import load_config
     from app.logs import configure_logging
     from app.service import run_async
@@ -237,27 +275,12 @@ def run_backlog(overrides: dict[str, Any], fill_inbox: Callable[[Path], None], c
                                 "placement": "move", "http": {"enabled": False}}
         config = load_config(config_file, {**base, **overrides})
         metrics = Metrics()
-        claimed: dict[int, float] = {}
-        placed: dict[int, float] = {}
-
         file_bins: dict[str, str] = {}
 
-        def on_finished(row: Any, outcome: Any) -> None:
-            if outcome.status in ("done", "quarantined"):
-                placed[row.id] = time.monotonic()
-                file_bins[row.rel_path] = outcome.bin or f"_quarantine/{outcome.reason}"
+        def on_placed(row: Any, outcome: Any) -> None:
+            file_bins[row.rel_path] = outcome.bin or f"_quarantine/{outcome.reason}"
 
-        runtime = build_runtime(config, metrics=metrics, on_finished=on_finished, command="bench")
-        claim = runtime.ledger.claim_pending
-
-        def claim_and_stamp(limit: int, after_id: int = 0) -> list[Any]:
-            rows = claim(limit, after_id)
-            now = time.monotonic()
-            for row in rows:
-                claimed.setdefault(row.id, now)
-            return rows
-
-        runtime.ledger.claim_pending = claim_and_stamp  # type: ignore[method-assign]
+        runtime, times = clocked_runtime(config, metrics, on_placed)
         intake_all(runtime)
         files, _ = runtime.ledger.backlog()
         clock: dict[str, float] = {}
@@ -268,10 +291,10 @@ def run_backlog(overrides: dict[str, Any], fill_inbox: Callable[[Path], None], c
             if on_setup is not None:
                 on_setup(pipeline)
             peak = PeakRss()
-            clock["started"] = time.monotonic()
+            clock["started"] = time.perf_counter()
             try:
                 stats = await pipeline.run(until_idle=True)
-                clock["returned"] = time.monotonic()
+                clock["returned"] = time.perf_counter()
                 clock["rss"] = peak.mib()
                 return stats
             finally:
@@ -283,13 +306,13 @@ def run_backlog(overrides: dict[str, Any], fill_inbox: Callable[[Path], None], c
         finally:
             runtime.close()
         started = clock["started"]
-        last = max(placed.values(), default=clock["returned"])
+        last = max(times.placed.values(), default=clock["returned"])
         return BacklogRun(
             files=files,
             finished=stats.finished,
             seconds=last - started,
             exit_lag_s=clock["returned"] - last,
-            latencies=[placed[key] - claimed[key] for key in placed if key in claimed],
+            latencies=times.latencies(),
             busy=counter_by_stage(metrics, "binner_stage_busy_seconds_total"),
             peak_rss_mib=clock["rss"],
             bins=dict(stats.bins),

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from app.bench.common import BenchUnavailable, PeakRss, latency_summary
+from app.bench.common import BenchUnavailable, PeakRss, clocked_runtime, latency_summary
 
 SAMPLE_PERIOD_S = 0.2
 SERIES_PERIOD_S = 0.5  # how often a pipeline run's own registry is scraped for binner_gpu_* (Prometheus: 15 s)
@@ -849,7 +849,7 @@ def _pipeline(config: Any, paths: dict[str, str], images_dir: Path, scratch: Pat
     """
     import anyio
 
-    from app.build import build_runtime, intake_all
+    from app.build import intake_all
     from app.config import load_config
     from app.metrics import Metrics
     from app.service import run_async
@@ -875,26 +875,13 @@ def _pipeline(config: Any, paths: dict[str, str], images_dir: Path, scratch: Pat
     }
     run_config = load_config(None, overrides)
     metrics = Metrics()
-    claimed: dict[int, float] = {}
-    placed: dict[int, float] = {}
     outcomes: dict[str, tuple[str | None, str | None]] = {}
 
-    def on_finished(row: Any, outcome: Any) -> None:
-        if outcome.status in ("done", "quarantined"):
-            placed[row.id] = time.perf_counter()
-            outcomes[row.rel_path] = (outcome.bin if outcome.status == "done" else "quarantined", outcome.rule)
+    def on_placed(row: Any, outcome: Any) -> None:
+        outcomes[row.rel_path] = (outcome.bin if outcome.status == "done" else "quarantined", outcome.rule)
 
-    runtime = build_runtime(run_config, metrics=metrics, on_finished=on_finished, command="bench")
-    claim = runtime.ledger.claim_pending
-
-    def claim_and_stamp(limit: int, after_id: int = 0) -> list[Any]:
-        rows = claim(limit, after_id)
-        now = time.perf_counter()
-        for row in rows:
-            claimed.setdefault(row.id, now)
-        return rows
-
-    runtime.ledger.claim_pending = claim_and_stamp  # type: ignore[method-assign]
+    runtime, times = clocked_runtime(run_config, metrics, on_placed)
+    placed = times.placed
     intake_all(runtime)
     total, _ = runtime.ledger.backlog()
     record: dict[str, Any] = {"files": total, "isolation": isolation, "signals": signals, "ocr_devices": ocr_devices,
@@ -935,7 +922,7 @@ def _pipeline(config: Any, paths: dict[str, str], images_dir: Path, scratch: Pat
     clocked = (max(placed.values()) - ready) if placed else 0.0
     busy = _by_labels(metrics, "binner_stage_busy_seconds_total", "stage", "device")
     host = _by_labels(metrics, "binner_stage_host_seconds_total", "stage", "phase")
-    latency = latency_summary([placed[key] - claimed[key] for key in placed if key in claimed])
+    latency = latency_summary(times.latencies())
     record.update(
         finished=stats.finished, bins=dict(stats.bins), quarantined=dict(stats.quarantined), ledger=counts,
         seconds_including_model_load=round(elapsed, 2), model_load_seconds=round(ready - started, 2),

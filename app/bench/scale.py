@@ -1,9 +1,11 @@
-"""The `scale` scenario: `binner once` over N small files with zero-time stages, as a process of its own, so that
-its memory and start are measured as a user would meet them at an archive's size.
+"""The `scale` scenario: `binner once` over N/10 and then N small files with zero-time stages, each as a process of
+its own, so that memory and start are measured as a user would meet them at an archive's size, and the two sizes
+are compared in one run on one machine.
 
-It reports the peak RSS of `once` (VmHWM, polled), the seconds from start to the first placed file, images/s, the
-time and peak RSS of `rebin --dry-run` over the resulting ledger, and the ledger's bytes per row. The files are one
-64x64 PNG written N times into folders of 1,000 (distinct paths, one decode each).
+For each size it reports the peak RSS of `once` (VmHWM, polled), the seconds from start to the first placed file,
+images/s, the time and peak RSS of `rebin --dry-run` over the resulting ledger, and the ledger's bytes per row.
+Flat memory means the peak at N stays within ``RSS_RATIO_TARGET`` of the peak at N/10, for both commands. The files
+are one 64x64 PNG written N times into folders of 1,000 (distinct paths, one decode each).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import yaml
 
 from app.bench.common import BenchOptions, process_peak_rss_mib
 
-SCALE_FILES = 100_000
+SCALE_FILES = 1_000_000
 PER_FOLDER = 1000
+RSS_RATIO_TARGET = 1.2
 REPO = Path(__file__).resolve().parents[2]
 FIRST_FILE_TARGET_S = 10.0
 
@@ -73,8 +76,8 @@ def _watched(command: list[str], env: dict[str, str], ledger: Path | None = None
     return {"seconds": time.monotonic() - started, "peak_rss_mib": round(peak, 1), "first_placed_s": first}
 
 
-def run_scale(options: BenchOptions) -> dict[str, Any]:
-    count = options.count(SCALE_FILES)
+def measure_size(count: int) -> dict[str, Any]:
+    """``once`` and then ``rebin --dry-run`` over a fresh tree of ``count`` files, each as its own process."""
     with tempfile.TemporaryDirectory(prefix="binner-bench-scale-") as scratch:
         root = Path(scratch)
         inbox, output, state = root / "inbox", root / "bins", root / "state"
@@ -103,7 +106,27 @@ def run_scale(options: BenchOptions) -> dict[str, Any]:
         "first_placed_s": round(first, 2) if first is not None else None, "once_seconds": round(once["seconds"], 1),
         "rebin_dry_run_s": round(rebin["seconds"], 2), "rebin_peak_rss_mib": rebin["peak_rss_mib"],
         "ledger_bytes_per_row": round(size / rows) if rows else None, "ledger_rows": rows,
+    }
+
+
+def _ratio(large: float | None, small: float | None) -> float | None:
+    return round(large / small, 3) if large and small else None
+
+
+def run_scale(options: BenchOptions) -> dict[str, Any]:
+    """N/10 then N files (N: ``--files``, default ``SCALE_FILES``); the top-level figures are N's."""
+    count = options.count(SCALE_FILES)
+    small = measure_size(max(1, count // 10))
+    large = measure_size(count)
+    rss_ratio = _ratio(large["peak_rss_mib"], small["peak_rss_mib"])
+    rebin_ratio = _ratio(large["rebin_peak_rss_mib"], small["rebin_peak_rss_mib"])
+    first = large["first_placed_s"]
+    met = (first is not None and first <= FIRST_FILE_TARGET_S and rss_ratio is not None and rebin_ratio is not None
+           and rss_ratio <= RSS_RATIO_TARGET and rebin_ratio <= RSS_RATIO_TARGET)
+    return {
+        **large, "sizes": [small, large], "rss_ratio": rss_ratio, "rebin_rss_ratio": rebin_ratio,
         "p95_latency_s": None, "stage_utilisation": {},
-        "target": {"text": f"first file placed within {FIRST_FILE_TARGET_S:g} s",
-                   "met": first is not None and first <= FIRST_FILE_TARGET_S},
+        "target": {"text": f"first file placed within {FIRST_FILE_TARGET_S:g} s at {count:,} files; peak RSS of once "
+                           f"and of rebin --dry-run at {count:,} within {RSS_RATIO_TARGET:g}x of "
+                           f"{small['files']:,}", "met": met},
     }

@@ -134,7 +134,8 @@ def _headline(name: str, result: dict[str, Any]) -> str:
         return (f"p50/p95/p99 {_fmt(result.get('p50_s'))}/{_fmt(result.get('p95_s'))}/{_fmt(result.get('p99_s'))} s "
                 f"at 90% load")
     if name == "scale":
-        return (f"first file after {_fmt(result.get('first_placed_s'))} s; rebin --dry-run "
+        return (f"first file after {_fmt(result.get('first_placed_s'))} s; peak RSS x{_fmt(result.get('rss_ratio'))} "
+                f"of a tenth the size (rebin x{_fmt(result.get('rebin_rss_ratio'))}); rebin --dry-run "
                 f"{_fmt(result.get('rebin_dry_run_s'))} s, {_fmt(result.get('rebin_peak_rss_mib'))} MiB; "
                 f"{_fmt(result.get('ledger_bytes_per_row'))} B/row")
     if name == "models":
