@@ -545,7 +545,7 @@ def _stage_rate(stage: Any, device: str, images: list[Any], batch: int, batches:
     first, untimed (its shapes), unless ``warm`` says these batches ran already; then ``batches`` batches of fresh
     items are timed from first submit to last return.
     """
-    from app.hosts.phased import PhasedReplica
+    from app.hosts import PhasedReplica
 
     clock = _PhaseClock()
     replica = PhasedReplica(stage, device, clock)
