@@ -13,7 +13,7 @@ import structlog
 
 from app.build import build_stages
 from app.config import BinnerConfig
-from app.engine import AUTO_BATCH_CEILING, BatchCap, contain, needs
+from app.engine import BatchCap, contain, needs, starting_batch_cap
 from app.hosts import ThreadHost
 from app.store import Row, merged_signals, missing_signals
 from stages.base import ImageItem
@@ -30,8 +30,7 @@ class MissingSignals:
         for stage in build_stages(config):
             host = ThreadHost(stage.replicate(), stage.devices[0])
             host.setup()
-            cap = stage.batch_policy.max_batch_size or host.probe_batch_size(stage.max_auto_batch or AUTO_BATCH_CEILING)
-            self.hosts.append((stage, host, BatchCap(max(1, int(cap)))))
+            self.hosts.append((stage, host, starting_batch_cap(stage, host.probe_batch_size)))
 
     def __call__(self, rows: list[Row]) -> list[tuple[Row, dict[str, Any]]]:
         items: list[tuple[Row, ImageItem]] = []
@@ -53,7 +52,8 @@ class MissingSignals:
                             file=row.output_path, reason=item.failure.reason, detail=item.failure.message)
                 continue
             stored = row.signals or {}
-            computed = {key: value for key, value in item.signals.items() if key in missing_signals(stored)}
+            missing = missing_signals(stored)
+            computed = {key: value for key, value in item.signals.items() if key in missing}
             done.append((row, merged_signals(stored, computed, item.not_computed.items())))
         return done
 

@@ -3,12 +3,12 @@
 
 from app.engine.accounting import FINISHED, RunStats
 from app.engine.admission import admit, final_failure
-from app.engine.containment import BatchCap, CallObserver, contain
+from app.engine.containment import AUTO_BATCH_CEILING, BatchCap, CallObserver, contain, probe_ceiling, starting_batch_cap
 from app.engine.finishing import DISK_ERRNOS, Finisher, PlacementBlocked, remove_inputs
 from app.engine.pipeline import MetricsObserver, Pipeline
 from app.engine.routing import needs, next_stage
-from app.engine.runner import AUTO_BATCH_CEILING, Hosting, StageRunner, StageSetupError
+from app.engine.runner import Hosting, StageRunner, StageSetupError
 
 __all__ = ["AUTO_BATCH_CEILING", "DISK_ERRNOS", "FINISHED", "BatchCap", "CallObserver", "Finisher", "Hosting",
            "MetricsObserver", "Pipeline", "PlacementBlocked", "RunStats", "StageRunner", "StageSetupError", "admit",
-           "contain", "final_failure", "needs", "next_stage", "remove_inputs"]
+           "contain", "final_failure", "needs", "next_stage", "probe_ceiling", "remove_inputs", "starting_batch_cap"]

@@ -27,7 +27,7 @@ from typing import Protocol
 import structlog
 
 from app.store import shown
-from stages.base import ImageItem, WorkerCrashed, is_out_of_memory
+from stages.base import ImageItem, Stage, WorkerCrashed, is_out_of_memory
 
 log = structlog.get_logger("binner.engine")
 
@@ -39,6 +39,22 @@ class BatchCap:
     """A replica's largest batch; out-of-memory errors lower it, and it stays lowered for the next batches."""
 
     value: int
+
+
+AUTO_BATCH_CEILING = 64  # how far a batch-size probe goes for a stage that names no ceiling of its own
+
+
+def probe_ceiling(stage: Stage) -> int:
+    return stage.max_auto_batch or AUTO_BATCH_CEILING
+
+
+def starting_batch_cap(stage: Stage, probe: Callable[[int], int]) -> BatchCap:
+    """A replica's first cap, the same on every host: the configured batch size, else what ``probe`` finds on the
+    replica's device up to ``probe_ceiling``."""
+    cap = stage.batch_policy.max_batch_size
+    if cap is None:
+        cap = probe(probe_ceiling(stage))
+    return BatchCap(max(1, int(cap)))
 
 
 class CallObserver(Protocol):

@@ -16,7 +16,7 @@ from typing import Literal
 import anyio
 import structlog
 
-from app.engine.containment import BatchCap, contain
+from app.engine.containment import BatchCap, contain, starting_batch_cap
 from app.hosts import ReplicaHost, host_for
 from app.metrics import Metrics
 from queues import BoundedQueue, DedicatedThread, EndOfStream, next_batch
@@ -24,7 +24,6 @@ from stages.base import ImageItem, Stage
 
 log = structlog.get_logger("binner.engine")
 
-AUTO_BATCH_CEILING = 64
 CallMarker = Callable[[list[int], str | None], None]
 
 
@@ -129,11 +128,9 @@ class StageRunner:
                             log_level=hosting.log_level, on_restart=self._restart_counter(device), observer=phases)
             drivers = DedicatedThread(f"{self.stage.name}-{device}-{index}", threads=host.concurrency)
             await drivers.run(host.setup)
-            cap = self.stage.batch_policy.max_batch_size
-            if cap is None:
-                cap = await drivers.run(host.probe_batch_size, self.stage.max_auto_batch or AUTO_BATCH_CEILING)
+            cap = await drivers.run(starting_batch_cap, self.stage, host.probe_batch_size)
             await drivers.run(host.warmup)
-            replica = phases.replica = Replica(host, device, drivers, BatchCap(max(1, int(cap))))
+            replica = phases.replica = Replica(host, device, drivers, cap)
             self.metrics.batch_limit.labels(stage=self.stage.name, device=device).set(replica.batch_cap)
             self.replicas.append(replica)
             log.info("stage ready", stage=self.stage.name, replica=index, device=device, batch_cap=replica.batch_cap,

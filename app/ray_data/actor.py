@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app.devices import actor_device
-from app.engine import AUTO_BATCH_CEILING, BatchCap, contain, needs
+from app.engine import BatchCap, contain, needs, starting_batch_cap
 from app.hosts import PhasedReplica
 from app.ray_data.codec import decode_items, encode_items
 from stages.base import ImageItem, Stage
@@ -61,10 +61,7 @@ class RayStage:
         self.stage = self.replica.stage
         try:
             self.replica.setup()
-            cap = self.stage.batch_policy.max_batch_size
-            if cap is None:
-                cap = self.replica.probe_batch_size(self.stage.max_auto_batch or AUTO_BATCH_CEILING)
-            self.cap = BatchCap(max(1, int(cap)))
+            self.cap = starting_batch_cap(self.stage, self.replica.probe_batch_size)
             self.replica.warmup()
         except Exception as error:
             raise RayStageSetupError(f"stage {stage.name} could not start on {device} "

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app.config import BinnerConfig, ConfigError
-from app.engine import AUTO_BATCH_CEILING
+from app.engine import probe_ceiling
 from app.hosts import concurrency_of
 from app.ray_data.actor import RayStage
 from app.ray_data.tasks import finish_batch, load_batch
@@ -111,7 +111,7 @@ def _build_dataset(blocks: list[Any], stages: list[Stage], config: BinnerConfig)
     ds = ds.map_batches(load_batch, batch_size=block_rows, batch_format="pyarrow", num_cpus=1,
                         fn_kwargs={"stage": loader, "keep_image": bool(models)}, max_retries=TASK_RETRIES)
     for index, stage in enumerate(models):
-        cap = stage.batch_policy.max_batch_size or stage.max_auto_batch or AUTO_BATCH_CEILING
+        cap = stage.batch_policy.max_batch_size or probe_ceiling(stage)
         ds = ds.map_batches(RayStage, batch_size=cap, batch_format="pyarrow",
                             fn_constructor_kwargs={"stage": stage, "thresholds": config.rules,
                                                    "keep_image": index + 1 < len(models)},
