@@ -34,6 +34,7 @@ from app.store import (
     Placer,
     Row,
     finish_leftovers,
+    is_within,
     iter_scan,
     to_discovered,
 )
@@ -85,6 +86,7 @@ def prepare_dirs(config: BinnerConfig, need_output: bool = True) -> None:
                 f"input: {config.input} does not exist; create it, fix the path (--input, input, BINNER_INPUT), "
                 "or set create_input: true to have binner create it"
             )
+    check_disjoint(config)  # before anything is created: a state directory inside the input is not left behind
     wanted = [("input", config.input), ("state_dir", config.state_dir)]
     if need_output:
         wanted.append(("output", config.output))
@@ -93,41 +95,12 @@ def prepare_dirs(config: BinnerConfig, need_output: bool = True) -> None:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise ConfigError(f"{key}: cannot create {path}: {error.strerror}; fix the path or its permissions") from None
-    check_disjoint(config)
-
-
-def _directory_ids(path: Path) -> list[tuple[int, int]]:
-    """(st_dev, st_ino) of ``path``'s real directory and of each of its parents up to ``/``."""
-    ids: list[tuple[int, int]] = []
-    current = Path(os.path.realpath(path))
-    while True:
-        try:
-            info = os.stat(current)
-        except OSError:
-            info = None
-        if info is not None:
-            ids.append((info.st_dev, info.st_ino))
-        if current.parent == current:
-            return ids
-        current = current.parent
-
-
-def is_within(inner: Path, outer: Path) -> bool:
-    """Whether directory ``inner`` is ``outer`` or lies below it, as the file system sees it: real paths
-    (``..`` and symlinked parents resolved) and device and inode numbers (the same folder seen through a bind
-    mount). A path that does not exist is within nothing."""
-    try:
-        outer_info = os.stat(outer)
-    except OSError:
-        return False
-    if not inner.exists():
-        return False
-    return (outer_info.st_dev, outer_info.st_ino) in _directory_ids(inner)
 
 
 def check_disjoint(config: BinnerConfig) -> None:
     """Refuse an input inside the output (binner would place its own bins onto themselves and remove them),
-    an output inside the input, and a state directory inside the input, however the paths are spelled."""
+    an output inside the input, and a state directory inside the input, however the paths are spelled or mounted
+    (``app.store.is_within``); folders not created yet are judged where they will be created."""
     inp, out, state = config.input, config.output, config.state_dir
     if is_within(inp, out):
         raise ConfigError(f"input ({inp}) is inside output ({out}) (compared as real folders: {os.path.realpath(inp)} "

@@ -95,6 +95,22 @@ def test_the_daemon_refuses_an_input_inside_the_output(
     assert_untouched(kept)
 
 
+def test_rebin_refuses_an_input_inside_the_output(
+        tmp_path: Path, sorted_output: tuple[Path, Path, dict[Path, bytes]]) -> None:
+    out, config, kept = sorted_output
+    state = tmp_path / "st"
+    inbox = tmp_path / "in"
+    png(inbox / "x.png", 9)
+    placed = binner("once", str(inbox), "--output", str(out), "--state", str(state), "--config", str(config),
+                    "--no-progress")
+    assert placed.returncode == 0, placed.stderr
+    inside = tmp_path / "inside.yaml"
+    inside.write_text(yaml.safe_dump({**SYNTHETIC, "input": str(out / "B"), "output": str(out)}))
+    result = binner("rebin", "--config", str(inside), "--state", str(state))
+    assert result.returncode == 2 and "inside output" in result.stderr, (result.stdout, result.stderr)
+    assert_untouched(kept)
+
+
 def test_real_paths_are_compared_not_spellings(tmp_path: Path) -> None:
     out = tmp_path / "out"
     (out / "B").mkdir(parents=True)
@@ -132,6 +148,61 @@ def test_a_bind_mount_of_the_output_is_seen_through(tmp_path: Path) -> None:
     assert result.returncode != 0 and "is inside output" in result.stderr, result.stderr
 
 
+def test_a_bind_mount_of_a_folder_inside_the_output_is_seen_through(tmp_path: Path) -> None:
+    """``mount --bind OUT/B MNT``, then input MNT: no parent of MNT is OUT, so only the mount table tells that MNT
+    shows a folder inside OUT (needs root and mount)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a private bind mount")
+    out = tmp_path / "out"
+    (out / "B").mkdir(parents=True)
+    (out / "B" / "a.png").write_bytes(b"placed")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = (f"mount --bind {out}/B {mnt} && {os.sys.executable} -c "
+              f"\"from pathlib import Path; from app.config import load_config; from app.build import prepare_dirs; "
+              f"prepare_dirs(load_config(None, {{'input': Path('{mnt}'), 'output': Path('{out}'), "
+              f"'state_dir': Path('{tmp_path}/state')}}))\"")
+    result = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parents[1], timeout=60)
+    if "mount:" in result.stderr and "permission denied" in result.stderr.lower():
+        pytest.skip(f"bind mounts are not allowed here: {result.stderr.strip()}")
+    assert result.returncode != 0 and "is inside output" in result.stderr, result.stderr
+    assert (out / "B" / "a.png").read_bytes() == b"placed"
+
+
+def test_the_mount_table_gives_each_folder_one_place(tmp_path: Path) -> None:
+    """The same judgement from a mount table given as data, so it holds where bind mounts cannot be made: a mount
+    that shows OUT/B at MNT puts MNT inside OUT, and a folder not created yet is judged where it will be."""
+    from app.store.folders import is_within, read_mounts
+
+    out, mnt, elsewhere = tmp_path / "out", tmp_path / "mnt", tmp_path / "elsewhere"
+    for folder in (out / "B", mnt, elsewhere):
+        folder.mkdir(parents=True)
+    table = tmp_path / "mountinfo"
+    spaced = tmp_path / "with space"
+    spaced.mkdir()
+    escaped = str(spaced).replace(" ", "\\040")
+    table.write_text(f"20 1 0:40 / / rw - ext4 /dev/x rw\n"
+                     f"30 20 0:40 {out}/B {mnt} rw - ext4 /dev/x rw\n"
+                     f"31 20 0:41 / {escaped} rw - tmpfs tmpfs rw\n")
+    mounts = read_mounts(table)
+    assert mounts[2] == ("0:41", "/", str(spaced)), "octal escapes in paths are read back"
+    assert is_within(mnt, out, mounts) and is_within(mnt / "sub", out, mounts)
+    assert not is_within(out, mnt, mounts) and not is_within(elsewhere, out, mounts)
+    assert not is_within(spaced, out, mounts) and not is_within(out, spaced, mounts), "another file system"
+    assert is_within(tmp_path / "state" / "new", tmp_path / "state", mounts)
+    assert not is_within(tmp_path / "out2", out, mounts), "a sibling whose name starts the same is outside"
+
+
+def test_a_state_directory_inside_the_input_is_refused_before_it_is_created(tmp_path: Path) -> None:
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    (tmp_path / "view").symlink_to(inbox)  # lexically apart: only the real folders tell
+    with pytest.raises(ConfigError, match=r"state_dir .* is inside input"):
+        prepare_dirs(load_config(None, {"input": inbox, "output": tmp_path / "out", "state_dir": tmp_path / "view" / "st"}))
+    assert not (inbox / "st").exists() and not (tmp_path / "out").exists(), "nothing is left behind"
+
+
 def test_placement_never_removes_an_input_that_is_its_own_output(tmp_path: Path) -> None:
     """The last line of defence, below the start-up check: place a file that already sits at its output path,
     then remove the 'input': the only copy stays, whatever spelling reaches it."""
@@ -145,6 +216,7 @@ def test_placement_never_removes_an_input_that_is_its_own_output(tmp_path: Path)
     sha = hashlib.sha256(data).hexdigest()
     placed = placer.place(source, "a.png", "B", sha)
     assert placed == source  # the same bytes at the same name: reused, not copied
+    (out / "A").mkdir()  # so that the ``..`` spelling really reaches the placed file
     for spelling in (placed, tmp_path / "view" / "B" / "a.png", out / "A" / ".." / "B" / "a.png"):
         assert placer.remove_source(source, spelling, sha) is False
         assert source.read_bytes() == data
