@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -21,6 +21,9 @@ from app import __version__
 from app.config import BinnerConfig, ConfigError, dump_config, load_config
 from app.logs import configure_logging
 from stages.paths import shown
+
+if TYPE_CHECKING:
+    from app.store import Ledger
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="binner: sort images into bins A (clean content), B (everything else), C (text-dominant).")
@@ -86,9 +89,11 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def said(value: Any) -> str:
-    """A name or any text for the terminal: ``shown`` (no raw bytes or control characters), and never rich markup."""
-    return shown(str(value), lines=True)
+def said(value: Any, *, lines: bool = False) -> str:
+    """A name or a value for the terminal: ``shown`` (no raw bytes or control characters, newlines and tabs
+    included, so a name cannot forge a line of a table or a summary), and never rich markup. ``lines=True`` keeps
+    the newlines of a message that has several lines (a configuration error), each line escaped."""
+    return shown(str(value), lines=lines)
 
 
 def start_logging(cfg: BinnerConfig, level: str, stream_name: str) -> bool:
@@ -110,7 +115,7 @@ def load(config_file: Path | None, **overrides: Any) -> BinnerConfig:
     try:
         return load_config(config_file, overrides)
     except ConfigError as error:
-        err.print(f"[red]error:[/red] {escape(said(error))}", markup=True, highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(said(error, lines=True))}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -284,7 +289,7 @@ def daemon_config(config: Path | None, state: Path | None) -> Path | None:
 
 
 def open_ledger(config: Path | None, state: Path | None, *, read_only: bool = True,
-                command: str = "") -> tuple[BinnerConfig, Any]:
+                command: str = "") -> tuple[BinnerConfig, Ledger]:
     """The configured ledger: read-only (works beside a running daemon), or for writing under the instance lock."""
     from app.build import open_ledger as open_configured_ledger
     from app.store import InstanceLock
@@ -415,6 +420,12 @@ def rebin(config: Path | None = ConfigOption, state: Path | None = StateOption,
         fail("--dry-run and --infer: a dry run computes nothing; run --dry-run to see which files need the models, "
              "then --infer to compute them")
     cfg, ledger = open_ledger(config, state, read_only=dry_run, command="rebin")
+    from app.build import check_disjoint
+
+    try:
+        check_disjoint(cfg)  # like every command that moves files: never with an input inside the output
+    except ConfigError as error:
+        fail(str(error))
     configure_logging(cfg.log.format, cfg.log.level, sys.stderr)  # each move is logged too: on stderr (names shown)
     models = None
     if infer:

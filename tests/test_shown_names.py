@@ -55,6 +55,7 @@ def assert_clean(raw: bytes, *wanted: str) -> str:
     assert not RAW.search(text), f"a raw control character reached the output: {RAW.findall(text)!r}\n{text}"
     for piece in wanted:
         assert piece in text, f"{piece!r} not shown in:\n{text}"
+    assert not any(line.lstrip().startswith(FORGED) for line in text.splitlines()), f"a name forged a line:\n{text}"
     return text
 
 
@@ -81,8 +82,10 @@ def test_a_phase_of_the_progress_bar_is_neither_markup_nor_raw() -> None:
     assert "binning [red]x\\x1b[2J.png" in screen.getvalue()
 
 
-NAMES = [b"bad\xff.png", b"esc\x01\x1b[31m.png", b"c1\xc2\x9b2J.png"]
-SHOWN = ["bad\\xff.png", "esc\\x01\\x1b[31m.png", "c1\\x9b2J.png"]
+# The last name forges a line of `rebin`'s report and a row of a table when its newline and tab reach the terminal.
+FORGED = "B -> A (confident_detection): forged"
+NAMES = [b"bad\xff.png", b"esc\x01\x1b[31m.png", b"c1\xc2\x9b2J.png", b"x\n" + FORGED.encode() + b"\t.png"]
+SHOWN = ["bad\\xff.png", "esc\\x01\\x1b[31m.png", "c1\\x9b2J.png", "x\\x0a" + FORGED + "\\x09.png"]
 NOT_AN_IMAGE, NOT_AN_IMAGE_SHOWN = b"note\x01\x1b]0;owned\x07.jpg", "note\\x01\\x1b]0;owned\\x07.jpg"
 
 
@@ -126,13 +129,15 @@ def test_status_shows_names_escaped_and_its_json_is_utf8(tree: Sorted) -> None:
 
 
 def test_explain_shows_names_escaped_and_its_json_is_utf8(tree: Sorted) -> None:
-    for name, expected in ((NAMES[0], SHOWN[0]), (NAMES[1], SHOWN[1]), (NOT_AN_IMAGE, NOT_AN_IMAGE_SHOWN)):
+    for name, expected in ((NAMES[0], SHOWN[0]), (NAMES[1], SHOWN[1]), (NAMES[3], SHOWN[3]),
+                           (NOT_AN_IMAGE, NOT_AN_IMAGE_SHOWN)):
         explained = binner("explain", os.fsdecode(name), *tree.common)
         assert explained.exit_code == 0, explained.stdout_bytes + explained.stderr_bytes
         assert_clean(explained.stdout_bytes, expected, "in\\x1b[1m")
         as_json = binner("explain", os.fsdecode(name), *tree.common, "--json")
         record = json.loads(assert_clean(as_json.stdout_bytes))
-        assert record["input"].endswith("in\\x1b[1m/" + expected), record["input"]
+        # JSON encodes a newline itself (it forges nothing there): only the other control characters are escaped
+        assert record["input"].endswith("in\\x1b[1m/" + shown(os.fsdecode(name), lines=True)), record["input"]
     missing = binner("explain", "none\x1b[31m.png", *tree.common)
     assert missing.exit_code == 2
     assert_clean(missing.stderr_bytes, "none\\x1b[31m.png")
@@ -145,7 +150,8 @@ def test_rebin_shows_names_escaped_in_its_report_and_its_log(tree: Sorted) -> No
     rebinned = binner("rebin", "--config", str(to_c), "--state", os.fsdecode(tree.state))
     assert rebinned.exit_code == 0, rebinned.stdout_bytes + rebinned.stderr_bytes
     assert_clean(rebinned.stdout_bytes, *SHOWN)
-    assert_clean(rebinned.stderr_bytes, *SHOWN)
+    # the console log quotes a value with spaces as Python does, doubling its backslashes
+    assert_clean(rebinned.stderr_bytes, *SHOWN[:3], SHOWN[3].replace("\\", "\\\\"))
 
 
 def test_eval_shows_names_escaped_and_its_json_is_utf8(tmp_path: Path) -> None:
@@ -153,13 +159,16 @@ def test_eval_shows_names_escaped_and_its_json_is_utf8(tmp_path: Path) -> None:
     labelled = tmp_path / "labelled"
     labelled.mkdir()
     (labelled / os.fsdecode(NAMES[1])).write_bytes(images(1, start=4200)[0])
+    (labelled / os.fsdecode(NAMES[3])).write_bytes(images(1, start=4201)[0])
     labels = tmp_path / "labels.csv"
-    labels.write_text(f"file,expected_bin,category\n{os.fsdecode(NAMES[1])},A,photo\x1b[7m\n", encoding="utf-8")
+    labels.write_text(f"file,expected_bin,category\n{os.fsdecode(NAMES[1])},A,photo\x1b[7m\n"
+                      f'"{os.fsdecode(NAMES[3])}",A,photo\n', encoding="utf-8")
     config = tmp_path / "binner.yaml"
     config.write_text(yaml.safe_dump(SYNTHETIC))
     evaluated = binner("eval", "--images", str(labelled), "--labels", str(labels), "--config", str(config))
     assert evaluated.exit_code == 0, evaluated.stdout_bytes + evaluated.stderr_bytes
-    assert_clean(evaluated.stdout_bytes, SHOWN[1], "photo\\x1b[7m")
+    assert_clean(evaluated.stdout_bytes, SHOWN[1], SHOWN[3], "photo\\x1b[7m")
     as_json = binner("eval", "--images", str(labelled), "--labels", str(labels), "--config", str(config), "--json")
     result = json.loads(assert_clean(as_json.stdout_bytes))
-    assert [item["file"] for item in result["misbinned"]] == [SHOWN[1]]
+    assert sorted(item["file"] for item in result["misbinned"]) == sorted(
+        [SHOWN[1], shown(os.fsdecode(NAMES[3]), lines=True)])  # JSON encodes the newline itself
