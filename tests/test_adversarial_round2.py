@@ -9,6 +9,7 @@ An input folder inside the output, with every file kept, is tests/test_input_ins
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -208,7 +209,16 @@ def _started_after_metrics(daemon: DaemonProcess) -> Iterator[int]:
             time.sleep(0.05)
         yield sent
         assert_alive(daemon)
-        assert daemon.stop() == 0, daemon.log_tail()
+        # And on until it has exited: SIGHUPs while it drains and shuts down (its signal task already gone) are
+        # ignored too. Before, the handler was swapped at the end, and a SIGHUP in between ended the process.
+        assert daemon.process is not None
+        daemon.send(signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while daemon.process.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(ProcessLookupError):
+                daemon.send(signal.SIGHUP)
+            time.sleep(0.005)
+        assert daemon.process.wait(5) == 0, daemon.log_tail()
     finally:
         daemon.kill()
 
@@ -345,6 +355,72 @@ def test_the_input_directory_removed_and_recreated_is_watched_again(tmp_path: Pa
     assert count_events(daemon, "the input directory is gone: watching it again once it exists; meanwhile nothing "
                                 "can arrive (recreate it, or fix the mount it is on)") >= 1
     assert count_events(daemon, "the input directory exists again: watching it") >= 1
+
+
+# --- a watcher that cannot start ----------------------------------------------------------------------------------
+def test_a_watcher_that_cannot_start_is_re_armed_with_a_growing_back_off(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """inotify's limits (instances, watches) make the watcher fail to start, and a process cannot safely exhaust
+    them here (they are shared by every process of the user), so the refusal is injected where watchdog reports it.
+    The daemon shows the watch degraded, re-arms it at once twice, then backs off (doubling), and once a watch holds
+    it is healthy again and its events bring files in. The daemon's own runtime and ledger run for real."""
+    import errno
+
+    import anyio
+    import structlog
+    from watchdog import observers
+
+    import app.service.daemon as daemon_module
+    from app.build import build_runtime
+    from app.config import load_config
+    from app.service import Daemon
+
+    monkeypatch.setattr(daemon_module, "WATCH_BACKOFF_FIRST_S", 0.05)
+    monkeypatch.setattr(daemon_module, "WATCH_STABLE_S", 0.3)
+    refusals = 4
+    starts: list[bool] = []
+    real_start = observers.Observer.start
+
+    def start(observer: object) -> None:
+        starts.append(len(starts) >= refusals)
+        if not starts[-1]:
+            raise OSError(errno.EMFILE, "inotify instance limit reached")
+        real_start(observer)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(observers.Observer, "start", start)
+    synthetic = {"backend": "synthetic", "devices": ["cpu"]}
+    (tmp_path / "in").mkdir()
+    config = load_config(None, {"input": tmp_path / "in", "output": tmp_path / "out", "state_dir": tmp_path / "state",
+                                "ocr": synthetic, "vision": synthetic, "settle_ms": 0})
+    daemon = Daemon(config, None)
+    daemon.runtime = runtime = build_runtime(config)
+
+    def degraded() -> float | None:
+        return runtime.metrics.registry.get_sample_value("binner_watch_degraded")
+
+    async def watch() -> None:
+        async with anyio.create_task_group() as group:
+            await group.start(daemon._watch)
+            shown_degraded = False
+            with anyio.fail_after(20):
+                while len(starts) <= refusals or daemon.watch_problem is not None:
+                    shown_degraded = shown_degraded or degraded() == 1
+                    await anyio.sleep(0.02)
+            assert shown_degraded, "the failing watch was never shown in binner_watch_degraded"
+            put(config.input, b"seen.png", images(1, start=3900)[0])
+            with anyio.fail_after(10):
+                while runtime.ledger.backlog()[0] == 0:
+                    await anyio.sleep(0.02)
+            daemon.stop_intake.set()
+
+    with structlog.testing.capture_logs() as events:
+        anyio.run(watch)
+    retries = [event["retry_in_s"] for event in events if event.get("event", "").startswith("watching the input stopped")]
+    assert retries == [0.0, 0.0, 0.05, 0.1], retries
+    assert all("could not start" in event["reason"] and "inotify" in event["reason"]
+               for event in events if "retry_in_s" in event)
+    assert degraded() == 0 and daemon.watch_problem is None
+    runtime.ledger.close()
 
 
 # --- an output whose quarantine is a link leading out ---------------------------------------------------------------

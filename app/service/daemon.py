@@ -5,9 +5,11 @@ input (events are hints), rescan periodically, feed the pipeline from the ledger
 the pipeline makes progress. SIGTERM/SIGINT: STOPPING=1, stop intake, drain in-flight work, exit 0 within
 ``drain_timeout_s``. SIGHUP: reload the rules from the configuration file without reloading models.
 
-No signal ever has its default action once ``serve`` runs: a SIGHUP that arrives before the signal task exists is
-noted and applied once it does, and one signal task serves the whole life of the process (loading, the start-up
-scan, running, draining), so there is no gap between phases where SIGHUP would end the process.
+No signal ever has its default action once ``serve`` runs. SIGHUP has one handler for the whole life of the
+process, installed first: before the rules can be swapped it notes the reload (applied once they can), afterwards
+it hands the reload to the event loop, and once the service stops SIGHUP is ignored outright. So there is no
+gap, while starting, running, draining or shutting down, where SIGHUP would end the process. One signal task
+serves SIGINT and SIGTERM (the drain) from loading to the end.
 The watch (watchdog's inotify observer, which takes names as bytes: a name that is not UTF-8 is an event like any
 other) is a hint, and a hint that stops is re-armed: when the watcher cannot start or dies (inotify limits) or the
 input directory is removed or replaced, the daemon says so, shows a degraded watch in /healthz and
@@ -16,6 +18,7 @@ input directory is removed or replaced, the daemon says so, shows a degraded wat
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import signal
@@ -123,15 +126,25 @@ class Daemon:
         self.watch_problem: str | None = None  # why the watch is degraded (read by /healthz), None while it works
         self.rescan_requested = False  # the watch was re-armed: rescan now for what it may have missed
         self.rescan_when_resumed = False  # files were seen while the state disk was full: rescan once it has room
-        self.reload_pending = False  # a SIGHUP arrived before the signal task existed
+        self.reload_pending = False  # a SIGHUP arrived before the rules could be swapped
+        self.reloads: asyncio.AbstractEventLoop | None = None  # the loop that runs reloads, while it runs
 
     def hold_signals(self) -> None:
-        """From now on a SIGHUP cannot end the process: until the signal task takes over it is noted, and the
-        reload runs once the rules can be swapped (``main``). Call from the main thread, before anything slow."""
-        signal.signal(signal.SIGHUP, self._note_reload)
+        """From now on a SIGHUP cannot end the process (``_on_sighup`` for good). Call from the main thread,
+        before anything slow."""
+        signal.signal(signal.SIGHUP, self._on_sighup)
 
-    def _note_reload(self, signum: int, frame: FrameType | None) -> None:
-        self.reload_pending = True
+    def _on_sighup(self, signum: int, frame: FrameType | None) -> None:
+        """Runs between two bytecodes of the main thread: only note the reload, or queue it on the event loop
+        (``call_soon_threadsafe`` only appends and wakes the loop), never run it here."""
+        loop = self.reloads
+        if loop is None:
+            self.reload_pending = True
+            return
+        try:
+            loop.call_soon_threadsafe(self._reload_rules)
+        except RuntimeError:  # the loop is closing: the service is stopping, the rules no longer matter
+            pass
 
     # --- health -----------------------------------------------------------------------------------
     @property
@@ -424,7 +437,7 @@ class Daemon:
         await stop_on_signals(
             scope, self.config.drain_timeout_s, lambda why: self.begin_drain(scope, why), report=self._report_drain,
             stop_now=lambda: log.warning("second stop signal: stopping now; interrupted files resume at the next start"),
-            reload=self._reload_rules, task_status=task_status)
+            task_status=task_status)
 
     def _reload_rules(self) -> None:
         """SIGHUP: new rules from the configuration file. Whatever is wrong with the file (invalid, not YAML, not
@@ -459,6 +472,7 @@ class Daemon:
             async with anyio.create_task_group() as group:
                 # One signal task for the whole life: loading, the start-up scan, running and draining.
                 await group.start(self._signals, group.cancel_scope)
+                self.reloads = asyncio.get_running_loop()  # the rules can be swapped: SIGHUPs reload from now on
                 if self.reload_pending:
                     self.reload_pending = False
                     log.info("a reload (SIGHUP) was asked for while starting; applying it now")
@@ -469,7 +483,11 @@ class Daemon:
                 await self.pipeline.run(until_idle=False)
                 group.cancel_scope.cancel()
         finally:
-            signal.signal(signal.SIGHUP, self._note_reload)  # the signal task is gone: a late SIGHUP is ignored
+            # Stopping: the rules no longer matter, and SIGHUP is ignored by the kernel from here to the exit (the
+            # interpreter's own shutdown puts a Python handler back to the default action, which would end the
+            # process with SIGHUP in its last moments).
+            self.reloads = None
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             with anyio.CancelScope(shield=True):
                 await self.pipeline.teardown()
                 if self.http:

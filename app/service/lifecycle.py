@@ -35,24 +35,20 @@ def drain_message(in_flight: int, remaining_s: float) -> str:
 
 async def stop_on_signals(scope: anyio.CancelScope, drain_timeout_s: float, begin_drain: Callable[[str], None], *,
                           report: Callable[[float], None] | None = None, stop_now: Callable[[], None] | None = None,
-                          reload: Callable[[], None] | None = None,
                           task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-    """Serve the stop signals for ``scope`` (and SIGHUP when ``reload`` is given) until it ends.
+    """Serve the stop signals for ``scope`` until it ends (SIGHUP is the daemon's own: ``Daemon.hold_signals``).
 
     The first SIGINT/SIGTERM calls ``begin_drain(signal name)`` and gives ``scope`` at most ``drain_timeout_s``
     more; while it drains, ``report(seconds left)`` runs every couple of seconds, so a long drain never looks like
     a hang. A second stop signal calls ``stop_now()`` and cancels ``scope``. Started with ``TaskGroup.start``, it
     returns to the starter once the handlers are installed: from then on no signal has its default action.
     """
-    wanted = [signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if reload is not None else [])]
+    wanted = [signal.SIGTERM, signal.SIGINT]
     draining = False
     async with anyio.create_task_group() as reporters:
         with anyio.open_signal_receiver(*wanted) as signals:
             task_status.started()
             async for signum in signals:
-                if signum == signal.SIGHUP and reload is not None:
-                    reload()
-                    continue
                 if draining:
                     if stop_now is not None:
                         stop_now()
