@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -282,3 +283,22 @@ def test_install_script_rejects_bad_options(env: dict[str, str], message: str) -
                             env={**os.environ, **env})
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_a_non_editable_install_ships_every_package(tmp_path: Path) -> None:
+    """install.sh installs binner as a wheel, not editable: every package of the tree (app.engine, app.hosts, ...)
+    must be in it. Before, only the top-level modules were, and `binner run` failed to import its engine."""
+    import zipfile
+
+    source = tmp_path / "source"  # a copy without build outputs: setuptools would package a stale build/lib
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "tests",
+                                                                "inbox", "bins", "docs", "grafana", "deploy"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                            "--wheel-dir", str(tmp_path / "wheel"), str(source)], capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "wheel").glob("binner-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    modules = {str(path.relative_to(REPO)) for top in ("app", "stages", "queues") for path in (REPO / top).rglob("*.py")
+               if "__pycache__" not in path.parts}
+    assert modules - shipped == set(), f"left out of the wheel: {sorted(modules - shipped)}"
