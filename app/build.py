@@ -1,8 +1,9 @@
 """Configuration -> a ready runtime: directories, the instance lock, the ledger, the weights, the stages and
-(for the local engine) the pipeline. Shared by `run`, `once`, `eval`, `bench` and `config check`.
+(for the local engine) the pipeline. Shared by `run`, `once` (both engines), `eval`, `bench`, `config check`, and
+`rebin --infer` (its stages), and by the read commands for the ledger and the recorded configuration.
 
-Devices and isolation are resolved by ``app.devices``; what is built here is run by ``app.once`` (`once`,
-`eval`) and ``app.service`` (the daemon).
+Devices and isolation are resolved by ``app.devices``; what is built here is run by ``app.once`` (`once`),
+``app.evaluate`` (`eval`), ``app.service`` (the daemon) and ``app.infer`` (`rebin --infer`).
 """
 
 from __future__ import annotations
@@ -325,7 +326,8 @@ def _policy(batch_size: int | str, max_wait_ms: float) -> BatchPolicy:
 
 def build_stages(config: BinnerConfig, gpu_count: int | None = None, where: str = "this machine") -> list[Stage]:
     """The enabled stages in pipeline order (load, ocr, vision), their devices resolved against ``gpu_count`` GPUs
-    (default: this machine's; the Ray driver passes the cluster's). Hosting is the pipeline's business."""
+    (default: this machine's; the Ray driver passes the cluster's). Where each replica runs (thread or process) is
+    decided by ``build_pipeline`` for the local engine; on Ray every actor is a process of its own."""
     from stages.loader import LoaderOptions, LoaderStage
 
     limits, loader = config.limits, config.loader

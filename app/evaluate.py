@@ -10,13 +10,14 @@ import csv
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from app.build import StreamingIntake, build_runtime, preflight_weights
-from app.config import load_config
+from app.config import BinnerConfig, load_config
 from app.once import run_to_idle
 from app.store import Ledger
 
@@ -39,7 +40,8 @@ def read_labels(path: Path) -> list[dict[str, str]]:
 
 
 def evaluate(images: Path, labels: list[dict[str, str]], config_file: Path | None, state: Path | None,
-             show_progress: bool, console: Console | None = None, on_config: Any = None) -> dict[str, Any]:
+             show_progress: bool, console: Console | None = None,
+             on_config: Callable[[BinnerConfig], object] | None = None) -> dict[str, Any]:
     """Bin the labelled images of ``images`` (dry run: nothing placed) and score them against ``labels``.
 
     ``on_config(config)`` runs once the configuration is loaded (the CLI starts its logs there). Raises

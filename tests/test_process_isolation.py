@@ -250,6 +250,16 @@ def test_isolation_is_chosen_per_stage_and_paddleocr_forces_a_process(tmp_path: 
     load, ocr, vision = build_stages(config)
     assert isolation_of(config, ocr.name, ocr.devices) == "process"
     assert isolation_of(config, vision.name, vision.devices) == "thread" == isolation_of(config, load.name, load.devices)
+    # the pipeline hosts them so, with the configured limit for a stuck child
+    from app.build import build_pipeline
+    from app.metrics import Metrics
+
+    runtime_config = load_config(None, {**base, **SYNTHETIC_PROCESS, "stall_timeout_s": 7.5,
+                                        "vision": {**SYNTHETIC_PROCESS["vision"], "isolation": "thread"}})
+    hosting = {runner.stage.name: runner.hosting
+               for runner in build_pipeline(runtime_config, None, Metrics(), None).runners}  # type: ignore[arg-type]
+    assert hosting["ocr"].isolation == "process" and hosting["ocr"].stall_timeout_s == 7.5
+    assert hosting["vision"].isolation == "thread"
     assert resolve_isolation("auto", ["cpu"], "paddleocr") == "process"
     assert resolve_isolation("thread", ["cuda:0"]) == "thread"
     with pytest.raises(ConfigError, match="ocr.isolation"):

@@ -15,9 +15,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.metrics import Metrics
+
+if TYPE_CHECKING:
+    from app.build import Runtime
+    from app.config import BinnerConfig
+    from app.store import Outcome, Row
 
 
 class BenchUnavailable(Exception):
@@ -223,14 +228,15 @@ class FileTimes:
         return [at - self.claimed[key] for key, at in self.placed.items() if key in self.claimed]
 
 
-def clocked_runtime(config: Any, metrics: Metrics, on_placed: Callable[[Any, Any], None]) -> tuple[Any, FileTimes]:
+def clocked_runtime(config: BinnerConfig, metrics: Metrics,
+                    on_placed: Callable[[Row, Outcome], None]) -> tuple[Runtime, FileTimes]:
     """The runtime of ``config`` with its ledger's claims and its finished files stamped into a ``FileTimes``;
     ``on_placed(row, outcome)`` sees each placed or quarantined file after its stamp."""
     from app.build import build_runtime
 
     times = FileTimes()
 
-    def on_finished(row: Any, outcome: Any) -> None:
+    def on_finished(row: Row, outcome: Outcome) -> None:
         if outcome.status in ("done", "quarantined"):
             times.placed[row.id] = time.perf_counter()
             on_placed(row, outcome)
@@ -238,7 +244,7 @@ def clocked_runtime(config: Any, metrics: Metrics, on_placed: Callable[[Any, Any
     runtime = build_runtime(config, metrics=metrics, on_finished=on_finished, command="bench")
     claim = runtime.ledger.claim_pending
 
-    def claim_and_stamp(limit: int, after_id: int = 0) -> list[Any]:
+    def claim_and_stamp(limit: int, after_id: int = 0) -> list[Row]:
         rows = claim(limit, after_id)
         now = time.perf_counter()
         for row in rows:

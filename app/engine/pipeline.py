@@ -1,8 +1,10 @@
 """The engine: feeder -> [load] -> loader -> [ocr] -> OCR -> [vision] -> vision -> [sink] -> rules + writer.
 
 Every arrow is a bounded queue; a full queue blocks its producer, and that backpressure reaches the
-feeder, which then stops claiming ledger rows. Each stage runs one worker task and one dedicated thread
-per device; the worker gathers micro-batches and runs the model call on its thread.
+feeder, which then stops claiming ledger rows. Each stage runs replicas (one per entry of its device list); a
+replica's worker tasks gather micro-batches and hand them to its host, which runs the model calls on the replica's
+own model thread (``app.hosts``: in this process, or in a child process), several batches at once when the stage
+overlaps host and device work.
 
 This module is the flow (``Pipeline``: feeder, router, sink); a stage's replicas are ``runner.py``, their failure
 handling ``containment.py``, what happens to a finished item (rules, placement, outcome) ``finishing.py``.
