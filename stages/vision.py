@@ -143,6 +143,9 @@ class VisionStage(Stage):
     produces = frozenset({"detections", "caption", "clip_similarity"})
     # BLIP's decoding is launch-bound: a step costs about the same at 32 images as at 256, so the probe starts high.
     max_auto_batch = 512
+    # Batches whose frames a replica holds on the device at once: the engine's overlap depth (app.hosts.OVERLAP_DEPTH;
+    # one on the device, the others uploaded and waiting for it or still being finished). The memory probe holds as many.
+    batches_in_flight = 3
 
     def __init__(
         self,
@@ -152,7 +155,10 @@ class VisionStage(Stage):
         precision: str,
         devices: list[str],
         batch_policy: BatchPolicy,
+        max_image_side: int = 1600,
     ) -> None:
+        """``max_image_side``: the longest side of the decoded images this stage gets (``limits.max_side``), which
+        ``batch_size: auto`` probes with."""
         super().__init__(devices=devices, batch_policy=batch_policy)
         if clip is not None and captioner is None:
             raise VisionConfigError(
@@ -167,6 +173,7 @@ class VisionStage(Stage):
         self.captioner_options = captioner
         self.clip_options = clip
         self.precision = precision
+        self.max_image_side = int(max_image_side)
         self._clear_models()
 
     def _clear_models(self) -> None:
@@ -441,9 +448,30 @@ class VisionStage(Stage):
             raise RuntimeError("VisionStage.warmup() called before setup(device)")
         self.run_models(self._dummy_images(1))
 
+    def _probe_frame(self) -> Any:
+        """The largest image the loader hands this stage: a ``max_image_side`` square (the most pixels under that
+        longest side) of noise, uint8 RGB."""
+        import numpy as np
+
+        side = self.max_image_side
+        return np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+
+    def _probe_attempt(self, size: int) -> None:
+        """A batch of ``size`` at its worst as production meets it: ``batches_in_flight - 1`` batches of the largest
+        frames uploaded and waiting on the device while one more goes through the models with full-length captions.
+        Frames of one shape are also the worst case of the device pre-processing, which resamples a shape's frames as
+        one stacked batch."""
+        frames = [self._probe_frame()] * size
+        waiting = [self._upload(frames) for _ in range(self.batches_in_flight - 1)]
+        try:
+            self.run_models(frames, worst_case=True)
+        finally:
+            del waiting
+
     def probe_batch_size(self, device: str, ceiling: int) -> int:
-        """Largest batch (``ceiling``, halved until it fits) that runs on ``device`` with full-length
-        captions and peaks under 90% of the memory available to this stage; CPU returns ``ceiling``."""
+        """Largest batch (``ceiling``, halved until it fits) whose worst case (``_probe_attempt``: the batches in flight
+        at ``max_image_side``, full-length captions) peaks under 90% of the memory available to this stage; CPU
+        returns ``ceiling``."""
         if not parse_device(device).is_cuda:
             return ceiling
         import torch
@@ -458,7 +486,8 @@ class VisionStage(Stage):
             available = free + torch.cuda.memory_reserved(index)
             torch.cuda.reset_peak_memory_stats(index)
             try:
-                self.run_models(self._dummy_images(size), worst_case=True)
+                self._probe_attempt(size)
+                torch.cuda.synchronize(index)
                 fits = torch.cuda.max_memory_reserved(index) <= _PROBE_HEADROOM * available
             except Exception as error:
                 if not is_out_of_memory(error):
@@ -469,7 +498,10 @@ class VisionStage(Stage):
                 return size
             if size == 1:
                 torch.cuda.empty_cache()
-                raise OutOfDeviceMemory(f"the vision models do not fit on {device} even with a batch of 1")
+                raise OutOfDeviceMemory(
+                    f"the vision models do not fit on {device} even with a batch of 1 (with {self.batches_in_flight} "
+                    f"batches of {self.max_image_side}x{self.max_image_side} frames in flight): lower limits.max_side "
+                    "or vision.precision, or give vision a GPU of its own")
             size //= 2
 
     def teardown(self) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from app.config import load_config
 from stages.base import BatchPolicy, ImageItem
 from stages.vision import (
     CaptionerOptions,
@@ -176,6 +177,50 @@ def test_bf16_stage_runs_blip_and_clip_in_bf16(tiny_blip_dir: Path, tiny_clip_di
     assert half.probe_batch_size("cpu", 12) == 12
     half.teardown()
     assert half.blip is None and half.clip is None and half.device is None
+
+
+def test_the_memory_probe_runs_the_batches_in_flight_at_the_largest_side(tmp_path: Path, tiny_blip_dir: Path,
+                                                                            tiny_clip_dir: Path) -> None:
+    """The probe's worst case is production's: ``batches_in_flight`` (the engine's overlap depth) batches of frames
+    at ``limits.max_side`` on the device at once, one of them through the models. The memory figure itself needs CUDA;
+    what it measures is checked here."""
+    import weakref
+
+    from app.build import build_stages
+    from app.hosts import OVERLAP_DEPTH
+
+    config = load_config(None, {"input": tmp_path / "in", "output": tmp_path / "out", "state_dir": tmp_path / "st",
+                                "limits": {"max_side": 96}, "ocr": {"enabled": False},
+                                "vision": {"detector": {"enabled": False},
+                                           "captioner": {"model": str(tiny_blip_dir), "max_new_tokens": 4},
+                                           "clip": {"model": str(tiny_clip_dir)}}})
+    vision = next(stage for stage in build_stages(config, gpu_count=0) if stage.name == "vision")
+    assert isinstance(vision, VisionStage) and vision.max_image_side == 96
+    assert VisionStage.batches_in_flight == OVERLAP_DEPTH
+    vision.setup("cpu")
+    uploads: list[list[weakref.ref[torch.Tensor]]] = []
+    shapes: list[list[tuple[int, ...]]] = []
+    alive_at_the_models: list[int] = []
+    upload = vision._upload
+
+    def recorded(images: list[object]) -> tuple[list[torch.Tensor], object]:
+        frames, ready = upload(images)
+        uploads.append([weakref.ref(frame) for frame in frames])
+        shapes.append([tuple(frame.shape) for frame in frames])
+        return frames, ready
+
+    def counted(batch: object) -> list[dict[str, object]]:
+        alive_at_the_models.append(sum(all(ref() is not None for ref in refs) for refs in uploads))
+        return infer(batch)
+
+    infer = vision._infer
+    vision._upload, vision._infer = recorded, counted  # type: ignore[method-assign]
+    try:
+        vision._probe_attempt(2)
+    finally:
+        vision.teardown()
+    assert shapes == [[(96, 96, 3)] * 2] * OVERLAP_DEPTH  # every batch in flight, at the largest side
+    assert alive_at_the_models == [OVERLAP_DEPTH]  # all of them held while the models run
 
 
 def test_configuration_errors_name_the_keys(tmp_path: Path) -> None:

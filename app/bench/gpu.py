@@ -455,7 +455,7 @@ def _vision_stage(paths: dict[str, str], precision: str, device: str, config: An
         DetectorOptions(weights=paths["detector"], confidence=detector.confidence, image_size=detector.image_size),
         CaptionerOptions(model=paths["captioner"], max_new_tokens=max_new_tokens),
         ClipOptions(model=paths["clip"]),
-        precision, [device], BatchPolicy(max_batch_size=batch),
+        precision, [device], BatchPolicy(max_batch_size=batch), max_image_side=config.limits.max_side,
     )
     stage.setup(device)
     stage.warmup()
