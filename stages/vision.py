@@ -110,17 +110,32 @@ def _load_model_and_processor(model_class: Any, name: str, key: str, dtype: Any,
 
 
 def _load_captioner(model_class: Any, name: str, dtype: Any, device: Any) -> tuple[Any, Any, str]:
-    """BLIP with SDPA attention where transformers implements it for BLIP, else eager; says which it got."""
+    """BLIP with the attention transformers gives it by default, and its name.
+
+    transformers picks SDPA by default wherever a model implements it. BLIP does not, in any version this project has
+    run (5.17 to 5.23): its vision encoder and its text decoder compute attention with their own matmul and softmax,
+    and ``attn_implementation="sdpa"`` (or flash, or flex) is refused with a ValueError. So this is eager today, and
+    SDPA without a code change the day transformers adds it.
+    """
     from transformers import AutoProcessor
 
     processor = _load_pretrained(AutoProcessor, name, "vision.captioner.model")
-    try:
-        model = _load_pretrained(model_class, name, "vision.captioner.model", dtype=dtype, attn_implementation="sdpa")
-        attention = "sdpa"
-    except (ValueError, ImportError):  # transformers 5.x: BLIP's text decoder has no SDPA path
-        model = _load_pretrained(model_class, name, "vision.captioner.model", dtype=dtype)
-        attention = str(getattr(model.config, "_attn_implementation", "eager") or "eager")
+    model = _load_pretrained(model_class, name, "vision.captioner.model", dtype=dtype)
+    attention = str(getattr(model.config, "_attn_implementation", None) or "eager")
     return processor, model.to(device).eval(), attention
+
+
+_reported_captioners: set[tuple[str, str, str, str]] = set()
+
+
+def _report_captioner(name: str, attention: str, cache: str, dtype: Any) -> None:
+    """Say once per process which attention and KV cache BLIP runs with (replicas would repeat it)."""
+    key = (name, attention, cache, str(dtype))
+    if key in _reported_captioners:
+        return
+    _reported_captioners.add(key)
+    logger.info("BLIP %s runs with %s attention and a %s KV cache in %s (transformers has no SDPA path for BLIP; "
+                "docs/benchmarks.md, GPU)", name, attention, cache, str(dtype).replace("torch.", ""))
 
 
 @dataclass
@@ -174,6 +189,9 @@ class VisionStage(Stage):
         self.clip_options = clip
         self.precision = precision
         self.max_image_side = int(max_image_side)
+        # BLIP's self-attention KV cache: "dynamic" (transformers' default) or "static" (preallocated, the same
+        # captions; no fewer kernel launches without CUDA graphs, so it stays an option the GPU bench measures).
+        self.blip_cache = "dynamic"
         self._clear_models()
 
     def _clear_models(self) -> None:
@@ -223,6 +241,7 @@ class VisionStage(Stage):
 
             self.blip_processor, self.blip, self.blip_attention = _load_captioner(
                 BlipForConditionalGeneration, self.captioner_options.model, dtype, torch_device)
+            _report_captioner(self.captioner_options.model, self.blip_attention, self.blip_cache, dtype)
             self._blip_pixels = PixelValues(self.blip_processor)
         if self.clip_options is not None:
             from transformers import CLIPModel
@@ -332,9 +351,22 @@ class VisionStage(Stage):
         if options.prompt:
             text = self.blip_processor.tokenizer([options.prompt] * len(frames), return_tensors="pt")
             inputs.update({key: text[key].to(self.torch_device) for key in ("input_ids", "attention_mask") if key in text})
-        extra = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
+        extra: dict[str, Any] = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
+        if self.blip_cache == "static":
+            # BLIP's generate drops the prompt's last token ([SEP]); without a prompt the decoder starts from [DEC]
+            start = int(inputs["input_ids"].shape[1]) - 1 if "input_ids" in inputs else 1
+            extra["past_key_values"] = self._static_cache(start + options.max_new_tokens)
         output = self.blip.generate(**inputs, max_new_tokens=options.max_new_tokens, **extra)
         return [text.strip() for text in self.blip_processor.batch_decode(output, skip_special_tokens=True)]
+
+    def _static_cache(self, length: int) -> Any:
+        """A KV cache for one ``generate``: preallocated for ``length`` tokens in the decoder's self-attention, dynamic
+        in its cross-attention. ``generate(cache_implementation="static")`` does not work for BLIP (it writes the
+        577 image tokens of the cross-attention into the static cache: IndexError), this does."""
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
+
+        config = self.blip.config.text_config
+        return EncoderDecoderCache(StaticCache(config=config, max_cache_len=length), DynamicCache(config=config))
 
     def _similarity(self, frames: list[Any], captions: list[str]) -> list[float]:
         assert self.clip is not None

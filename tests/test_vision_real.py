@@ -8,6 +8,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -221,6 +222,36 @@ def test_the_memory_probe_runs_the_batches_in_flight_at_the_largest_side(tmp_pat
         vision.teardown()
     assert shapes == [[(96, 96, 3)] * 2] * OVERLAP_DEPTH  # every batch in flight, at the largest side
     assert alive_at_the_models == [OVERLAP_DEPTH]  # all of them held while the models run
+
+
+@pytest.mark.parametrize("prompt", [None, "a picture of"])
+def test_blip_with_a_static_cache_writes_the_same_captions(tiny_blip_dir: Path, prompt: str | None,
+                                                           caplog: pytest.LogCaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers has no SDPA for BLIP and its ``cache_implementation="static"`` fails on BLIP's cross-attention;
+    the stage says once what BLIP runs with, and its static self-attention cache gives the dynamic cache's captions."""
+    import copy
+
+    import stages.vision as vision_module
+
+    monkeypatch.setattr(vision_module, "_reported_captioners", set())
+    vision = VisionStage(None, CaptionerOptions(str(tiny_blip_dir), 8, prompt), None, "auto", ["cpu"], BatchPolicy())
+    with caplog.at_level(logging.INFO, logger="stages.vision"):
+        vision.setup("cpu")
+        vision.teardown()
+        vision.setup("cpu")
+    said = [record.getMessage() for record in caplog.records if record.getMessage().startswith("BLIP ")]
+    assert said == [f"BLIP {tiny_blip_dir} runs with eager attention and a dynamic KV cache in float32 (transformers "
+                    "has no SDPA path for BLIP; docs/benchmarks.md, GPU)"]
+    assert vision.blip_attention == vision.blip.config._attn_implementation == "eager"
+    frames = [torch.from_numpy(np.array(load(name))) for name in (ZIDANE, DOG, PAGE)]
+    static = copy.copy(vision)
+    static.blip_cache = "static"
+    with torch.inference_mode():
+        expected = vision._caption(frames, min_new_tokens=8)
+        assert static._caption(frames, min_new_tokens=8) == expected
+        assert static._caption(frames[:1]) == vision._caption(frames[:1])
+    vision.teardown()
 
 
 def test_configuration_errors_name_the_keys(tmp_path: Path) -> None:
