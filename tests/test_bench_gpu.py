@@ -275,3 +275,28 @@ def test_cli_quick_refuses_without_cuda() -> None:
     result = CliRunner().invoke(cli, ["bench", "-s", "gpu", "--quick", "--json"])
     assert result.exit_code == 2
     assert "needs a CUDA GPU" in result.output
+
+
+def test_device_preflight_names_what_is_missing() -> None:
+    """scripts/device_check.sh stops within seconds on a GPU machine that lacks an API the device path uses, one line
+    per missing piece; here (transformers as installed) nothing is missing but CUDA."""
+    import importlib.util
+
+    import torch
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "device_preflight.py"
+    spec = importlib.util.spec_from_file_location("device_preflight", path)
+    assert spec is not None and spec.loader is not None
+    preflight = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(preflight)
+    assert preflight.missing(allow_cpu=True) == []
+    import transformers
+
+    assert preflight.missing([("transformers.image_processing_backends", "NoSuchBackend", "the device path")],
+                             allow_cpu=True) == [
+        f"transformers.image_processing_backends.NoSuchBackend is missing (the device path; transformers "
+        f"{transformers.__version__})"]
+    [line] = preflight.missing([("binner_no_such_module", None, "a test")], allow_cpu=True)
+    assert line.startswith("binner_no_such_module cannot be imported (a test): ModuleNotFoundError")
+    if not torch.cuda.is_available():
+        assert [line for line in preflight.missing([]) if "sees no CUDA GPU" in line]

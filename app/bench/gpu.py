@@ -750,9 +750,9 @@ def _ocr_models(stage: Any, device: str, images: list[Any], plan: Plan, sampler:
 
 
 def _ocr_cudnn(device: str, images: list[Any], plan: Plan, precision: str) -> dict[str, Any]:
-    """OCR on the torch runtime with cuDNN off, then on: ``cudnn_rounds`` rounds of ``cudnn_images`` images in batches of
-    ``ocr_batch`` each, every round composing its batches differently (the images rotated), as changing batches do.
-    The first round of a mode is cold (every shape new to the process, for cuDNN a new plan), the others warm.
+    """OCR on the torch runtime with cuDNN off, then on: ``cudnn_rounds`` rounds over the same ``cudnn_images`` images in
+    batches of ``ocr_batch``, every round composing its batches differently (the images rotated), as changing batches
+    do. The first round of a mode is cold (every shape new to the process, for cuDNN a new plan), the others warm.
 
     A stage of its own, loaded without the warm-up batch, so that no OCR shape ran before; off goes first, so that
     on's cold round still plans every shape (off's cold round pays the process's first launches of the other kernels).
@@ -763,6 +763,7 @@ def _ocr_cudnn(device: str, images: list[Any], plan: Plan, precision: str) -> di
 
     applicable = _on_cuda(device) and torch.backends.cudnn.is_available()
     batch, count = plan.ocr_batch, max(1, plan.cudnn_images)
+    base = _cycle(images, 0, count)
     shift = batch // 2 + 1  # each round's batches mix images that were in different batches the round before
     record: dict[str, Any] = {
         "batch": batch, "images_per_round": count, "rounds": plan.cudnn_rounds, "precision": precision,
@@ -778,7 +779,7 @@ def _ocr_cudnn(device: str, images: list[Any], plan: Plan, precision: str) -> di
             torch.backends.cudnn.enabled = mode == "on"
             rounds: list[dict[str, Any]] = []
             for number in range(max(1, plan.cudnn_rounds)):
-                chosen = _cycle(images, number * shift, count)
+                chosen = _cycle(base, number * shift, count)
                 _sync(device)
                 started = time.perf_counter()
                 done = [item for start in range(0, count, batch)
