@@ -512,29 +512,36 @@ class VisionStage(Stage):
             self.setup(device)
         index = self.torch_device.index
         size = max(1, ceiling)
-        while True:
-            torch.cuda.empty_cache()
-            free, _total = torch.cuda.mem_get_info(index)
-            available = free + torch.cuda.memory_reserved(index)
-            torch.cuda.reset_peak_memory_stats(index)
-            try:
-                self._probe_attempt(size)
-                torch.cuda.synchronize(index)
-                fits = torch.cuda.max_memory_reserved(index) <= _PROBE_HEADROOM * available
-            except Exception as error:
-                if not is_out_of_memory(error):
-                    raise
-                fits = False
-            if fits:
+        try:
+            while True:
                 torch.cuda.empty_cache()
-                return size
-            if size == 1:
-                torch.cuda.empty_cache()
-                raise OutOfDeviceMemory(
-                    f"the vision models do not fit on {device} even with a batch of 1 (with {self.batches_in_flight} "
-                    f"batches of {self.max_image_side}x{self.max_image_side} frames in flight): lower limits.max_side "
-                    "or vision.precision, or give vision a GPU of its own")
-            size //= 2
+                free, _total = torch.cuda.mem_get_info(index)
+                available = free + torch.cuda.memory_reserved(index)
+                torch.cuda.reset_peak_memory_stats(index)
+                try:
+                    self._probe_attempt(size)
+                    torch.cuda.synchronize(index)
+                    fits = torch.cuda.max_memory_reserved(index) <= _PROBE_HEADROOM * available
+                except Exception as error:
+                    if not is_out_of_memory(error):
+                        raise
+                    fits = False
+                if fits:
+                    torch.cuda.empty_cache()
+                    return size
+                if size == 1:
+                    torch.cuda.empty_cache()
+                    raise OutOfDeviceMemory(
+                        f"the vision models do not fit on {device} even with a batch of 1 (with {self.batches_in_flight} "
+                        f"batches of {self.max_image_side}x{self.max_image_side} frames in flight): lower limits.max_side "
+                        "or vision.precision, or give vision a GPU of its own")
+                size //= 2
+        finally:
+            # The probe pinned up to three batches of the largest frames; the host allocator would keep them page-locked
+            # for the process's life. Free blocks only (CUDA builds have it; the CPU build has no pinned cache).
+            release_pinned = getattr(torch._C, "_host_emptyCache", None)
+            if release_pinned is not None:
+                release_pinned()
 
     def teardown(self) -> None:
         on_cuda = self.torch_device is not None and self.torch_device.type == "cuda"
