@@ -375,5 +375,6 @@ def build_stages(config: BinnerConfig, gpu_count: int | None = None, where: str 
             captioner = (CaptionerOptions(model=v.captioner.model, max_new_tokens=v.captioner.max_new_tokens,
                                           prompt=v.captioner.prompt) if v.captioner.enabled else None)
             clip = ClipOptions(model=v.clip.model) if v.clip.enabled else None
-            stages.append(VisionStage(detector, captioner, clip, v.precision, devices, policy))
+            stages.append(VisionStage(detector, captioner, clip, v.precision, devices, policy,
+                                      max_image_side=limits.max_side))
     return stages

@@ -4,8 +4,11 @@
 #
 # Prepare on the development machine: scripts/device_wheels.sh (fills .whl/ and .shared/, both git-ignored), then
 # carry both with the checkout. On the GPU machine, from anywhere:  bash scripts/device_check.sh
+# (through the device tool: run(command="bash scripts/device_check.sh", carry=[".whl", ".shared"], timeout_s=420)).
 # Writes under $OUT (default /tmp/binner-device-out): gpu.json (the report), gpu-partial.json (rewritten after every step, so a
 # run cut off keeps its figures), bench.log (the scenario's step lines and warnings), nvidia-smi*.txt, python.txt.
+# Exit status: 2 nothing carried, 3 a requirement missing (one "device_check: MISSING" line each, within seconds),
+# otherwise the bench's (124: the hard stop below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-${TMPDIR:-/tmp}/binner-device-out}"
@@ -26,7 +29,17 @@ fi
 
 SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/binner-device.XXXXXX")"
 SITE="$SCRATCH/site"
-"$PYTHON" -m pip install --quiet --no-index --no-deps --target "$SITE" "${wheels[@]}"
+if "$PYTHON" -m pip --version > /dev/null 2>&1; then
+    "$PYTHON" -m pip install --quiet --no-index --no-deps --target "$SITE" "${wheels[@]}" || {
+        echo "device_check: the wheels in .whl/ do not install here; scripts/device_wheels.sh downloads them for" \
+             "Python 3.12 and this is $("$PYTHON" -V 2>&1)" >&2
+        exit 3
+    }
+else  # no pip there: a wheel is a zip archive whose top level is what goes on the import path
+    "$PYTHON" -c 'import sys, zipfile
+for wheel in sys.argv[2:]:
+    zipfile.ZipFile(wheel).extractall(sys.argv[1])' "$SITE" "${wheels[@]}"
+fi
 export PYTHONPATH="$SITE:$PWD"
 export YOLO_OFFLINE=1 YOLO_CONFIG_DIR="$SCRATCH/ultralytics" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export BINNER_BENCH_PARTIAL="$OUT/gpu-partial.json"
@@ -35,16 +48,8 @@ mkdir -p "$YOLO_CONFIG_DIR"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 nvidia-smi --query-gpu=index,name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv \
     >> "$OUT/nvidia-smi.txt" 2>&1 || true
-# What the report depends on, checked before the clock: every import the scenario makes, and CUDA.
-"$PYTHON" -c '
-import sys, torch
-from stages.torch_compat import ensure_torchvision
-ensure_torchvision()  # as every stage does before torchvision is imported
-import torchvision, transformers, ultralytics, onnxruntime, onnx2torch, rapidocr_onnxruntime, pynvml
-import app.cli, app.bench.gpu
-print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
-      "transformers", transformers.__version__, "ultralytics", ultralytics.__version__)
-' > "$OUT/python.txt" 2>&1 || { cat "$OUT/python.txt" >&2; exit 3; }
+# What the report depends on, checked before the clock: every module and API the scenario's code uses, and CUDA.
+"$PYTHON" scripts/device_preflight.py > "$OUT/python.txt" 2>&1 || { cat "$OUT/python.txt" >&2; exit 3; }
 cat "$OUT/python.txt"
 
 status=0

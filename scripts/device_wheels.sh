@@ -2,8 +2,9 @@
 # Run on the development machine, before lending a GPU machine a few minutes: fills the git-ignored .whl/ with the
 # wheels the GPU machine lacks (for its Python 3.12; it has torch, torchvision, transformers, onnx, onnxruntime,
 # opencv, numpy, pillow, anyio, uvloop, prometheus-client, typer, rich, pyyaml and nvidia-ml-py, and no network),
-# and copies ../shared into the git-ignored .shared/. Both are carried to the GPU machine with the checkout, where
-# scripts/device_check.sh installs and reads them. Versions: constraints.txt and the development environment.
+# and copies ../shared/data/images into the git-ignored .shared/. Both are carried to the GPU machine with the
+# checkout, where scripts/device_check.sh installs and reads them. Versions: constraints.txt and the development
+# environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -17,5 +18,8 @@ mkdir -p .whl
     typing-extensions==4.16.0
 
 rm -rf .shared
-cp -rL ../shared .shared  # -L: the copy holds files, not links back to this machine
+mkdir -p .shared/data
+# The images the scenario reads (--source .shared/data/images), nothing else: the GPU machine builds stand-in weights.
+# -L: the copy holds files, not links back to this machine.
+cp -rL ../shared/data/images .shared/data/images
 du -sh .whl .shared

@@ -163,8 +163,10 @@ def run_phases(stage: Stage, items: list[ImageItem]) -> list[ImageItem]:
     return stage.finish(items, stage.forward(stage.prepare(items)))
 
 
-_OOM_MESSAGES = ("CUDA out of memory", "Failed to allocate memory", "CUBLAS_STATUS_ALLOC_FAILED",
-                 "CUDNN_STATUS_ALLOC_FAILED")
+# torch's allocator ("CUDA out of memory"), a CUDA runtime call failing with cudaErrorMemoryAllocation ("CUDA error: out
+# of memory": pinning host memory for an upload, cudaHostAlloc, says it this way), onnxruntime, cuBLAS and cuDNN.
+_OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "Failed to allocate memory",
+                 "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -679,9 +679,9 @@ class PpOcrTorch(PpOcrPipeline):
     little on these small, launch-bound convolutions. No OCR-scoped setting either: torch's cuDNN switches
     (``torch.backends.cudnn.flags(...)`` included) are process globals, not per thread, so a "scoped" setting
     would still change the models of other threads while OCR runs, and two replicas restoring it interleaved
-    could leave it wrong. To measure on a GPU (a benchmark script outside this module): cuDNN on against off,
-    cold (the first pass of each shape) and warm, with batch composition changing between rounds, lines
-    compared; and benchmark mode on against off, cold and warm.
+    could leave it wrong. ``binner bench -s gpu`` measures it (``ocr_cudnn``, docs/benchmarks.md "GPU"): cuDNN off
+    against on, cold (the first pass of each shape) and warm, the batches recomposed every round, lines compared;
+    its verdict says whether on is the faster. Benchmark mode is not measured there.
     """
 
     def __init__(self, precision: OcrPrecision | None = None, det_buckets: Sequence[int] = DET_SIDE_BUCKETS,

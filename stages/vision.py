@@ -110,17 +110,32 @@ def _load_model_and_processor(model_class: Any, name: str, key: str, dtype: Any,
 
 
 def _load_captioner(model_class: Any, name: str, dtype: Any, device: Any) -> tuple[Any, Any, str]:
-    """BLIP with SDPA attention where transformers implements it for BLIP, else eager; says which it got."""
+    """BLIP with the attention transformers gives it by default, and its name.
+
+    transformers picks SDPA by default wherever a model implements it. BLIP does not, in any version this project has
+    run (5.17 to 5.23): its vision encoder and its text decoder compute attention with their own matmul and softmax,
+    and ``attn_implementation="sdpa"`` (or flash, or flex) is refused with a ValueError. So this is eager today, and
+    SDPA without a code change the day transformers adds it.
+    """
     from transformers import AutoProcessor
 
     processor = _load_pretrained(AutoProcessor, name, "vision.captioner.model")
-    try:
-        model = _load_pretrained(model_class, name, "vision.captioner.model", dtype=dtype, attn_implementation="sdpa")
-        attention = "sdpa"
-    except (ValueError, ImportError):  # transformers 5.x: BLIP's text decoder has no SDPA path
-        model = _load_pretrained(model_class, name, "vision.captioner.model", dtype=dtype)
-        attention = str(getattr(model.config, "_attn_implementation", "eager") or "eager")
+    model = _load_pretrained(model_class, name, "vision.captioner.model", dtype=dtype)
+    attention = str(getattr(model.config, "_attn_implementation", None) or "eager")
     return processor, model.to(device).eval(), attention
+
+
+_reported_captioners: set[tuple[str, str, str, str]] = set()
+
+
+def _report_captioner(name: str, attention: str, cache: str, dtype: Any) -> None:
+    """Say once per process which attention and KV cache BLIP runs with (replicas would repeat it)."""
+    key = (name, attention, cache, str(dtype))
+    if key in _reported_captioners:
+        return
+    _reported_captioners.add(key)
+    logger.info("BLIP %s runs with %s attention and a %s KV cache in %s (transformers has no SDPA path for BLIP; "
+                "docs/benchmarks.md, GPU)", name, attention, cache, str(dtype).replace("torch.", ""))
 
 
 @dataclass
@@ -143,6 +158,9 @@ class VisionStage(Stage):
     produces = frozenset({"detections", "caption", "clip_similarity"})
     # BLIP's decoding is launch-bound: a step costs about the same at 32 images as at 256, so the probe starts high.
     max_auto_batch = 512
+    # Batches whose frames a replica holds on the device at once: the engine's overlap depth (app.hosts.OVERLAP_DEPTH;
+    # one on the device, the others uploaded and waiting for it or still being finished). The memory probe holds as many.
+    batches_in_flight = 3
 
     def __init__(
         self,
@@ -152,7 +170,10 @@ class VisionStage(Stage):
         precision: str,
         devices: list[str],
         batch_policy: BatchPolicy,
+        max_image_side: int = 1600,
     ) -> None:
+        """``max_image_side``: the longest side of the decoded images this stage gets (``limits.max_side``), which
+        ``batch_size: auto`` probes with."""
         super().__init__(devices=devices, batch_policy=batch_policy)
         if clip is not None and captioner is None:
             raise VisionConfigError(
@@ -167,6 +188,10 @@ class VisionStage(Stage):
         self.captioner_options = captioner
         self.clip_options = clip
         self.precision = precision
+        self.max_image_side = int(max_image_side)
+        # BLIP's self-attention KV cache: "dynamic" (transformers' default) or "static" (preallocated, the same
+        # captions; no fewer kernel launches without CUDA graphs, so it stays an option the GPU bench measures).
+        self.blip_cache = "dynamic"
         self._clear_models()
 
     def _clear_models(self) -> None:
@@ -216,6 +241,7 @@ class VisionStage(Stage):
 
             self.blip_processor, self.blip, self.blip_attention = _load_captioner(
                 BlipForConditionalGeneration, self.captioner_options.model, dtype, torch_device)
+            _report_captioner(self.captioner_options.model, self.blip_attention, self.blip_cache, dtype)
             self._blip_pixels = PixelValues(self.blip_processor)
         if self.clip_options is not None:
             from transformers import CLIPModel
@@ -325,9 +351,22 @@ class VisionStage(Stage):
         if options.prompt:
             text = self.blip_processor.tokenizer([options.prompt] * len(frames), return_tensors="pt")
             inputs.update({key: text[key].to(self.torch_device) for key in ("input_ids", "attention_mask") if key in text})
-        extra = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
+        extra: dict[str, Any] = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
+        if self.blip_cache == "static":
+            # BLIP's generate drops the prompt's last token ([SEP]); without a prompt the decoder starts from [DEC]
+            start = int(inputs["input_ids"].shape[1]) - 1 if "input_ids" in inputs else 1
+            extra["past_key_values"] = self._static_cache(start + options.max_new_tokens)
         output = self.blip.generate(**inputs, max_new_tokens=options.max_new_tokens, **extra)
         return [text.strip() for text in self.blip_processor.batch_decode(output, skip_special_tokens=True)]
+
+    def _static_cache(self, length: int) -> Any:
+        """A KV cache for one ``generate``: preallocated for ``length`` tokens in the decoder's self-attention, dynamic
+        in its cross-attention. ``generate(cache_implementation="static")`` does not work for BLIP (it writes the
+        577 image tokens of the cross-attention into the static cache: IndexError), this does."""
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
+
+        config = self.blip.config.text_config
+        return EncoderDecoderCache(StaticCache(config=config, max_cache_len=length), DynamicCache(config=config))
 
     def _similarity(self, frames: list[Any], captions: list[str]) -> list[float]:
         assert self.clip is not None
@@ -441,9 +480,30 @@ class VisionStage(Stage):
             raise RuntimeError("VisionStage.warmup() called before setup(device)")
         self.run_models(self._dummy_images(1))
 
+    def _probe_frame(self) -> Any:
+        """The largest image the loader hands this stage: a ``max_image_side`` square (the most pixels under that
+        longest side) of noise, uint8 RGB."""
+        import numpy as np
+
+        side = self.max_image_side
+        return np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+
+    def _probe_attempt(self, size: int) -> None:
+        """A batch of ``size`` at its worst as production meets it: ``batches_in_flight - 1`` batches of the largest
+        frames uploaded and waiting on the device while one more goes through the models with full-length captions.
+        Frames of one shape are also the worst case of the device pre-processing, which resamples a shape's frames as
+        one stacked batch."""
+        frames = [self._probe_frame()] * size
+        waiting = [self._upload(frames) for _ in range(self.batches_in_flight - 1)]
+        try:
+            self.run_models(frames, worst_case=True)
+        finally:
+            del waiting
+
     def probe_batch_size(self, device: str, ceiling: int) -> int:
-        """Largest batch (``ceiling``, halved until it fits) that runs on ``device`` with full-length
-        captions and peaks under 90% of the memory available to this stage; CPU returns ``ceiling``."""
+        """Largest batch (``ceiling``, halved until it fits) whose worst case (``_probe_attempt``: the batches in flight
+        at ``max_image_side``, full-length captions) peaks under 90% of the memory available to this stage; CPU
+        returns ``ceiling``."""
         if not parse_device(device).is_cuda:
             return ceiling
         import torch
@@ -452,25 +512,36 @@ class VisionStage(Stage):
             self.setup(device)
         index = self.torch_device.index
         size = max(1, ceiling)
-        while True:
-            torch.cuda.empty_cache()
-            free, _total = torch.cuda.mem_get_info(index)
-            available = free + torch.cuda.memory_reserved(index)
-            torch.cuda.reset_peak_memory_stats(index)
-            try:
-                self.run_models(self._dummy_images(size), worst_case=True)
-                fits = torch.cuda.max_memory_reserved(index) <= _PROBE_HEADROOM * available
-            except Exception as error:
-                if not is_out_of_memory(error):
-                    raise
-                fits = False
-            if fits:
+        try:
+            while True:
                 torch.cuda.empty_cache()
-                return size
-            if size == 1:
-                torch.cuda.empty_cache()
-                raise OutOfDeviceMemory(f"the vision models do not fit on {device} even with a batch of 1")
-            size //= 2
+                free, _total = torch.cuda.mem_get_info(index)
+                available = free + torch.cuda.memory_reserved(index)
+                torch.cuda.reset_peak_memory_stats(index)
+                try:
+                    self._probe_attempt(size)
+                    torch.cuda.synchronize(index)
+                    fits = torch.cuda.max_memory_reserved(index) <= _PROBE_HEADROOM * available
+                except Exception as error:
+                    if not is_out_of_memory(error):
+                        raise
+                    fits = False
+                if fits:
+                    torch.cuda.empty_cache()
+                    return size
+                if size == 1:
+                    torch.cuda.empty_cache()
+                    raise OutOfDeviceMemory(
+                        f"the vision models do not fit on {device} even with a batch of 1 (with {self.batches_in_flight} "
+                        f"batches of {self.max_image_side}x{self.max_image_side} frames in flight): lower limits.max_side "
+                        "or vision.precision, or give vision a GPU of its own")
+                size //= 2
+        finally:
+            # The probe pinned up to three batches of the largest frames; the host allocator would keep them page-locked
+            # for the process's life. Free blocks only (CUDA builds have it; the CPU build has no pinned cache).
+            release_pinned = getattr(torch._C, "_host_emptyCache", None)
+            if release_pinned is not None:
+                release_pinned()
 
     def teardown(self) -> None:
         on_cuda = self.torch_device is not None and self.torch_device.type == "cuda"

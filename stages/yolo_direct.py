@@ -5,7 +5,8 @@ rectangle (a new input shape, new cuDNN plans) whenever a batch happens to share
 batch, and scales boxes back image by image. ``DirectDetector`` starts from uint8 images already on the device
 and keeps the work there: one fixed square input, OpenCV's INTER_LINEAR reproduced in integer arithmetic (the
 same pixels, not nearly the same), ``LetterBox``'s own geometry and grey, the network as ``AutoBackend`` prepares
-it, Ultralytics' own ``non_max_suppression``, and a single copy of the final boxes to the host per batch.
+it, ``batched_non_max_suppression`` (Ultralytics' NMS over the whole batch at once, not image by image), box
+scaling on the device, and a single copy of the final boxes to the host per batch.
 
 Nothing here imports Ultralytics or torchvision at module import; ``torch`` is imported, which every caller has.
 """
@@ -21,6 +22,8 @@ import torch
 _COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS: bilinear weights are integers out of 2048
 _COEF_SCALE = 1 << _COEF_BITS
 _TAP_CACHE_SIZE = 512  # (source, target) side lengths whose resize taps stay on the device
+_NMS_PAIRS_PER_CHUNK = 1 << 24  # pairwise IoU entries computed at once (a few float32 temporaries of this size)
+_NMS_ROUNDS = 4  # suppression rounds between two checks that the greedy answer is reached (deeper chains are rare)
 
 Taps = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # first, second source index; their weights
 
@@ -71,6 +74,113 @@ def resize_like_opencv(image: torch.Tensor, height: int, width: int, taps: tuple
     return ((mixed + 2) >> 2).clamp_(0, 255).to(torch.uint8)
 
 
+def _float32_at_most(value: float) -> float:
+    """The largest float32 <= ``value``. A float32 IoU is above it exactly when it is above ``value`` in double, which
+    is how torchvision's CPU kernel compares (float IoU against the double threshold)."""
+    import numpy as np
+
+    single = np.float32(value)
+    if float(single) > value:
+        single = np.nextafter(single, np.float32(-np.inf))
+    return float(single)
+
+
+def _greedy_keep(boxes: torch.Tensor, areas: torch.Tensor, valid: torch.Tensor, iou_limit: float) -> torch.Tensor:
+    """Greedy NMS for several images at once: ``boxes`` (C, M, 4) in decreasing score order per image, ``valid`` (C, M)
+    the real rows. Returns the kept rows (C, M), exactly what torchvision's ``nms`` keeps for each image alone.
+
+    Pairwise IoUs in torchvision's CPU operations and order, so the float32 values are its values. Greedy NMS keeps row
+    j when no kept row before it overlaps it above the limit; that is a fixed point, reached from "every row kept" by
+    repeating ``keep = valid & ~(any kept row suppresses it)``: after t rounds the first t rows are final, and in
+    practice suppression chains are a few rows deep, so a few rounds (``_NMS_ROUNDS`` between checks, one host sync
+    per check) reach it, whatever the number of images.
+    """
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    width = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :])).clamp_(min=0)
+    height = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :])).clamp_(min=0)
+    inter = width.mul_(height)
+    del height
+    overlap = inter / (areas[:, :, None] + areas[:, None, :] - inter)  # row i (the earlier, higher score) against j
+    del inter
+    count = boxes.shape[1]
+    earlier = torch.ones((count, count), dtype=torch.bool, device=boxes.device).triu_(diagonal=1)
+    # fp16 sums of 0/1 cannot round a positive count to 0, and halve the memory; the CPU has no fast fp16 matmul
+    weight = torch.float16 if boxes.device.type == "cuda" else torch.float32
+    suppresses = ((overlap > iou_limit) & earlier & valid[:, :, None] & valid[:, None, :]).to(weight)
+    del overlap
+    keep = valid
+    while True:
+        for _ in range(_NMS_ROUNDS):
+            previous = keep
+            keep = valid & ~(torch.bmm(keep.unsqueeze(1).to(weight), suppresses).squeeze(1) > 0)
+        if torch.equal(keep, previous):  # one host sync per check
+            return keep
+
+
+def batched_non_max_suppression(
+    prediction: torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor],
+    conf_thres: float,
+    iou_thres: float,
+    max_det: int = 300,
+    agnostic: bool = False,
+    max_nms: int = 30000,
+    max_wh: int = 7680,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ultralytics' ``non_max_suppression`` for a detect head's ``(B, 4 + classes, anchors)`` output, one class per box
+    (``multi_label`` off) and no class filter, as ``YOLO.predict`` calls it, over the whole batch at once.
+
+    Returns ``rows`` (B, K, 6) float32 ``[x1, y1, x2, y2, confidence, class]`` and ``counts`` (B,) on the device: image
+    b's detections are ``rows[b, :counts[b]]``, in Ultralytics' order (decreasing confidence), K <= ``max_det``.
+
+    Ultralytics loops over the images, with host syncs in each. Here the confidence filter, the ``max_nms`` cut, the
+    per-class offset (``class * max_wh``, so classes never suppress each other unless ``agnostic``), the greedy
+    suppression and ``max_det`` run on all images together: one sync to size the candidates, one per convergence check
+    of ``_greedy_keep`` (usually one per chunk of images), none per image. The same semantics: boxes converted to
+    corners in the prediction's dtype and then float32 (where Ultralytics' ``torch.cat`` promotes them), the same
+    offsets, IoUs and threshold comparison, ties broken by anchor order as torchvision's stable sort does. What is
+    left out: Ultralytics' wall-clock limit (it stops processing the remaining images after 2 s + 50 ms per image);
+    and on exactly equal confidences at the ``max_nms`` cut the kept anchors may differ (its argsort is not stable).
+    """
+    from ultralytics.utils.ops import xywh2xyxy
+
+    if isinstance(prediction, (list, tuple)):  # eval mode: (inference output, raw head outputs)
+        prediction = prediction[0]
+    batch, _channels, anchors = prediction.shape
+    device = prediction.device
+    scores, classes = prediction[:, 4:].max(dim=1)  # (B, anchors), first class on ties, as Ultralytics' cls.max(1)
+    candidate = scores > conf_thres  # in the prediction's dtype, as Ultralytics compares
+    if anchors > max_nms:  # static: the anchors come from the input size (30000 is an input of ~1216 px)
+        ranked = scores.masked_fill(~candidate, float("-inf")).topk(max_nms, dim=1).indices
+        candidate &= torch.zeros_like(candidate).scatter_(1, ranked, True)
+    counts = candidate.sum(dim=1)
+    most = int(counts.max()) if batch else 0  # host sync: the candidates' padded length
+    kept_max = min(most, max_det)
+    if kept_max == 0:
+        return torch.zeros((batch, 0, 6), dtype=torch.float32, device=device), torch.zeros_like(counts)
+    order = scores.masked_fill(~candidate, float("-inf")).sort(dim=1, descending=True, stable=True).indices[:, :most]
+    valid = torch.arange(most, device=device) < counts[:, None]  # (B, M): real candidates, best first
+    corners = xywh2xyxy(prediction[:, :4].gather(2, order[:, None, :].expand(-1, 4, -1)).transpose(1, 2)).float()
+    confidence = scores.gather(1, order).float()
+    label = classes.gather(1, order).float()
+    shifted = corners + (label * (0 if agnostic else max_wh))[..., None]  # Ultralytics' boxes + c, in float32
+    areas = (shifted[..., 2] - shifted[..., 0]) * (shifted[..., 3] - shifted[..., 1])
+    iou_limit = _float32_at_most(iou_thres)
+    per_chunk = max(1, _NMS_PAIRS_PER_CHUNK // (most * most))
+    keep = torch.cat([
+        _greedy_keep(shifted[start : start + per_chunk], areas[start : start + per_chunk],
+                     valid[start : start + per_chunk], iou_limit)
+        for start in range(0, batch, per_chunk)
+    ])
+    rank = keep.cumsum(dim=1)
+    keep &= rank <= max_det
+    # Kept rows to the front of each image's row block (slot kept_max collects the others and is dropped): no sync.
+    slot = torch.where(keep, rank - 1, torch.full_like(rank, kept_max))
+    rows = torch.cat((corners, confidence[..., None], label[..., None]), dim=2)
+    packed = torch.zeros((batch, kept_max + 1, 6), dtype=torch.float32, device=device)
+    packed.scatter_(1, slot[..., None].expand(-1, -1, 6), rows)
+    return packed[:, :kept_max], keep.sum(dim=1)
+
+
 class DirectDetector:
     """YOLO ``.pt`` detect weights run as a plain ``nn.Module``: device tensors in, ``{label, confidence, box}`` out.
 
@@ -111,7 +221,7 @@ class DirectDetector:
             raise ValueError(f"not a PyTorch YOLO detect model ({type(getattr(yolo, 'model', None)).__name__}): use YOLO.predict")
         from stages.torch_compat import ensure_torchvision
 
-        ensure_torchvision()  # Ultralytics' NMS takes torchvision's kernel only once torchvision is imported
+        ensure_torchvision()  # Ultralytics imports torchvision; a CPU host may need its operators substituted
         from ultralytics.data.augment import LetterBox
         from ultralytics.utils.checks import check_imgsz
 
@@ -126,7 +236,6 @@ class DirectDetector:
         self.max_det = int(max_det)
         self.names: dict[int, str] = {int(index): str(name) for index, name in dict(yolo.names).items()}
         self.model = self._prepare_model(yolo.model, channels_last)
-        self.end2end = bool(getattr(self.model, "end2end", False))
         self.stride = max(int(self.model.stride.max()), 32)
         self.image_size: int = check_imgsz(image_size, stride=self.stride, min_dim=1)  # predict rounds up the same way
         # predict's letterbox for a batch of mixed shapes: full square, centred, LetterBox's default grey
@@ -203,50 +312,38 @@ class DirectDetector:
     # -- inference ----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def boxes(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-        """The device half: ``(rows, counts)``, rows ``[x1, y1, x2, y2, confidence, class]`` (float32, on the device)
-        for all images one after another, boxes in each image's own pixels, ``counts[i]`` rows for image ``i``."""
-        from ultralytics.utils.nms import non_max_suppression
+    def boxes(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device half: ``(rows, counts)`` on the device, rows (B, K, 6) ``[x1, y1, x2, y2, confidence, class]``
+        float32 in each image's own pixels, image b's detections ``rows[b, :counts[b]]``.
 
+        Letterbox, network, ``batched_non_max_suppression`` with predict's arguments for a detect model (its ``iou``,
+        ``max_det``, class-aware, every class), and ``scale_boxes`` for the whole batch at once: remove the padding,
+        divide by each side's gain, clip to the image. No step loops over the images with a host sync.
+        """
         if not images:
-            return torch.zeros((0, 6), device=self.device), []
+            return torch.zeros((0, 0, 6), device=self.device), torch.zeros((0,), dtype=torch.int64, device=self.device)
         batch, geometry = self.letterbox(images)
-        kept = non_max_suppression(
-            self.model(batch),
-            self.confidence,
-            self.iou,
-            classes=None,
-            agnostic=False,
-            max_det=self.max_det,
-            nc=0,
-            end2end=self.end2end,
-        )  # exactly predict's call for a detect model
-        counts = [int(rows.shape[0]) for rows in kept]  # known on the host already: NMS sized them
-        found = torch.cat([rows[:, :6].float() for rows in kept])
-        owner = torch.repeat_interleave(
-            torch.arange(len(images), device=self.device), torch.tensor(counts, device=self.device), output_size=len(found)
-        )
-        per_row = geometry[owner]
-        # scale_boxes for the whole batch at once: remove the padding, divide by the gain, clip to the image
-        boxes = (found[:, :4] - per_row[:, 0:2].repeat(1, 2)) / per_row[:, 2:4].repeat(1, 2)
-        boxes = torch.minimum(boxes.clamp_(min=0), per_row[:, 4:6].repeat(1, 2))
-        return torch.cat((boxes, found[:, 4:6]), dim=1), counts
+        rows, counts = batched_non_max_suppression(self.model(batch), self.confidence, self.iou, max_det=self.max_det)
+        pad, gain, size = geometry[:, None, 0:2].repeat(1, 1, 2), geometry[:, None, 2:4].repeat(1, 1, 2), geometry[:, None, 4:6]
+        corners = ((rows[..., :4] - pad) / gain).clamp_(min=0)
+        corners = torch.minimum(corners, size.repeat(1, 1, 2))
+        return torch.cat((corners, rows[..., 4:6]), dim=2), counts
 
-    def records(self, rows: list[list[float]], counts: list[int]) -> list[list[dict[str, Any]]]:
-        """The host half: the ``detections`` records ``VisionStage`` writes, from ``boxes()``' rows as lists."""
+    def records(self, rows: torch.Tensor, counts: torch.Tensor) -> list[list[dict[str, Any]]]:
+        """The host half: the ``detections`` records ``VisionStage`` writes, from ``boxes()``' output in one copy."""
+        images, slots = int(rows.shape[0]), int(rows.shape[1])
+        host = torch.cat((counts.to(torch.float32), rows.reshape(-1))).cpu()  # one transfer (counts exact below 2**24)
+        found = host[images:].view(images, slots, 6).tolist()
         detections: list[list[dict[str, Any]]] = []
-        start = 0
-        for count in counts:
+        for image_rows, count in zip(found, host[:images].to(torch.int64).tolist()):
             detections.append(
                 [
                     {"label": self.names[int(cls)], "confidence": float(conf), "box": [float(v) for v in box]}
-                    for *box, conf, cls in rows[start : start + count]
+                    for *box, conf, cls in image_rows[:count]
                 ]
             )
-            start += count
         return detections
 
     def detect(self, images: list[torch.Tensor]) -> list[list[dict[str, Any]]]:
         """Detections per image, boxes ``[x1, y1, x2, y2]`` in that image's pixels; one host copy for the batch."""
-        rows, counts = self.boxes(images)
-        return self.records(rows.tolist(), counts)
+        return self.records(*self.boxes(images))

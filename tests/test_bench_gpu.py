@@ -22,11 +22,12 @@ pytestmark = pytest.mark.models
 
 # The quick plan, shrunk to a few images per step (the CPU runs the real OCR at about a third of a second per image).
 TINY = replace(bench_gpu.QUICK, ocr_batch=1, vision_batch=2, stage_batches=2, network_calls=1, ocr_replays=1,
-               blip_batches=(2,), blip_probe_ceiling=4, blip_stage_batches=1, seeds_images=1, loader_workers=2,
-               loader_files=4, pipeline_files=2, ocr_bins_images=2, ocr_probe_ceiling=2, budget_s=600.0)
+               cudnn_images=2, cudnn_rounds=2, blip_batches=(2,), blip_probe_ceiling=4, blip_stage_batches=1,
+               seeds_images=1, loader_workers=2, loader_files=4, pipeline_files=2, ocr_bins_images=2, ocr_probe_ceiling=2,
+               budget_s=600.0)
 SOURCE = ("text/paddleocr_11.jpg", "photo/darknet_dog.jpg")  # one decided by its text (C), one that needs vision
 REPORT_KEYS = {"stack", "notes", "step_seconds", "quick", "plan", "device", "models_used", "source", "models",
-               "blip_batches", "seeds_loop", "ocr_bins_cpu_vs_gpu", "auto_batch_probe", "pipeline",
+               "blip_batches", "ocr_cudnn", "seeds_loop", "ocr_bins_cpu_vs_gpu", "auto_batch_probe", "pipeline",
                "signals_needed_vs_all", "forced_oom_backoff", "pipeline_two_gpus", "goals", "target", "images_per_second",
                "p95_latency_s", "stage_utilisation", "peak_rss_mib", "seconds"}
 
@@ -61,7 +62,7 @@ def test_every_key_is_reported_and_the_partial_file_matches(tiny_run: tuple[dict
     assert data["quick"] is True and data["plan"]["vision_batch"] == 2
     errors = {key: value for key, value in _walk(data) if key.endswith("error")}
     assert not errors, errors
-    assert set(data["step_seconds"]) >= {"models.vision.fp16", "models.ocr.auto", "blip_batches", "seeds_loop",
+    assert set(data["step_seconds"]) >= {"models.vision.fp16", "models.ocr.auto", "blip_batches", "ocr_cudnn", "seeds_loop",
                                          "ocr_bins_cpu_vs_gpu", "pipeline.thread", "pipeline.process",
                                          "signals_needed_vs_all", "forced_oom_backoff"}
     written = json.loads(partial.read_text())
@@ -116,6 +117,29 @@ def test_blip_batches_include_the_probed_maximum(tiny_run: tuple[dict[str, Any],
     for run in blip["runs"]:
         assert 0 < run["network"]["decoding_steps"] <= run["network"]["max_new_tokens"] == 4
         assert run["stage"]["signals"] == ["caption"] and run["stage"]["images"] == run["batch"]
+    caches = blip["kv_cache"]
+    assert caches["batch"] == 2 and caches["stage_uses"] == "dynamic" and caches["identical_tokens"] is True
+    assert {name: network["kv_cache"] for name, network in caches["networks"].items()} == {"dynamic": "dynamic",
+                                                                                           "static": "static"}
+    assert all(network["images_per_second"] > 0 for network in caches["networks"].values())
+
+
+def test_ocr_cudnn_on_and_off_cold_and_warm(tiny_run: tuple[dict[str, Any], Path]) -> None:
+    """The step runs both modes and both phases here; cuDNN itself does not apply on the CPU, so no verdict."""
+    data = tiny_run[0]
+    record = data["ocr_cudnn"]
+    assert record["cudnn"]["applicable"] is False and "does not apply on cpu" in record["cudnn"]["why"]
+    assert record["batch"] == 1 and record["images_per_round"] == 2 and record["precision"] == "auto"
+    for mode in ("on", "off"):
+        assert [entry["round"] for entry in record[mode]["rounds"]] == [1, 2]
+        assert record[mode]["cold"] == record[mode]["rounds"][0] and record[mode]["cold"]["images_per_second"] > 0
+        assert record[mode]["warm"]["images"] == 2 and record[mode]["warm"]["images_per_second"] > 0
+    assert record["on"]["lines"] == record["off"]["lines"] > 0 and record["lines_identical"] is True
+    assert record["faster"] == {"cold": None, "warm": None} and record["target"]["met"] is None
+    assert {goal["goal"]: goal["met"] for goal in data["goals"]}["ocr_cudnn.on_not_slower"] is None
+    import torch
+
+    assert torch.backends.cudnn.enabled  # the process-wide switch is restored
 
 
 def test_pipelines_the_seeds_loop_and_their_verdicts(tiny_run: tuple[dict[str, Any], Path]) -> None:
@@ -251,3 +275,28 @@ def test_cli_quick_refuses_without_cuda() -> None:
     result = CliRunner().invoke(cli, ["bench", "-s", "gpu", "--quick", "--json"])
     assert result.exit_code == 2
     assert "needs a CUDA GPU" in result.output
+
+
+def test_device_preflight_names_what_is_missing() -> None:
+    """scripts/device_check.sh stops within seconds on a GPU machine that lacks an API the device path uses, one line
+    per missing piece; here (transformers as installed) nothing is missing but CUDA."""
+    import importlib.util
+
+    import torch
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "device_preflight.py"
+    spec = importlib.util.spec_from_file_location("device_preflight", path)
+    assert spec is not None and spec.loader is not None
+    preflight = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(preflight)
+    assert preflight.missing(allow_cpu=True) == []
+    import transformers
+
+    assert preflight.missing([("transformers.image_processing_backends", "NoSuchBackend", "the device path")],
+                             allow_cpu=True) == [
+        f"transformers.image_processing_backends.NoSuchBackend is missing (the device path; transformers "
+        f"{transformers.__version__})"]
+    [line] = preflight.missing([("binner_no_such_module", None, "a test")], allow_cpu=True)
+    assert line.startswith("binner_no_such_module cannot be imported (a test): ModuleNotFoundError")
+    if not torch.cuda.is_available():
+        assert [line for line in preflight.missing([]) if "sees no CUDA GPU" in line]

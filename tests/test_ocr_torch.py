@@ -205,6 +205,11 @@ def test_out_of_memory_messages_are_recognised() -> None:
     except ValueError as outer:
         assert is_out_of_memory(outer)
     assert not is_out_of_memory(ValueError("bad input shape"))
+    # what tensor.pin_memory() raises when cudaHostAlloc fails: an OOM (the batch cap halves), not a bad item
+    pinned = RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other "
+                          "API call, so the stacktrace below might be incorrect.")
+    assert is_out_of_memory(pinned)
+    assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
 
 
 def text_card(index: int) -> Image.Image:

@@ -8,10 +8,12 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from app.config import load_config
 from stages.base import BatchPolicy, ImageItem
 from stages.vision import (
     CaptionerOptions,
@@ -176,6 +178,80 @@ def test_bf16_stage_runs_blip_and_clip_in_bf16(tiny_blip_dir: Path, tiny_clip_di
     assert half.probe_batch_size("cpu", 12) == 12
     half.teardown()
     assert half.blip is None and half.clip is None and half.device is None
+
+
+def test_the_memory_probe_runs_the_batches_in_flight_at_the_largest_side(tmp_path: Path, tiny_blip_dir: Path,
+                                                                            tiny_clip_dir: Path) -> None:
+    """The probe's worst case is production's: ``batches_in_flight`` (the engine's overlap depth) batches of frames
+    at ``limits.max_side`` on the device at once, one of them through the models. The memory figure itself needs CUDA;
+    what it measures is checked here."""
+    import weakref
+
+    from app.build import build_stages
+    from app.hosts import OVERLAP_DEPTH
+
+    config = load_config(None, {"input": tmp_path / "in", "output": tmp_path / "out", "state_dir": tmp_path / "st",
+                                "limits": {"max_side": 96}, "ocr": {"enabled": False},
+                                "vision": {"detector": {"enabled": False},
+                                           "captioner": {"model": str(tiny_blip_dir), "max_new_tokens": 4},
+                                           "clip": {"model": str(tiny_clip_dir)}}})
+    vision = next(stage for stage in build_stages(config, gpu_count=0) if stage.name == "vision")
+    assert isinstance(vision, VisionStage) and vision.max_image_side == 96
+    assert VisionStage.batches_in_flight == OVERLAP_DEPTH
+    vision.setup("cpu")
+    uploads: list[list[weakref.ref[torch.Tensor]]] = []
+    shapes: list[list[tuple[int, ...]]] = []
+    alive_at_the_models: list[int] = []
+    upload = vision._upload
+
+    def recorded(images: list[object]) -> tuple[list[torch.Tensor], object]:
+        frames, ready = upload(images)
+        uploads.append([weakref.ref(frame) for frame in frames])
+        shapes.append([tuple(frame.shape) for frame in frames])
+        return frames, ready
+
+    def counted(batch: object) -> list[dict[str, object]]:
+        alive_at_the_models.append(sum(all(ref() is not None for ref in refs) for refs in uploads))
+        return infer(batch)
+
+    infer = vision._infer
+    vision._upload, vision._infer = recorded, counted  # type: ignore[method-assign]
+    try:
+        vision._probe_attempt(2)
+    finally:
+        vision.teardown()
+    assert shapes == [[(96, 96, 3)] * 2] * OVERLAP_DEPTH  # every batch in flight, at the largest side
+    assert alive_at_the_models == [OVERLAP_DEPTH]  # all of them held while the models run
+
+
+@pytest.mark.parametrize("prompt", [None, "a picture of"])
+def test_blip_with_a_static_cache_writes_the_same_captions(tiny_blip_dir: Path, prompt: str | None,
+                                                           caplog: pytest.LogCaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers has no SDPA for BLIP and its ``cache_implementation="static"`` fails on BLIP's cross-attention;
+    the stage says once what BLIP runs with, and its static self-attention cache gives the dynamic cache's captions."""
+    import copy
+
+    import stages.vision as vision_module
+
+    monkeypatch.setattr(vision_module, "_reported_captioners", set())
+    vision = VisionStage(None, CaptionerOptions(str(tiny_blip_dir), 8, prompt), None, "auto", ["cpu"], BatchPolicy())
+    with caplog.at_level(logging.INFO, logger="stages.vision"):
+        vision.setup("cpu")
+        vision.teardown()
+        vision.setup("cpu")
+    said = [record.getMessage() for record in caplog.records if record.getMessage().startswith("BLIP ")]
+    assert said == [f"BLIP {tiny_blip_dir} runs with eager attention and a dynamic KV cache in float32 (transformers "
+                    "has no SDPA path for BLIP; docs/benchmarks.md, GPU)"]
+    assert vision.blip_attention == vision.blip.config._attn_implementation == "eager"
+    frames = [torch.from_numpy(np.array(load(name))) for name in (ZIDANE, DOG, PAGE)]
+    static = copy.copy(vision)
+    static.blip_cache = "static"
+    with torch.inference_mode():
+        expected = vision._caption(frames, min_new_tokens=8)
+        assert static._caption(frames, min_new_tokens=8) == expected
+        assert static._caption(frames[:1]) == vision._caption(frames[:1])
+    vision.teardown()
 
 
 def test_configuration_errors_name_the_keys(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ one. ``test_comparison_catches`` shows that this one can.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +23,7 @@ from PIL import Image, ImageOps
 from app.bench.standin_models import build_yolo
 from stages.torch_compat import ensure_torchvision
 from stages.ultralytics_env import preserve_torch_threads
-from stages.yolo_direct import DirectDetector, resize_like_opencv
+from stages.yolo_direct import _NMS_ROUNDS, DirectDetector, batched_non_max_suppression, resize_like_opencv
 from tests.conftest_models import IMAGES, YOLO_TFLITE, require_shared
 
 pytestmark = pytest.mark.models
@@ -242,3 +243,79 @@ def test_exports_and_other_tasks_keep_predict(yolo: Any) -> None:
     with pytest.raises(ValueError, match="use YOLO.predict"):
         DirectDetector(export, IMAGE_SIZE, CONFIDENCE, "cpu", torch.float32)
     assert not DirectDetector.supports(YOLO("yolov8n-seg.yaml", task="segment"))  # a DetectionModel subclass
+
+
+def _prediction(images: int, classes: int, anchors: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A detect head's ``(B, 4 + classes, anchors)`` output: crowded boxes (centres in 60 px, sides 10-50 px, so that
+    most overlap) and skewed class scores; image 2 has no score above any threshold."""
+    generator = torch.Generator().manual_seed(seed)
+    centre = torch.rand((images, 2, anchors), generator=generator) * 60
+    size = 10 + torch.rand((images, 2, anchors), generator=generator) * 40
+    scores = torch.rand((images, classes, anchors), generator=generator) ** 3
+    if images > 2:
+        scores[2] = 0
+    return torch.cat((centre, size, scores), dim=1).to(dtype)
+
+
+def _ultralytics_nms(prediction: torch.Tensor, iou: float = 0.5, **options: Any) -> list[torch.Tensor]:
+    ensure_torchvision()  # Ultralytics' NMS uses torchvision's kernel once torchvision is imported, as predict does
+    from ultralytics.utils.nms import non_max_suppression
+
+    return non_max_suppression(prediction, 0.3, iou, classes=None, nc=0, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("options", [{}, {"agnostic": True}, {"max_det": 7}, {"max_det": 1000}, {"max_nms": 200}],
+                         ids=["default", "agnostic", "max_det 7", "max_det 1000", "max_nms 200"])
+def test_batched_nms_gives_ultralytics_rows(dtype: torch.dtype, options: dict[str, Any]) -> None:
+    """The whole batch at once keeps exactly the rows, in the order, that Ultralytics' per-image NMS keeps."""
+    if dtype == torch.float16 and "max_nms" in options:
+        pytest.skip("fp16 scores tie at the max_nms cut, where Ultralytics' unstable argsort picks arbitrarily")
+    prediction = _prediction(4, 6, 600, seed=1, dtype=dtype)
+    expected = _ultralytics_nms(prediction, **options)
+    rows, counts = batched_non_max_suppression(prediction, 0.3, 0.5, **options)
+    assert counts.tolist() == [len(kept) for kept in expected]
+    assert counts[2] == 0 and 0 < min(counts[[0, 1, 3]]) < 600  # something suppressed, something kept
+    for image, kept in enumerate(expected):
+        assert torch.equal(rows[image, : len(kept)], kept), f"image {image}"
+
+
+def test_batched_nms_follows_a_long_suppression_chain() -> None:
+    """Twenty boxes in a row, each overlapping the next, confidence falling: greedy NMS keeps every other one, which
+    takes many more rounds than one check covers."""
+    steps = 20
+    prediction = torch.zeros((1, 5, steps + 3))
+    prediction[0, 0, :steps] = 100 + 4 * torch.arange(steps)  # x centres 4 px apart, 10 px wide: IoU 0.43 > 0.3
+    prediction[0, 1, :steps], prediction[0, 2, :steps], prediction[0, 3, :steps] = 50, 10, 10
+    prediction[0, 4, :steps] = 0.9 - 0.01 * torch.arange(steps)
+    assert steps > 2 * _NMS_ROUNDS
+    [expected] = _ultralytics_nms(prediction, iou=0.3)
+    rows, counts = batched_non_max_suppression(prediction, 0.3, 0.3)
+    assert int(counts[0]) == steps // 2 and torch.equal(rows[0, : steps // 2], expected)
+
+
+def test_batched_nms_with_nothing_to_keep() -> None:
+    prediction = _prediction(3, 4, 50, seed=2)
+    prediction[:, 4:] = 0
+    rows, counts = batched_non_max_suppression(prediction, 0.3, 0.5)
+    assert rows.shape == (3, 0, 6) and counts.tolist() == [0, 0, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA host synchronisations")
+def test_batched_nms_syncs_do_not_grow_with_the_batch() -> None:
+    """Ultralytics syncs at least once per image; the batched NMS a few times per batch, however many images."""
+
+    def syncs(images: int) -> int:
+        prediction = _prediction(images, 6, 600, seed=3).cuda()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                batched_non_max_suppression(prediction, 0.3, 0.5)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(warning.message) for warning in caught)
+
+    few, many = syncs(2), syncs(24)
+    assert 1 <= many <= 4 and few <= 4, (few, many)

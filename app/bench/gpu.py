@@ -6,12 +6,14 @@ What it reports (docs/benchmarks.md, "GPU", has every key and the method):
   runs them: ``PhasedReplica`` with as many submitting threads as the engine gives it), their **ratio** (goal >= 0.7)
   and the stage's **host seconds per phase**; plus the loader alone, with the pipeline's worker count;
 - ``blip_batches``: BLIP at batch 32, 128 and the probed maximum (``probe_batch_size`` from ``max_auto_batch``), with
-  the attention implementation BLIP got;
+  the attention implementation BLIP got, and its generate at batch 32 with the dynamic and a static KV cache;
 - ``seeds_loop``: seed 000's loop (one image at a time, OCR then vision) on the same stages and GPU (goal: the
   pipeline >= 20x it);
 - ``pipeline``: the real pipeline on one GPU in thread and in process isolation, with NVML utilisation of the
   bottleneck GPU (goal >= 80 %), images/s against the slowest stage alone (goal >= 0.9) and the run's own
   ``binner_gpu_*`` series read from its metrics registry;
+- ``ocr_cudnn``: OCR on the torch runtime with cuDNN off and on, cold and warm, batch composition changing between
+  rounds (the runtime keeps cuDNN on; this says whether that is the faster);
 - ``signals_needed_vs_all``, ``ocr_bins_cpu_vs_gpu``, ``auto_batch_probe``, ``forced_oom_backoff``,
   ``pipeline_two_gpus``; and ``goals``: every figure that has a target, with ``met``.
 
@@ -70,6 +72,8 @@ class Plan:
     stage_batches: int = 6  # batches per stage measurement, after one warm-up batch
     network_calls: int = 5  # calls per network measurement, after one warm-up call
     ocr_replays: int = 3  # replays of the OCR passes recorded over the stage's images
+    cudnn_images: int = 64  # OCR images per round of the cuDNN on/off measurement
+    cudnn_rounds: int = 3  # rounds per cuDNN mode: the first cold, the others warm; the batches recomposed each round
     blip_batches: tuple[int, ...] = (32, 128)  # and the probed maximum
     blip_probe_ceiling: int | None = None  # None: VisionStage.max_auto_batch
     blip_stage_batches: int = 3
@@ -89,8 +93,8 @@ class Plan:
 
 FULL = Plan("full")
 QUICK = Plan("quick", vision_precisions=("fp16",), ocr_precisions=("auto",), stage_batches=4, network_calls=3,
-             ocr_replays=2, blip_stage_batches=2, seeds_images=12, loader_files=128, pipeline_files=480, oom_files=64,
-             ocr_probe_ceiling=16, budget_s=230.0)
+             ocr_replays=2, cudnn_images=32, blip_stage_batches=2, seeds_images=12, loader_files=128,
+             pipeline_files=480, oom_files=64, ocr_probe_ceiling=16, budget_s=230.0)
 
 
 # --- sampling -------------------------------------------------------------------------------------------------------
@@ -435,13 +439,14 @@ def _ocr_options(runtime: str, precision: str | None = None, **extra: Any) -> An
     return OcrOptions(**{key: value for key, value in wanted.items() if key in known})
 
 
-def _ocr_stage(runtime: str, precision: str | None, device: str, batch: int) -> Any:
+def _ocr_stage(runtime: str, precision: str | None, device: str, batch: int, warm: bool = True) -> Any:
     from stages.base import BatchPolicy
     from stages.ocr import OcrStage
 
     stage = OcrStage(_ocr_options(runtime, precision), [device], BatchPolicy(max_batch_size=batch))
     stage.setup(device)
-    stage.warmup()
+    if warm:
+        stage.warmup()
     return stage
 
 
@@ -455,7 +460,7 @@ def _vision_stage(paths: dict[str, str], precision: str, device: str, config: An
         DetectorOptions(weights=paths["detector"], confidence=detector.confidence, image_size=detector.image_size),
         CaptionerOptions(model=paths["captioner"], max_new_tokens=max_new_tokens),
         ClipOptions(model=paths["clip"]),
-        precision, [device], BatchPolicy(max_batch_size=batch),
+        precision, [device], BatchPolicy(max_batch_size=batch), max_image_side=config.limits.max_side,
     )
     stage.setup(device)
     stage.warmup()
@@ -611,20 +616,30 @@ def _uploaded(stage: Any, images: list[Any], device: str) -> list[Any]:
     return frames
 
 
-def _blip_network(stage: Any, frames: list[Any], calls: int, device: str, sampler: NvmlSampler) -> dict[str, Any]:
-    """BLIP's ``generate`` alone on pixel values already on the device, the stage's options; with the decoding steps."""
+def _blip_network(stage: Any, frames: list[Any], calls: int, device: str, sampler: NvmlSampler,
+                  outputs: list[Any] | None = None) -> dict[str, Any]:
+    """BLIP's ``generate`` alone on pixel values already on the device, the stage's options and KV cache
+    (``blip_cache``); with the decoding steps. ``outputs`` receives the warm-up call's tokens."""
     import torch
 
     inputs = _blip_inputs(stage, frames)
     _sync(device)
     tokens = stage.captioner_options.max_new_tokens
+    start = int(inputs["input_ids"].shape[1]) - 1 if "input_ids" in inputs else 1  # as VisionStage._caption sizes it
+
+    def generate() -> Any:
+        cache = {"past_key_values": stage._static_cache(start + tokens)} if stage.blip_cache == "static" else {}
+        return stage.blip.generate(**inputs, max_new_tokens=tokens, **cache)
+
     with torch.inference_mode():
-        output = stage.blip.generate(**inputs, max_new_tokens=tokens)
+        output = generate()
+    if outputs is not None:
+        outputs.append(output)
     prompt_length = int(inputs["input_ids"].shape[1]) if "input_ids" in inputs else 1  # BLIP starts from [DEC]
-    record = _network_rate(lambda: stage.blip.generate(**inputs, max_new_tokens=tokens), len(frames), calls, device,
-                           sampler, warm=True)  # the generate above was the warm-up
+    record = _network_rate(generate, len(frames), calls, device, sampler, warm=True)  # generate above: the warm-up
     record["decoding_steps"] = int(output.shape[1]) - prompt_length
     record["max_new_tokens"] = tokens
+    record["kv_cache"] = stage.blip_cache
     return record
 
 
@@ -734,6 +749,71 @@ def _ocr_models(stage: Any, device: str, images: list[Any], plan: Plan, sampler:
             "limit_images_per_second": limit, "stage": measured, **_versus(measured, limit)}
 
 
+def _ocr_cudnn(device: str, images: list[Any], plan: Plan, precision: str) -> dict[str, Any]:
+    """OCR on the torch runtime with cuDNN off, then on: ``cudnn_rounds`` rounds over the same ``cudnn_images`` images in
+    batches of ``ocr_batch``, every round composing its batches differently (the images rotated), as changing batches
+    do. The first round of a mode is cold (every shape new to the process, for cuDNN a new plan), the others warm.
+
+    A stage of its own, loaded without the warm-up batch, so that no OCR shape ran before; off goes first, so that
+    on's cold round still plans every shape (off's cold round pays the process's first launches of the other kernels).
+    cuDNN's switch is process-wide: nothing else runs during this step, and it is restored after. Both modes' lines are
+    compared. On a CPU cuDNN does not apply: both modes run the same kernels, and the verdicts are null.
+    """
+    import torch
+
+    applicable = _on_cuda(device) and torch.backends.cudnn.is_available()
+    batch, count = plan.ocr_batch, max(1, plan.cudnn_images)
+    base = _cycle(images, 0, count)
+    shift = batch // 2 + 1  # each round's batches mix images that were in different batches the round before
+    record: dict[str, Any] = {
+        "batch": batch, "images_per_round": count, "rounds": plan.cudnn_rounds, "precision": precision,
+        "cudnn": {"applicable": applicable, "version": torch.backends.cudnn.version() if applicable else None,
+                  "benchmark": bool(torch.backends.cudnn.benchmark) if applicable else None,
+                  **({} if applicable else {"why": f"cuDNN does not apply on {device}: both modes run the same kernels"})},
+    }
+    texts: dict[str, list[list[str]]] = {}
+    stage = _ocr_stage("torch", precision, device, batch, warm=False)
+    enabled = torch.backends.cudnn.enabled
+    try:
+        for mode in ("off", "on"):
+            torch.backends.cudnn.enabled = mode == "on"
+            rounds: list[dict[str, Any]] = []
+            for number in range(max(1, plan.cudnn_rounds)):
+                chosen = _cycle(base, number * shift, count)
+                _sync(device)
+                started = time.perf_counter()
+                done = [item for start in range(0, count, batch)
+                        for item in stage.process_batch(_items(chosen[start:start + batch]))]
+                _sync(device)
+                seconds = time.perf_counter() - started
+                rounds.append({"round": number + 1, "images": count, "seconds": round(seconds, 4),
+                               "images_per_second": _rate(count, seconds)})
+                if number == 0:
+                    texts[mode] = [[line["text"] for line in item.signals["ocr"]["lines"]] for item in done]
+            warm = rounds[1:]
+            warm_seconds = sum(entry["seconds"] for entry in warm)
+            record[mode] = {"cold": rounds[0],
+                            "warm": {"images": count * len(warm), "seconds": round(warm_seconds, 4),
+                                     "images_per_second": _rate(count * len(warm), warm_seconds)} if warm else None,
+                            "rounds": rounds, "lines": sum(len(lines) for lines in texts[mode])}
+    finally:
+        torch.backends.cudnn.enabled = enabled
+        stage.teardown()
+        _empty_cache(device)
+    record["lines_identical"] = texts["on"] == texts["off"]
+    faster: dict[str, str | None] = {}
+    for phase in ("cold", "warm"):
+        on = (record["on"].get(phase) or {}).get("images_per_second")
+        off = (record["off"].get(phase) or {}).get("images_per_second")
+        faster[phase] = ("on" if on >= off else "off") if applicable and on and off else None
+    record["faster"] = faster
+    verdicts = [value == "on" for value in faster.values() if value is not None]
+    record["target"] = {"text": "cuDNN on (what the OCR runtime keeps) at least as fast as off, cold and warm, "
+                                "reading the same lines",
+                        "met": (all(verdicts) and record["lines_identical"]) if verdicts else None}
+    return record
+
+
 def _loader_rate(images_dir: Path, workers: int, files: int, max_side: int) -> dict[str, Any]:
     """The loader alone (read, hash, decode) on the source files, with the pipeline's number of worker threads."""
     from stages.base import ImageItem
@@ -777,7 +857,30 @@ def _blip_batches(stage: Any, device: str, images: list[Any], plan: Plan, sample
     best = max(runs, key=lambda run: run["stage"].get("images_per_second") or 0.0)
     return {"attention": stage.blip_attention, "dtype": str(stage.dtype).replace("torch.", ""),
             "probe": {"ceiling": ceiling, "batch": probed, "seconds": round(probe_seconds, 2)},
-            "runs": runs, "best_stage_batch": best["batch"]}
+            "runs": runs, "best_stage_batch": best["batch"],
+            "kv_cache": _blip_caches(stage, device, images, min(plan.blip_batches), max(1, plan.network_calls - 1),
+                                     sampler)}
+
+
+def _blip_caches(stage: Any, device: str, images: list[Any], batch: int, calls: int, sampler: NvmlSampler
+                 ) -> dict[str, Any]:
+    """BLIP's ``generate`` alone at ``batch`` with the stage's dynamic KV cache and with a static self-attention cache
+    (``VisionStage.blip_cache = "static"``), and whether both write the same tokens. transformers' own
+    ``cache_implementation="static"`` fails on BLIP; without CUDA graphs a static cache saves no kernel launches, so
+    this measures whether it is worth switching."""
+    import torch
+
+    static = copy.copy(stage)
+    static.blip_cache = "static"
+    frames = _uploaded(stage, _cycle(images, 0, batch), device)
+    written: list[Any] = []
+    records = {view.blip_cache: _blip_network(view, frames, calls, device, sampler, written) for view in (stage, static)}
+    del frames
+    _empty_cache(device)
+    rates = {name: record.get("images_per_second") for name, record in records.items()}
+    faster = max(rates, key=lambda name: rates[name] or 0.0) if all(rates.values()) else None
+    return {"batch": batch, "stage_uses": stage.blip_cache, "networks": records,
+            "identical_tokens": bool(torch.equal(written[0], written[1])), "faster": faster}
 
 
 def _seeds_loop(ocr: Any, vision: Any, images: list[Any], thresholds: Any) -> dict[str, Any]:
@@ -1158,6 +1261,12 @@ def _goals(data: dict[str, Any]) -> list[dict[str, Any]]:
                 add(f"models.{model}.{precision}", record.get("ratio"), record.get("target"))
     for run in (data.get("blip_batches") or {}).get("runs") or []:
         add(f"blip_batches.{run['batch']}", run.get("ratio"), run.get("target"))
+    cudnn = data.get("ocr_cudnn") or {}
+    add("ocr_cudnn.on_not_slower", cudnn.get("faster"), cudnn.get("target"))
+    blip_cache = (data.get("blip_batches") or {}).get("kv_cache") or {}
+    if isinstance(blip_cache, dict) and "identical_tokens" in blip_cache:
+        add("blip_batches.kv_cache.identical_tokens", blip_cache["identical_tokens"],
+            {"text": "a static KV cache writes the dynamic cache's tokens", "met": blip_cache["identical_tokens"]})
     seeds = data.get("seeds_loop") or {}
     add("seeds_loop.speedup", seeds.get("speedup"), seeds.get("target"))
     for mode, record in sorted((data.get("pipeline") or {}).items()):
@@ -1255,6 +1364,7 @@ def run_gpu_scenario(config: Any, source: Path | None, partial_path: Path | None
             report.step(f"models.vision.{main_vision}", lambda: _vision_models(loaded.vision(main_vision), device,
                                                                               images, plan, sampler),
                         place=_vision_placer(data, main_vision))
+            report.step("ocr_cudnn", lambda: _ocr_cudnn(device, unique, plan, main_ocr))  # before any OCR shape ran
             report.step(f"models.ocr.{main_ocr}", lambda: _ocr_models(loaded.ocr(main_ocr), device, images, plan, sampler))
             report.step("blip_batches", lambda: _blip_batches(loaded.vision(main_vision), device, images, plan, sampler))
             report.step("seeds_loop", lambda: _seeds_loop(loaded.ocr(main_ocr), loaded.vision(main_vision),
