@@ -227,13 +227,7 @@ def build_runtime(config: BinnerConfig, *, dry_run: bool = False, metrics: Metri
 def build_pipeline(config: BinnerConfig, ledger: Ledger, metrics: Metrics, placer: Placer | None,
                    on_finished: Callable[[Row, Outcome], None] | None = None) -> Pipeline:
     """The local engine over ``ledger``: the configured stages, their hosting, queues and rules."""
-    stages = build_stages(config)
-    if config.vision.backend == "models" and vision_enabled(config):
-        from stages.ultralytics_env import prepare_ultralytics
-
-        prepare_ultralytics(config.state_dir / "ultralytics")
-    hosting = {stage.name: Hosting(isolation_of(config, stage.name, stage.devices), config.stall_timeout_s,
-                                   config.log.level) for stage in stages}
+    stages, hosting = build_hosted_stages(config)
     q = config.queues
     return Pipeline(
         ledger=ledger, metrics=metrics, stages=stages, thresholds=config.rules, placer=placer,
@@ -241,6 +235,18 @@ def build_pipeline(config: BinnerConfig, ledger: Ledger, metrics: Metrics, place
         max_attempts=config.max_attempts, feeder_page_size=config.feeder_page_size,
         placement_mode=config.placement, on_finished=_log_each_file(on_finished), hosting=hosting,
     )
+
+
+def build_hosted_stages(config: BinnerConfig) -> tuple[list[Stage], dict[str, Hosting]]:
+    """The configured stages and how each is hosted (threads or child processes), as the local engine runs them."""
+    stages = build_stages(config)
+    if config.vision.backend == "models" and vision_enabled(config):
+        from stages.ultralytics_env import prepare_ultralytics
+
+        prepare_ultralytics(config.state_dir / "ultralytics")
+    hosting = {stage.name: Hosting(isolation_of(config, stage.name, stage.devices), config.stall_timeout_s,
+                                   config.log.level) for stage in stages}
+    return stages, hosting
 
 
 def _log_each_file(then: Callable[[Row, Outcome], None] | None) -> Callable[[Row, Outcome], None]:

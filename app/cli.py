@@ -444,7 +444,8 @@ def rebin(config: Path | None = ConfigOption, state: Path | None = StateOption,
                   highlight=False, markup=False)
 
     try:
-        report = rebin_all(cfg, ledger, dry_run=dry_run, infer=models, on_move=moved, on_needs_models=needs_models)
+        report = rebin_all(cfg, ledger, dry_run=dry_run, infer=models, on_move=moved, on_needs_models=needs_models,
+                           **({"infer_batch": models.rows_per_call} if models is not None else {}))
     finally:
         if models is not None:
             models.close()

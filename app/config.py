@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from stages.rules import RuleThresholds
+from stages.rules import RuleThresholds, signals_of
 
 _yaml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("binner_yaml_path", default=None)
 
@@ -223,6 +223,18 @@ class BinnerConfig(BaseSettings):
     @property
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite3"
+
+    @property
+    def produced_signals(self) -> frozenset[str]:
+        """The signals the enabled models write (what the built stages' ``produces`` add up to): a signal outside it
+        can never come, so the rules pass the criteria that read it (``rebin`` and ``rebin --infer`` ask here)."""
+        models = {"ocr"} if self.ocr.enabled else set()
+        v = self.vision
+        parts = {"detector": v.detector.enabled, "captioner": v.captioner.enabled, "clip": v.clip.enabled}
+        if v.backend == "synthetic":  # the stand-in writes empty detections whenever vision is on
+            parts = {"detector": any(parts.values())}
+        models.update(model for model, enabled in parts.items() if enabled)
+        return signals_of(models)
 
 
 class _YamlSource(PydanticBaseSettingsSource):

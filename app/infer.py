@@ -1,24 +1,37 @@
-"""The models `binner rebin --infer` needs: the configured stages, on their first configured device with their
-batch policy, run on placed files where they are, for the signals the stored decisions did not compute.
+"""The models `binner rebin --infer` needs, run as the engine runs them: the configured stages on every configured
+device (one replica each, in threads or child processes as configured), their batch caps (configured, or probed),
+micro-batching and failure containment, through the engine's own ``StageRunner``s and bounded queues.
 
-Each stage runs only on the files it can still change, and a stage whose signals a file already has is skipped
-(OCR is not run again for a missing caption); failures stay with their file, through the engine's containment.
+The runners live on one event loop for the whole rebin (an anyio blocking portal, so that ``rebin`` calls the models
+like a function, a chunk of rows at a time). Each item visits only the stages it still needs under the current rules
+(``engine.next_stage``, as in the engine), and each stage computes only the signals the item lacks: OCR is not run
+again for a missing caption, and the vision stage does not detect again for an item that carries its detections, so
+the stored detections are the ones its caption check reads.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from contextlib import ExitStack
 from typing import Any
 
+import anyio
 import structlog
+from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from app.build import build_stages
+from app.build import build_hosted_stages
 from app.config import BinnerConfig
-from app.engine import BatchCap, contain, needs, starting_batch_cap
-from app.hosts import ThreadHost
-from app.store import Row, merged_signals, missing_signals
+from app.engine import StageRunner, next_stage, set_up_runners
+from app.metrics import Metrics
+from app.store import Row, merged_signals
+from queues import BoundedQueue
 from stages.base import ImageItem
 
 log = structlog.get_logger("binner.rebin")
+
+ROWS_PER_CALL = 256  # at least: enough rows per call to keep every replica's batches full between calls
+STORED_ONLY = ("not_computed", "vision_skipped")  # keys of a stored record that are not signals
 
 
 class MissingSignals:
@@ -26,25 +39,87 @@ class MissingSignals:
 
     def __init__(self, config: BinnerConfig) -> None:
         self.rules = config.rules.model_copy(update={"signals": "needed"})
-        self.hosts: list[tuple[Any, ThreadHost, BatchCap]] = []
-        for stage in build_stages(config):
-            host = ThreadHost(stage.replicate(), stage.devices[0])
-            host.setup()
-            self.hosts.append((stage, host, starting_batch_cap(stage, host.probe_batch_size)))
+        self.stages, self.hosting = build_hosted_stages(config)
+        self.capacities = config.queues.model_dump()
+        self.metrics = Metrics()
+        self.queues: list[BoundedQueue[ImageItem]] = []
+        self.runners: list[StageRunner] = []
+        self._running: list[Future[None]] = []
+        self._open = 0
+        self._all_back: anyio.Event | None = None
+        self._broken: BaseException | None = None
+        self._exit = ExitStack()
+        self._portal: BlockingPortal = self._exit.enter_context(start_blocking_portal())
+        try:
+            self._portal.call(self._start)
+        except BaseException:
+            self.close()
+            raise
+        self._running = [self._portal.start_task_soon(self._run_then_close, runner, index)
+                         for index, runner in enumerate(self.runners)]
+        biggest = max((sum(replica.batch_cap for replica in runner.replicas) for runner in self.runners), default=1)
+        self.rows_per_call = max(ROWS_PER_CALL, 4 * biggest)
 
+    # --- on the portal's event loop --------------------------------------------------------------------------
+    async def _start(self) -> None:
+        self.queues = [BoundedQueue(stage.name, int(self.capacities.get(stage.name, 32))) for stage in self.stages]
+        self.runners = [StageRunner(stage, self.queues[index], self._router(index), self.metrics,
+                                    hosting=self.hosting.get(stage.name)) for index, stage in enumerate(self.stages)]
+        await set_up_runners(self.runners)
+
+    async def _run_then_close(self, runner: StageRunner, index: int) -> None:
+        try:
+            await runner.run()
+        except BaseException as error:  # a runner that stops early would leave a call waiting for its items
+            self._broken = error
+            if self._all_back is not None:
+                self._all_back.set()
+            raise
+        finally:
+            if index + 1 < len(self.queues):
+                await self.queues[index + 1].close()
+
+    def _router(self, index: int) -> Callable[[ImageItem], Awaitable[None]]:
+        """After stage ``index`` (-1: before the first): on to the next stage the item needs, or back to the caller."""
+
+        async def route(item: ImageItem) -> None:
+            following = next_stage(self.stages, index, item, self.rules)
+            if following is None:
+                self._open -= 1
+                if self._open == 0 and self._all_back is not None:
+                    self._all_back.set()
+                return
+            await self.queues[following].put(item)
+
+        return route
+
+    async def _run(self, items: list[ImageItem]) -> None:
+        self._open = len(items)
+        self._all_back = anyio.Event()
+        entry = self._router(-1)
+        for item in items:
+            await entry(item)
+        await self._all_back.wait()
+        if self._broken is not None:
+            raise RuntimeError(f"a model stage stopped: {self._broken}") from self._broken
+
+    async def _stop(self) -> None:
+        if self.queues:
+            await self.queues[0].close()
+
+    async def _teardown(self) -> None:
+        for runner in self.runners:
+            await runner.teardown()
+
+    # --- called by rebin ----------------------------------------------------------------------------------
     def __call__(self, rows: list[Row]) -> list[tuple[Row, dict[str, Any]]]:
         items: list[tuple[Row, ImageItem]] = []
         for row in rows:
-            stored = dict(row.signals or {})
-            known = {key: value for key, value in stored.items() if key not in ("not_computed", "vision_skipped")}
-            item = ImageItem(key=row.id, source=row.output_path or row.path, signals=known, rules=self.rules)
-            items.append((row, item))
-        for stage, host, cap in self.hosts:
-            wanted = [item for _row, item in items if item.failure is None
-                      and (not stage.produces or not stage.produces <= item.signals.keys())
-                      and needs(stage, item, self.rules)]
-            if wanted:
-                contain(host.process_batch, wanted, stage=stage.name, device=host.device, cap=cap)
+            known = {key: value for key, value in (row.signals or {}).items() if key not in STORED_ONLY}
+            items.append((row, ImageItem(key=row.id, source=row.output_path or row.path, signals=known,
+                                         rules=self.rules)))
+        if items:
+            self._portal.call(self._run, [item for _row, item in items])
         done: list[tuple[Row, dict[str, Any]]] = []
         for row, item in items:
             if item.failure is not None:
@@ -52,11 +127,16 @@ class MissingSignals:
                             file=row.output_path, reason=item.failure.reason, detail=item.failure.message)
                 continue
             stored = row.signals or {}
-            missing = missing_signals(stored)
-            computed = {key: value for key, value in item.signals.items() if key in missing}
+            computed = {key: value for key, value in item.signals.items() if key not in stored}
             done.append((row, merged_signals(stored, computed, item.not_computed.items())))
         return done
 
     def close(self) -> None:
-        for _stage, host, _cap in self.hosts:
-            host.teardown()
+        """Drain the runners, free the models and end the event loop."""
+        try:
+            self._portal.call(self._stop)
+            for running in self._running:
+                running.exception()  # waits for the runner to end; its error, if any, was reported by the call
+            self._portal.call(self._teardown)
+        finally:
+            self._exit.close()

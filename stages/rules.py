@@ -10,6 +10,7 @@ A disabled model leaves its signal out; the criteria that need it are skipped.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -124,15 +125,25 @@ RULES: tuple[tuple[Any, frozenset[str]], ...] = (
     (confident_detection, frozenset({"detections"})),
     (caption_agreement, frozenset({"caption", "clip_similarity"})),
 )
-# The signals each model writes, for the skip counts and the decision record.
+# The signals each model writes, for the skip counts, the decision record and what a configuration can compute.
 VISION_SIGNALS = ("detections", "caption", "clip_similarity")
 MODEL_OF_SIGNAL = {"ocr": "ocr", "detections": "detector", "caption": "captioner", "clip_similarity": "clip"}
 
 
-def decide(signals: dict[str, Any], t: RuleThresholds) -> Decision:
-    """The bin for one image's signals under thresholds ``t`` (a signal that is absent skips the rules that read it)."""
+def signals_of(models: Iterable[str]) -> frozenset[str]:
+    """The signals that the models named (``"ocr"``, ``"detector"``, ``"captioner"``, ``"clip"``) write."""
+    wanted = set(models)
+    return frozenset(signal for signal, model in MODEL_OF_SIGNAL.items() if model in wanted)
+
+
+def _walk(signals: dict[str, Any], t: RuleThresholds, coming: frozenset[str]) -> Decision | None:
+    """The decision list over ``signals``; None at the first rule whose missing signals are all still ``coming``
+    (their values could make it fire). A rule whose missing signals can never come is passed, as in ``decide``."""
     criteria: dict[str, Any] = {}
-    for rule, _reads in RULES:
+    for rule, reads in RULES:
+        missing = reads - signals.keys()
+        if missing and missing <= coming:
+            return None
         decision = rule(signals, t, criteria)
         if decision is not None:
             return decision
@@ -141,38 +152,45 @@ def decide(signals: dict[str, Any], t: RuleThresholds) -> Decision:
     return Decision("B", "content_weak", "little text, but no confident detection or caption agreement", criteria)
 
 
-def settled(signals: dict[str, Any], t: RuleThresholds) -> Decision | None:
-    """The decision that the signals computed so far already fix, whatever the missing ones would say; None while a
-    signal still to come could change the bin (and always None under ``signals: all``).
+def decide(signals: dict[str, Any], t: RuleThresholds) -> Decision:
+    """The bin for one image's signals under thresholds ``t`` (a signal that is absent skips the rules that read it)."""
+    decision = _walk(signals, t, frozenset())
+    assert decision is not None  # nothing is coming: every rule is either evaluated or passed
+    return decision
+
+
+def settled(signals: dict[str, Any], t: RuleThresholds, coming: frozenset[str]) -> Decision | None:
+    """The decision that the signals computed so far already fix, whatever the signals still ``coming`` (those the
+    enabled models that have not run yet would write) say; None while one of them could change the bin (and always
+    None under ``signals: all``).
 
     The rules are walked in order: a rule whose signals are all here either fires (that is the bin) or not (on to the
-    next); the first rule that reads a signal not computed yet could still fire, so the bin stays open there.
+    next); a rule that reads a signal no enabled model will write is passed, exactly as ``decide`` passes it; the first
+    rule whose missing signals are still coming could fire, so the bin stays open there. When the walk ends without
+    either, the bin is ``decide``'s fallback (B), which nothing still to come can change.
     """
     if t.signals == "all":
         return None
-    criteria: dict[str, Any] = {}
-    for rule, reads in RULES:
-        if not reads <= signals.keys():
-            return None
-        decision = rule(signals, t, criteria)
-        if decision is not None:
-            return decision
-    return None
+    return _walk(signals, t, coming)
 
 
 # Why a signal was not computed: the rule that settled the bin first.
 SKIP_REASONS = {"text_area": "text_dominant", "text_chars": "text_dominant", "text_lines": "text_dominant",
-                "incidental_text": "incidental_text", "confident_detection": "confident_detection"}
+                "incidental_text": "incidental_text", "confident_detection": "confident_detection",
+                "content_weak": "content_weak", "content_unconfirmed": "content_unconfirmed"}
 SKIP_WORDS = {"text_dominant": "the text decided C", "incidental_text": "incidental text decided B",
-              "confident_detection": "a confident detection decided A"}
+              "confident_detection": "a confident detection decided A",
+              "content_weak": "no model still to run could confirm the content, so B",
+              "content_unconfirmed": "no enabled model could confirm the content, so B"}
 
 
-def unneeded(produces: frozenset[str], signals: dict[str, Any], t: RuleThresholds) -> str | None:
+def unneeded(produces: frozenset[str], signals: dict[str, Any], t: RuleThresholds, coming: frozenset[str]) -> str | None:
     """Why signals ``produces`` are not needed for this image's decision (``"confident_detection"``), or None when
-    one of them still is. Nothing written (the loader) is always needed."""
+    one of them still is. ``coming``: every signal an enabled model may still write for it, ``produces`` included.
+    Nothing written (the loader) is always needed."""
     if not produces:
         return None
-    decision = settled(signals, t)
+    decision = settled(signals, t, coming | produces)
     if decision is None:
         return None
     return SKIP_REASONS.get(decision.rule, decision.rule)

@@ -57,11 +57,11 @@ class SyntheticVisionStage(_SleepStage):
     """Benchmark stand-in for ``VisionStage`` (never for real data): sleeps, then writes no detections.
 
     Only ``detections`` is written (empty); ``caption`` and ``clip_similarity`` stay absent, as for
-    disabled models, so the rules skip those criteria.
+    disabled models, so the rules skip those criteria (and routing takes them as never coming).
     """
 
     name = "vision"
-    produces = frozenset({"detections", "caption", "clip_similarity"})
+    produces = frozenset({"detections"})
 
     def _annotate(self, item: ImageItem) -> None:
         item.signals["detections"] = []

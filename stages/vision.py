@@ -18,7 +18,7 @@ from PIL import Image
 from stages.base import BatchPolicy, ImageItem, OutOfDeviceMemory, Stage, is_out_of_memory, run_phases
 from stages.devices import parse_device
 from stages.devices import torch_device as torch_device_of
-from stages.rules import unneeded
+from stages.rules import signals_of, unneeded
 
 logger = logging.getLogger(__name__)
 
@@ -152,10 +152,14 @@ class _VisionBatch:
 
 class VisionStage(Stage):
     """YOLO -> BLIP caption -> CLIP(image, caption) on a micro-batch; fills ``detections``, ``caption``,
-    ``clip_similarity`` (a disabled model's key stays absent). Boxes are in ``item.image`` pixels."""
+    ``clip_similarity`` (a disabled model's key stays absent). Boxes are in ``item.image`` pixels.
+
+    Only what an item lacks is computed: an item that already carries detections (``rebin --infer``) is not detected
+    again, and one that carries a caption is not captioned again. The stage is the pipeline's last model stage: what
+    its models may still write is all that can still come for an item's decision.
+    """
 
     name = "vision"
-    produces = frozenset({"detections", "caption", "clip_similarity"})
     # BLIP's decoding is launch-bound: a step costs about the same at 32 images as at 256, so the probe starts high.
     max_auto_batch = 512
     # Batches whose frames a replica holds on the device at once: the engine's overlap depth (app.hosts.OVERLAP_DEPTH;
@@ -187,6 +191,9 @@ class VisionStage(Stage):
         self.detector_options = detector
         self.captioner_options = captioner
         self.clip_options = clip
+        # The signals of the enabled models only: routing and the rules take a disabled model's signal as never coming.
+        self.produces = signals_of(model for model, options in (("detector", detector), ("captioner", captioner),
+                                                                ("clip", clip)) if options is not None)
         self.precision = precision
         self.max_image_side = int(max_image_side)
         # BLIP's self-attention KV cache: "dynamic" (transformers' default) or "static" (preallocated, the same
@@ -381,32 +388,42 @@ class VisionStage(Stage):
         return [float(value) for value in (image * text_embeds).sum(dim=-1).clamp(-1.0, 1.0).tolist()]
 
     def _infer(self, batch: _VisionBatch) -> list[dict[str, Any]]:
-        """The signals of each image of ``batch`` (keys of disabled models absent).
+        """The signals computed now for each image of ``batch`` (keys of disabled models absent).
 
-        An image whose bin its detection has settled under its item's rules (a confident detection decides A) is
-        not captioned or scored: only the rest of the batch goes through BLIP and CLIP, and the item records what
-        was not computed, and why. ``worst_case`` forces full-length captions (what a memory probe must measure).
+        Each model runs only on the images that lack its signal. An image whose bin its detections have settled under
+        its item's rules (a confident detection decides A) is not captioned or scored: only the rest of the batch goes
+        through BLIP and CLIP, and the item records what was not computed, and why. ``worst_case`` forces full-length
+        captions (what a memory probe must measure).
         """
         import torch
 
         frames, known = batch.frames, batch.items
+        carried: list[dict[str, Any]] = [item.signals for item in known] if known else [{} for _ in frames]
         signals: list[dict[str, Any]] = [{} for _ in frames]
         with torch.inference_mode():
             self._frames_ready(batch)
             if self.yolo is not None:
-                for record, found in zip(signals, self._detect(frames, batch.images)):
-                    record["detections"] = found
+                lacking = [index for index, have in enumerate(carried) if "detections" not in have]
+                if lacking:
+                    found = self._detect([frames[index] for index in lacking], [batch.images[index] for index in lacking])
+                    for index, detections in zip(lacking, found):
+                        signals[index]["detections"] = detections
             if self.blip is not None:
                 wanted = [index for index in range(len(frames))
                           if not known or self._caption_needed(known[index], signals[index])]
                 minimum = self.captioner_options.max_new_tokens if batch.worst_case and self.captioner_options else None
-                subset = [frames[index] for index in wanted]
+                uncaptioned = [index for index in wanted if "caption" not in carried[index]]
+                subset = [frames[index] for index in uncaptioned]
                 captions = self._caption(subset, min_new_tokens=minimum) if subset else []
-                for index, caption in zip(wanted, captions):
+                for index, caption in zip(uncaptioned, captions):
                     signals[index]["caption"] = caption
-                if self.clip is not None and subset:
-                    for index, similarity in zip(wanted, self._similarity(subset, captions)):
-                        signals[index]["clip_similarity"] = similarity
+                if self.clip is not None:
+                    unscored = [index for index in wanted if "clip_similarity" not in carried[index]]
+                    if unscored:
+                        texts = [signals[index].get("caption", carried[index].get("caption", "")) for index in unscored]
+                        scores = self._similarity([frames[index] for index in unscored], texts)
+                        for index, similarity in zip(unscored, scores):
+                            signals[index]["clip_similarity"] = similarity
         return signals
 
     def run_models(self, images: list[Any], worst_case: bool = False,
@@ -419,11 +436,12 @@ class VisionStage(Stage):
         """Whether the caption (and CLIP's score) can still change ``item``'s bin, once its detections are known."""
         if item.rules is None:
             return True
-        produced = frozenset({"caption", "clip_similarity"} if self.clip is not None else {"caption"})
-        reason = unneeded(produced, {**item.signals, **found}, item.rules)
+        produced = self.produces - {"detections"}
+        merged = {**item.signals, **found}
+        reason = unneeded(produced, merged, item.rules, produced)
         if reason is None:
             return True
-        for signal in sorted(produced):
+        for signal in sorted(produced - merged.keys()):
             item.not_computed[signal] = reason
         return False
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stages.base import BatchPolicy, ImageItem, OutOfDeviceMemory, Stage
+from stages.vision import CaptionerOptions, ClipOptions, DetectorOptions, VisionStage
 
 # What the real stages of these names write (``Stage.produces``), so that routing treats a fake like the real one.
 PRODUCES = {"ocr": frozenset({"ocr"}), "vision": frozenset({"detections", "caption", "clip_similarity"})}
@@ -84,3 +85,43 @@ def run_until_idle(pipeline: Any, timeout: float = 120) -> None:
                 await pipeline.teardown()
 
     anyio.run(main)
+
+
+class ReplayedVision(VisionStage):
+    """The real ``VisionStage``'s batch logic (which images are detected, captioned and scored), its models answering
+    from a script: each image is a name (a string, which crosses to a child process as it is), and ``recorded[name]``
+    holds its ``detections``, ``caption`` and ``clip_similarity``. ``calls`` counts the images each model saw (in
+    this process; a child's counts stay in the child). A model left out is disabled, as in the configuration."""
+
+    def __init__(self, recorded: dict[str, dict[str, Any]], detector: bool = True, captioner: bool = True,
+                 clip: bool = True, batch_size: int = 8) -> None:
+        super().__init__(DetectorOptions("replayed.pt") if detector else None,
+                         CaptionerOptions("replayed") if captioner else None, ClipOptions("replayed") if clip else None,
+                         "fp32", ["cpu"], BatchPolicy(batch_size, 5.0))
+        self.recorded = recorded
+        self.calls: Counter[str] = Counter()
+
+    def setup(self, device: str) -> None:
+        self.device = device
+        self.yolo = "replayed" if self.detector_options else None
+        self.blip = "replayed" if self.captioner_options else None
+        self.clip = "replayed" if self.clip_options else None
+
+    def warmup(self) -> None:
+        pass
+
+    def _upload(self, images: list[Any]) -> tuple[list[Any], Any]:
+        return list(images), None  # the "pixels" are the names: the models answer by name
+
+    def _detect(self, frames: list[Any], images: list[Any]) -> list[list[dict[str, Any]]]:
+        self.calls["detector"] += len(frames)
+        return [self.recorded[name]["detections"] for name in frames]
+
+    def _caption(self, images: list[Any], min_new_tokens: int | None = None) -> list[str]:
+        self.calls["captioner"] += len(images)
+        return [self.recorded[name]["caption"] for name in images]
+
+    def _similarity(self, images: list[Any], captions: list[str]) -> list[float]:
+        self.calls["clip"] += len(images)
+        assert captions == [self.recorded[name]["caption"] for name in images], "CLIP scores the image's own caption"
+        return [self.recorded[name]["clip_similarity"] for name in images]

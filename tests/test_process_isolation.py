@@ -38,7 +38,6 @@ SYNTHETIC_PROCESS = {
             "isolation": "process"},
     "vision": {"backend": "synthetic", "devices": ["cpu"], "batch_size": 4, "synthetic_ms": [20.0, 5.0],
                "isolation": "process"},
-    "rules": {"signals": "all"},
 }
 
 

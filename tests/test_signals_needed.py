@@ -1,10 +1,12 @@
 """Compute only what the decision needs (``rules.signals: needed``): an image whose text decides C or B skips vision,
 one whose confident detection decides A skips BLIP and CLIP, and every bin is the bin ``signals: all`` gives.
 
-Three levels: the real models on the 30 labelled images (real OCR, the real YOLOv8n, tiny BLIP/CLIP) through `once`
-(everything computed) and through the real daemon (only what is needed); the engine's routing and the vision stage's
-own skip under three more threshold sets, on both engines, with the models' outputs replayed from that real run; and
-the rules themselves. The Ray engine on a real cluster is in tests/test_ray_engine.py.
+Four levels: the real models on the 30 labelled images (real OCR, the real YOLOv8n, tiny BLIP/CLIP) through `once`
+(everything computed, then only what is needed) and through the real daemon (only what is needed); the real engine
+with the real loader and vision models under three more threshold sets, switched as SIGHUP switches them (OCR
+replayed); the engine's routing and the vision stage's own skip with the models' outputs replayed (every threshold
+set, each model disabled, process isolation, a reload in flight); and the rules themselves, over exhaustive grids.
+The Ray engine on a real cluster is in tests/test_ray_engine.py.
 """
 
 from __future__ import annotations
@@ -13,21 +15,23 @@ import json
 import shutil
 import sqlite3
 from collections import Counter
+from collections.abc import Iterator
+from itertools import product
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from app.config import load_config
-from app.engine import Pipeline
+from app.engine import Hosting, Pipeline
 from app.metrics import Metrics
-from app.store import Ledger, scan, to_discovered
-from stages.base import BatchPolicy, ImageItem
-from stages.rules import MODEL_OF_SIGNAL, RuleThresholds, decide, settled
-from stages.vision import CaptionerOptions, ClipOptions, DetectorOptions, VisionStage
+from app.store import Ledger, Row, scan, to_discovered
+from stages.base import ImageItem, Stage
+from stages.rules import MODEL_OF_SIGNAL, SKIP_REASONS, RuleThresholds, decide, settled, signals_of
 from tests.conftest import REPO
 from tests.daemon_harness import DaemonProcess, wait_for
-from tests.fakes import RecordingStage, run_until_idle
+from tests.fakes import RecordingStage, ReplayedVision, run_until_idle
 
 OFFLINE = REPO / "deploy" / "examples" / "offline-cpu.yaml"
 SETTLED_EARLY = {"text_area", "text_chars", "text_lines", "incidental_text", "confident_detection"}
@@ -78,17 +82,52 @@ def everything(tmp_path_factory: pytest.TempPathFactory, shared_images: Path, ti
 
 def expected_skips(rows: dict[str, dict[str, Any]], rules: RuleThresholds) -> Counter[tuple[str, str]]:
     """(model, reason) -> images that ``needed`` must not run that model on, from the signals of ``all``."""
-    from stages.rules import SKIP_REASONS
-
     skips: Counter[tuple[str, str]] = Counter()
     for row in rows.values():
-        decision = decide(row["signals"], rules)
-        if decision.rule not in SETTLED_EARLY:
-            continue
-        reason = SKIP_REASONS[decision.rule]
-        models = ("captioner", "clip") if decision.rule == "confident_detection" else ("detector", "captioner", "clip")
-        skips.update((model, reason) for model in models)
+        for signal, reason in expected_not_computed(decide(row["signals"], rules).rule).items():
+            skips[(MODEL_OF_SIGNAL[signal], reason)] += 1
     return skips
+
+
+def expected_not_computed(rule: str) -> dict[str, str]:
+    """What ``needed`` leaves out (all models enabled) for an image that computing everything decides by ``rule``."""
+    if rule == "confident_detection":
+        return dict.fromkeys(("caption", "clip_similarity"), "confident_detection")
+    if rule in SETTLED_EARLY:
+        return dict.fromkeys(("detections", "caption", "clip_similarity"), SKIP_REASONS[rule])
+    return {}
+
+
+def assert_needed_like_all(needed: dict[str, dict[str, Any]], everything: dict[str, dict[str, Any]],
+                           rules: RuleThresholds) -> None:
+    """File by file: the bin and rule that computing everything gives under ``rules``, and exactly the signals the
+    rules did not need left out, with why (``needed``: rel -> row as ``ledger_rows`` gives it)."""
+    assert needed.keys() == everything.keys()
+    for rel, row in needed.items():
+        truth = decide(everything[rel]["signals"], rules)
+        assert (row["bin"], row["rule"]) == (truth.bin, truth.rule), rel
+        left_out = expected_not_computed(truth.rule)
+        assert row["signals"].get("not_computed", {}) == left_out, rel
+        assert not left_out.keys() & row["signals"].keys(), rel
+        computed = {"ocr", "detections", "caption", "clip_similarity"} - left_out.keys()
+        assert computed <= row["signals"].keys(), rel
+
+
+@pytest.mark.models
+@pytest.mark.timeout(300)
+def test_once_computes_only_what_is_needed_and_bins_like_computing_everything(
+        tmp_path: Path, shared_images: Path, tiny_blip_dir: Path, tiny_clip_dir: Path,
+        everything: dict[str, dict[str, Any]]) -> None:
+    """`binner once` on the local engine with the default ``signals: needed``, file by file against ``all``."""
+    from app.once import bin_once
+
+    config = load_config(OFFLINE, {"input": shared_images, "output": tmp_path / "out", "state_dir": tmp_path / "state",
+                                   "placement": "copy", "vision": vision_models(tiny_blip_dir, tiny_clip_dir)})
+    assert config.rules.signals == "needed"
+    summary = bin_once(config, "local", None, show_progress=False)
+    assert summary.not_finished == 0
+    needed = {rel: row for rel, row in ledger_rows(tmp_path / "state").items() if row["status"] == "done"}
+    assert_needed_like_all(needed, everything, RuleThresholds())
 
 
 @pytest.fixture(scope="module")
@@ -116,55 +155,73 @@ def daemon_run(tmp_path_factory: pytest.TempPathFactory, shared_images: Path, ti
 def test_the_daemon_computes_only_what_is_needed_and_bins_like_computing_everything(
         everything: dict[str, dict[str, Any]], daemon_run: tuple[DaemonProcess, dict[tuple[str, str], float]]) -> None:
     daemon, skipped = daemon_run
-    needed = ledger_rows(daemon.state)
-    assert {rel: row["bin"] for rel, row in needed.items()} == {rel: row["bin"] for rel, row in everything.items()}
     assert skipped == expected_skips(everything, RuleThresholds()), "BLIP and CLIP ran only where rules 1-3 left it open"
-    for rel, row in needed.items():
-        decision = everything[rel]
-        if decision["rule"] == "confident_detection":
-            assert row["signals"]["not_computed"] == {"caption": "confident_detection",
-                                                      "clip_similarity": "confident_detection"}, rel
-            assert "caption" not in row["signals"] and "detections" in row["signals"]
-        elif decision["rule"] in SETTLED_EARLY:
-            assert set(row["signals"]["not_computed"]) == {"detections", "caption", "clip_similarity"}, rel
-        else:
-            assert "not_computed" not in row["signals"] and "caption" in row["signals"], rel
+    assert_needed_like_all(ledger_rows(daemon.state), everything, RuleThresholds())
+
+
+# --- the real engine under three more threshold sets, switched as SIGHUP switches them -------------------------
+@pytest.mark.models
+@pytest.mark.timeout(300)
+def test_the_real_engine_under_three_more_threshold_sets_bins_like_computing_everything(
+        tmp_path: Path, shared_images: Path, tiny_blip_dir: Path, tiny_clip_dir: Path,
+        everything: dict[str, dict[str, Any]]) -> None:
+    """The local engine with the real loader, the real YOLOv8n and tiny BLIP/CLIP, one pipeline whose thresholds are
+    switched (as SIGHUP switches them) before each of three copies of the 30 images is admitted. OCR is replayed
+    from the run that computed everything: it is the costly model, and no threshold changes what it reads. Each
+    copy is binned as computing everything bins it under the thresholds it was admitted under, and skips exactly
+    what those thresholds settled (the vision stage's own skip included)."""
+    from app.build import build_stages
+
+    inbox = tmp_path / "in"
+    config = load_config(OFFLINE, {"input": shared_images, "output": tmp_path / "out", "state_dir": tmp_path / "state",
+                                   "vision": vision_models(tiny_blip_dir, tiny_clip_dir)})
+    load, _, vision = build_stages(config)
+
+    def recorded_ocr(item: ImageItem) -> dict[str, Any]:
+        rel = Path(item.source).relative_to(inbox.resolve())
+        return {"ocr": everything[str(Path(*rel.parts[1:]))]["signals"]["ocr"]}
+
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    finished: list[int] = []
+    ocr = RecordingStage("ocr", batch_size=8, signals=recorded_ocr)
+    pipeline = Pipeline(ledger=ledger, metrics=Metrics(), stages=[load, ocr, vision], thresholds=RuleThresholds(),
+                        placer=None, queue_capacities={"load": 16, "ocr": 16, "vision": 16, "sink": 16}, max_attempts=2,
+                        placement_mode="copy", on_finished=lambda row, outcome: finished.append(row.id))
+
+    async def main() -> None:
+        with anyio.fail_after(240):
+            await pipeline.setup()
+            try:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(pipeline.run, False)
+                    for copies, (name, overrides) in enumerate(THRESHOLD_SETS.items(), start=1):
+                        pipeline.thresholds = RuleThresholds(**overrides)  # what the daemon's SIGHUP does
+                        shutil.copytree(shared_images, inbox / name, ignore=shutil.ignore_patterns("*.csv", "*.md"))
+                        seen = scan(inbox / name)
+                        await pipeline.ledger_thread.run(ledger.intake, [to_discovered(inbox / name, s) for s in seen])
+                        pipeline.wake()
+                        while len(finished) < 30 * copies:
+                            await anyio.sleep(0.05)  # a poll, bounded by fail_after
+                    pipeline.request_stop()
+            finally:
+                await pipeline.teardown()
+
+    anyio.run(main)
+    rows = list(ledger.rows())
+    ledger.close()
+    assert len(rows) == 30 * len(THRESHOLD_SETS) and {row.status for row in rows} == {"done"}
+    for name, overrides in THRESHOLD_SETS.items():
+        copy = {row.rel_path: {"bin": row.bin, "rule": row.rule, "signals": row.signals} for row in rows
+                if Path(row.path).relative_to(inbox.resolve()).parts[0] == name}
+        assert_needed_like_all(copy, everything, RuleThresholds(**overrides))
 
 
 # --- the engine's routing and the vision stage's own skip, with the models' outputs replayed ---------------------
-class ReplayedVision(VisionStage):
-    """The real VisionStage's batch logic (which images get a caption), its three models answering from a real run."""
-
-    def __init__(self, recorded: dict[str, dict[str, Any]]) -> None:
-        super().__init__(DetectorOptions("replayed.pt"), CaptionerOptions("replayed"), ClipOptions("replayed"), "fp32",
-                         ["cpu"], BatchPolicy(8, 5.0))
-        self.recorded = recorded
-        self.calls: Counter[str] = Counter()
-
-    def setup(self, device: str) -> None:
-        self.device, self.yolo, self.blip, self.clip = device, "replayed", "replayed", "replayed"
-
-    def warmup(self) -> None:
-        pass
-
-    def _upload(self, images: list[Any]) -> tuple[list[Any], Any]:
-        return list(images), None  # the "pixels" are the files' names: the models answer by name
-
-    def _detect(self, frames: list[Any], images: list[Any]) -> list[list[dict[str, Any]]]:
-        self.calls["detector"] += len(frames)
-        return [self.recorded[name]["detections"] for name in frames]
-
-    def _caption(self, images: list[Any], min_new_tokens: int | None = None) -> list[str]:
-        self.calls["captioner"] += len(images)
-        return [self.recorded[name]["caption"] for name in images]
-
-    def _similarity(self, images: list[Any], captions: list[str]) -> list[float]:
-        self.calls["clip"] += len(images)
-        return [self.recorded[name]["clip_similarity"] for name in images]
-
-
-def replay(root: Path, recorded: dict[str, dict[str, Any]], rules: RuleThresholds) -> tuple[dict[str, str], Counter[str]]:
-    """The local engine over the 30 files with replayed models; the bin of each file and the model calls."""
+def build_replay(root: Path, recorded: dict[str, dict[str, Any]], rules: RuleThresholds, vision: Stage | None = None,
+                 ocr: bool = True, after: list[Stage] | None = None,
+                 hosting: dict[str, Hosting] | None = None) -> tuple[Pipeline, Ledger]:
+    """The local engine over one file per ``recorded`` name, its models answering from ``recorded`` (OCR only when
+    ``ocr``; ``vision`` by default a ``ReplayedVision`` of every model); ``after``: stages that follow vision."""
     inbox = root / "in"
     for rel in recorded:
         (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -177,17 +234,25 @@ def replay(root: Path, recorded: dict[str, dict[str, Any]], rules: RuleThreshold
         item.image = by_key[item.key]
         return {}
 
-    load = RecordingStage("load", batch_size=8, signals=name_as_image)
-    ocr = RecordingStage("ocr", batch_size=8, signals=lambda item: {"ocr": recorded[by_key[item.key]]["ocr"]})
-    vision = ReplayedVision(recorded)
-    pipeline = Pipeline(ledger=ledger, metrics=Metrics(), stages=[load, ocr, vision], thresholds=rules, placer=None,
-                        queue_capacities={"load": 16, "ocr": 16, "vision": 16, "sink": 16}, max_attempts=2,
-                        placement_mode="copy")
+    stages: list[Stage] = [RecordingStage("load", batch_size=8, signals=name_as_image)]
+    if ocr:
+        stages.append(RecordingStage("ocr", batch_size=8, signals=lambda item: {"ocr": recorded[by_key[item.key]]["ocr"]}))
+    stages.append(vision or ReplayedVision(recorded))
+    stages += after or []
+    pipeline = Pipeline(ledger=ledger, metrics=Metrics(), stages=stages, thresholds=rules, placer=None,
+                        queue_capacities={stage.name: 16 for stage in stages} | {"sink": 16}, max_attempts=2,
+                        placement_mode="copy", hosting=hosting)
+    return pipeline, ledger
 
+
+def replay(root: Path, recorded: dict[str, dict[str, Any]], rules: RuleThresholds, vision: Stage | None = None,
+           **options: Any) -> dict[str, Row]:
+    """``build_replay``, run until idle; the ledger's row of each file."""
+    pipeline, ledger = build_replay(root, recorded, rules, vision, **options)
     run_until_idle(pipeline)
-    bins = {row.rel_path: row.bin for row in ledger.rows()}
+    rows = {row.rel_path: row for row in ledger.rows()}
     ledger.close()
-    return bins, vision.calls
+    return rows
 
 
 @pytest.mark.models
@@ -197,12 +262,120 @@ def test_under_each_threshold_set_needed_bins_like_all_and_skips_exactly_the_set
     rules = RuleThresholds(**THRESHOLD_SETS.get(name, {}))
     recorded = {rel: row["signals"] for rel, row in everything.items()}
     expected = {rel: decide(signals, rules) for rel, signals in recorded.items()}
-    bins, calls = replay(tmp_path, recorded, rules)
-    assert bins == {rel: decision.bin for rel, decision in expected.items()}
+    vision = ReplayedVision(recorded)
+    rows = replay(tmp_path, recorded, rules, vision)
+    assert {rel: row.bin for rel, row in rows.items()} == {rel: decision.bin for rel, decision in expected.items()}
     open_after_ocr = [rel for rel, d in expected.items() if d.rule not in SETTLED_EARLY - {"confident_detection"}]
     open_after_detection = [rel for rel, d in expected.items() if d.rule not in SETTLED_EARLY]
-    assert calls["detector"] == len(open_after_ocr)
-    assert calls["captioner"] == calls["clip"] == len(open_after_detection)
+    assert vision.calls["detector"] == len(open_after_ocr)
+    assert vision.calls["captioner"] == vision.calls["clip"] == len(open_after_detection)
+
+
+@pytest.mark.models
+def test_skips_inside_the_vision_stage_come_back_from_its_child_process(
+        tmp_path: Path, everything: dict[str, dict[str, Any]]) -> None:
+    """Process isolation (the default on CUDA): what the vision stage chose not to compute in its child comes back
+    with the signals, as in thread mode, so the decision record, ``explain``, the skip counts and ``rebin`` know."""
+    recorded = {rel: row["signals"] for rel, row in everything.items()}
+    rules = RuleThresholds()
+    in_thread = replay(tmp_path / "thread", recorded, rules)
+    in_child = replay(tmp_path / "child", recorded, rules, hosting={"vision": Hosting("process")})
+    skipped_in_stage = {rel for rel, row in in_thread.items()
+                        if (row.signals or {}).get("not_computed", {}).get("caption") == "confident_detection"}
+    assert skipped_in_stage, "no image's caption was skipped inside the vision stage: the test would prove nothing"
+    assert {rel: (row.bin, row.rule, row.signals) for rel, row in in_child.items()} == \
+        {rel: (row.bin, row.rule, row.signals) for rel, row in in_thread.items()}
+
+
+def test_a_reload_in_flight_never_decides_on_signals_skipped_under_other_thresholds(tmp_path: Path) -> None:
+    """SIGHUP between a file's admission and its decision: the router, the vision stage and the sink all keep the
+    thresholds the file was admitted under, so no bin rests on a signal that was skipped under other thresholds (the
+    reload is for the files admitted after it; files already placed are ``rebin``'s)."""
+    def ocr(chars: int) -> dict[str, Any]:
+        return {"text": "x" * chars, "lines": [], "char_count": chars, "line_count": 1 if chars else 0,
+                "text_area_ratio": 0.01 if chars else 0.0, "mean_confidence": 0.9}
+
+    def found(confidence: float) -> list[dict[str, Any]]:
+        return [{"label": "dog", "confidence": confidence, "box": [0, 0, 1, 1]}]
+
+    recorded = {  # incidental text decides B (vision skipped); a 0.6 detection decides A (caption and CLIP skipped)
+        "sign.png": {"ocr": ocr(30), "detections": found(0.9), "caption": "a sign", "clip_similarity": 0.9},
+        "dog.png": {"ocr": ocr(0), "detections": found(0.6), "caption": "a dog", "clip_similarity": 0.1},
+    }
+    admitted = RuleThresholds()
+    reloaded = RuleThresholds(a_min_detection_confidence=0.7, a_max_char_count=1000, a_max_text_area_ratio=0.5)
+    holder: dict[str, Pipeline] = {}
+
+    def reload(item: ImageItem) -> dict[str, Any]:  # every file passes here after vision, before the sink
+        holder["pipeline"].thresholds = reloaded
+        return {}
+
+    after = RecordingStage("after", batch_size=8, signals=reload)
+    pipeline, ledger = build_replay(tmp_path, recorded, admitted, after=[after])
+    holder["pipeline"] = pipeline
+    run_until_idle(pipeline)
+    rows = {row.rel_path: row for row in ledger.rows()}
+    ledger.close()
+    assert pipeline.thresholds is reloaded and len(after.log.processed()) == 2
+    assert (rows["sign.png"].bin, rows["sign.png"].rule) == ("B", "incidental_text")  # not "no content model enabled"
+    assert (rows["dog.png"].bin, rows["dog.png"].rule) == ("A", "confident_detection")  # not content_weak without CLIP
+    for rel, row in rows.items():  # as computing everything under the thresholds it was admitted under
+        assert (row.bin, row.rule) == (decide(recorded[rel], admitted).bin, decide(recorded[rel], admitted).rule), rel
+
+
+# Configurations with a model disabled: (models on, and which of OCR and the vision models those are).
+DISABLED = {"no_ocr": {"detector", "captioner", "clip"}, "no_detector": {"ocr", "captioner", "clip"},
+            "no_clip": {"ocr", "detector", "captioner"}, "detector_only": {"ocr", "detector"}}
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("name", list(DISABLED))
+def test_with_a_model_disabled_needed_bins_like_all_and_never_counts_its_signal_as_skipped(
+        tmp_path: Path, everything: dict[str, dict[str, Any]], name: str) -> None:
+    """A disabled model's signal never comes: the rules pass its criteria as ``decide`` does (so an image is settled as
+    soon as nothing an enabled model still writes could change it), and it is never recorded as not computed (so
+    ``rebin`` never waits for a model that cannot run)."""
+    models = DISABLED[name]
+    produced = signals_of(models)
+    recorded = {rel: {key: value for key, value in row["signals"].items() if key in produced}
+                for rel, row in everything.items()}  # what `all` computes with these models
+    rules = RuleThresholds()
+    truth = {rel: decide(signals, rules) for rel, signals in recorded.items()}
+    vision = ReplayedVision(recorded, *(model in models for model in ("detector", "captioner", "clip")))
+    assert vision.produces == produced - {"ocr"}
+    rows = replay(tmp_path, recorded, rules, vision, ocr="ocr" in models)
+    assert {rel: (row.bin, row.rule) for rel, row in rows.items()} == {rel: (d.bin, d.rule) for rel, d in truth.items()}
+    for rel, row in rows.items():
+        left_out = (row.signals or {}).get("not_computed", {})
+        assert left_out.keys() <= produced, (rel, left_out)
+        assert produced - left_out.keys() <= (row.signals or {}).keys(), rel  # whatever was not left out is there
+    by_detection = sum(d.rule == "confident_detection" for d in truth.values())
+    by_text = sum(d.rule in SETTLED_EARLY - {"confident_detection"} for d in truth.values())
+    if name == "no_ocr":  # a confident detection settles A without OCR: BLIP and CLIP skip those images
+        assert by_detection and vision.calls["captioner"] == vision.calls["clip"] == len(rows) - by_detection
+    if name == "no_detector":  # text-settled images skip vision, and only BLIP and CLIP are said to be skipped
+        assert by_text and vision.calls["captioner"] == vision.calls["clip"] == len(rows) - by_text
+    if name == "no_clip":  # without CLIP no rule reads a caption: BLIP never runs
+        assert vision.calls["captioner"] == 0 and vision.calls["detector"] == len(rows) - by_text
+
+
+def test_the_configuration_and_the_built_stages_agree_on_what_the_enabled_models_write(tmp_path: Path) -> None:
+    """``rebin`` reads from the configuration what the engine's stages declare: the two never differ."""
+    from app.build import build_stages
+
+    for ocr_on, detector, captioner, clip in product((True, False), repeat=4):
+        if (clip and not captioner) or not (detector or captioner or clip):
+            continue
+        config = load_config(None, {"input": tmp_path / "in", "output": tmp_path / "out", "state_dir": tmp_path / "state",
+                                    "ocr": {"enabled": ocr_on, "devices": ["cpu"]},
+                                    "vision": {"devices": ["cpu"], "detector": {"enabled": detector},
+                                               "captioner": {"enabled": captioner}, "clip": {"enabled": clip}}})
+        built = frozenset().union(*(stage.produces for stage in build_stages(config)))
+        assert built == config.produced_signals, (ocr_on, detector, captioner, clip)
+    synthetic = load_config(None, {"input": tmp_path / "in", "output": tmp_path / "out", "state_dir": tmp_path / "state",
+                                   "ocr": {"backend": "synthetic", "devices": ["cpu"]},
+                                   "vision": {"backend": "synthetic", "devices": ["cpu"]}})
+    assert frozenset().union(*(stage.produces for stage in build_stages(synthetic))) == synthetic.produced_signals
 
 
 @pytest.mark.models
@@ -217,26 +390,54 @@ def test_the_threshold_sets_make_every_rule_decide_some_images(everything: dict[
 
 
 # --- the rules ----------------------------------------------------------------------------------------------------
-def test_settled_equals_decide_whatever_the_missing_signals_say() -> None:
-    """Exhaustively over small signal grids: when ``settled`` names a bin, every value of the missing signals gives
-    that bin; when it names none, some value of them changes the bin."""
+# Every set of enabled models the configuration allows (CLIP needs the captioner), and the order the stages write.
+MODELS = ("ocr", "detector", "captioner", "clip")
+ENABLED_SETS = [frozenset(model for model, on in zip(MODELS, bits) if on) for bits in product((True, False), repeat=4)
+                if not (bits[3] and not bits[2])]
+STEPS = (("ocr",), ("detections",), ("caption", "clip_similarity"))
+
+
+def assignments(keys: list[str], values: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
+    """Every combination of the grid's values for ``keys``."""
+    for combination in product(*(values[key] for key in keys)):
+        yield dict(zip(keys, combination))
+
+
+def test_settled_equals_decide_whatever_the_signals_still_coming_say() -> None:
+    """Exhaustively over small signal grids, for every set of enabled models and every point of the computation:
+    when ``settled`` names a decision, every value of the signals the enabled models still write gives that bin and
+    rule (and it is what ``decide`` makes of the signals at hand, as the sink records it); when it names none, some
+    value of them changes the bin. A disabled model's signal is never waited for."""
     rules = RuleThresholds()
-    texts = [{"char_count": c, "line_count": 1, "text_area_ratio": a} for c in (0, 30, 300) for a in (0.0, 0.05, 0.2)]
-    detections = [[], [{"label": "dog", "confidence": 0.3, "box": [0, 0, 1, 1]}],
-                  [{"label": "dog", "confidence": 0.9, "box": [0, 0, 1, 1]}]]
-    captions = [{"caption": "x", "clip_similarity": s} for s in (0.0, 0.5)]
-    for ocr in texts:
-        for found in [None, *detections]:
-            known: dict[str, Any] = {"ocr": ocr} | ({} if found is None else {"detections": found})
-            outcome = settled(known, rules)
-            completions = [{**known, "detections": d, **c} for d in (detections if found is None else [found])
-                           for c in captions]
-            bins = {decide(full, rules).bin for full in completions}
-            if outcome is not None:
-                assert bins == {outcome.bin}, (known, outcome)
-            else:  # open: some value of the missing signals changes the bin (nothing was left out for nothing)
-                assert len(bins) > 1, (known, bins)
-    assert settled({"ocr": texts[0]}, RuleThresholds(signals="all")) is None
+    dog = [[{"label": "dog", "confidence": c, "box": [0, 0, 1, 1]}] for c in (0.3, 0.9)]
+    values: dict[str, list[Any]] = {
+        "ocr": [{"char_count": c, "line_count": 1, "text_area_ratio": a} for c in (0, 30, 300) for a in (0.0, 0.05, 0.2)],
+        "detections": [[], *dog], "caption": ["x"], "clip_similarity": [0.0, 0.5]}
+    outcomes: Counter[str] = Counter()
+    for enabled in ENABLED_SETS:
+        produced = signals_of(enabled)
+        steps = [step for step in ([key for key in step if key in produced] for step in STEPS) if step]
+        for done in range(len(steps) + 1):
+            known_keys = [key for step in steps[:done] for key in step]
+            coming_keys = [key for step in steps[done:] for key in step]
+            for known in assignments(known_keys, values):
+                outcome = settled(known, rules, frozenset(coming_keys))
+                decisions = {(d.bin, d.rule) for d in (decide({**known, **rest}, rules)
+                                                        for rest in assignments(coming_keys, values))}
+                if outcome is not None:
+                    assert decisions == {(outcome.bin, outcome.rule)}, (enabled, known, outcome, decisions)
+                    assert decide(known, rules).rule == outcome.rule, (enabled, known)
+                    outcomes["settled"] += 1
+                else:  # open: some value of the signals still coming changes the bin (nothing left out for nothing)
+                    assert len({bin_ for bin_, _ in decisions}) > 1, (enabled, known, decisions)
+                    outcomes["open"] += 1
+    assert outcomes["settled"] > 100 and outcomes["open"] > 10, outcomes
+    little_text = {"char_count": 0, "line_count": 0, "text_area_ratio": 0.0}
+    # OCR disabled: a confident detection settles A although "ocr" never comes.
+    assert settled({"detections": dog[1]}, rules, frozenset({"caption", "clip_similarity"})).rule == "confident_detection"
+    # The captioner without CLIP: no rule reads a caption, so a weak detection settles B before BLIP runs.
+    assert settled({"ocr": little_text, "detections": dog[0]}, rules, frozenset({"caption"})).rule == "content_weak"
+    assert settled({"ocr": little_text}, RuleThresholds(signals="all"), frozenset()) is None
     legacy = RuleThresholds(**{"short_circuit_text": False})
     assert legacy.signals == "all" and "short_circuit_text" not in legacy.model_dump()
 
@@ -258,6 +459,114 @@ def test_skips_are_counted_per_model_with_the_rule_that_decided() -> None:
 
 
 # --- rebin knows what is missing --------------------------------------------------------------------------------
+LITTLE_TEXT = {"text": "", "lines": [], "char_count": 0, "line_count": 0, "text_area_ratio": 0.0, "mean_confidence": 0.0}
+
+
+def dog(confidence: float) -> list[dict[str, Any]]:
+    return [{"label": "dog", "confidence": confidence, "box": [0, 0, 1, 1]}]
+
+
+def test_rebin_waits_only_for_signals_an_enabled_model_can_compute(tmp_path: Path) -> None:
+    """A signal that was not computed keeps a file open under new thresholds only while an enabled model can compute
+    it (and only those are listed); one whose model is disabled now never comes, and the file is decided as the
+    engine would decide it, never listed as needing a model `rebin --infer` cannot run."""
+    from app.store import Discovered, Outcome, rebin_all
+
+    skipped = ("detections", "caption", "clip_similarity")
+    stored = {  # a 0.6 detection decided A (BLIP and CLIP skipped); incidental text decided B (vision skipped)
+        "dog.png": ("A", "confident_detection", {"ocr": LITTLE_TEXT, "detections": dog(0.6), "not_computed": dict.fromkeys(
+            skipped[1:], "confident_detection")}),
+        "sign.png": ("B", "incidental_text", {"ocr": {**LITTLE_TEXT, "char_count": 30}, "not_computed": dict.fromkeys(
+            skipped, "incidental_text")}),
+    }
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger.intake(Discovered(str(tmp_path / "in" / name), name, 1, 1) for name in stored)
+    ledger.record([Outcome(row.id, "done", bin=stored[row.rel_path][0], rule=stored[row.rel_path][1],
+                           signals=stored[row.rel_path][2], output_path=str(tmp_path / "out" / row.rel_path))
+                   for row in ledger.claim_pending(10)])
+
+    def rebin_under(models: set[str]) -> tuple[dict[str, set[str]], dict[str, str]]:
+        """A dry run with ``models`` enabled and raised thresholds: what waits for which models, and what moves."""
+        vision = {"devices": ["cpu"], **{model: {"enabled": model in models} for model in ("detector", "captioner",
+                                                                                          "clip")}}
+        config = load_config(None, {"input": tmp_path / "in", "create_input": True, "output": tmp_path / "out",
+                                    "state_dir": tmp_path / "state", "ocr": {"enabled": "ocr" in models},
+                                    "vision": vision,
+                                    "rules": {"a_min_detection_confidence": 0.7, "a_max_char_count": 1000}})
+        waiting: dict[str, set[str]] = {}
+        moves: dict[str, str] = {}
+        rebin_all(config, ledger, dry_run=True, on_move=lambda move: moves.update({Path(move.path).name: move.rule}),
+                  on_needs_models=lambda row, missing: waiting.update({row.rel_path: set(missing)}))
+        return waiting, moves
+
+    assert rebin_under(set(MODELS)) == ({"dog.png": set(skipped[1:]), "sign.png": set(skipped)}, {})
+    # CLIP disabled now: no rule reads a caption, so the 0.6 detection decides B as the engine would.
+    assert rebin_under({"ocr", "detector", "captioner"}) == ({"sign.png": {"detections", "caption"}},
+                                                             {"dog.png": "content_weak"})
+    # The detector alone (offline-cpu.yaml), and no vision model at all.
+    assert rebin_under({"ocr", "detector"}) == ({"sign.png": {"detections"}}, {"dog.png": "content_weak"})
+    assert rebin_under({"ocr"}) == ({}, {"dog.png": "content_weak"})  # sign.png stays B: content_unconfirmed
+    ledger.close()
+
+
+def test_the_vision_stage_computes_only_the_signals_an_item_lacks() -> None:
+    """`rebin --infer` hands the vision stage items that carry their stored detections: they are not detected again,
+    and whether a caption is needed is judged on the stored detections, the ones the decision reads."""
+    fresh = {"strong.png": dog(0.3), "weak.png": dog(0.9), "new.png": dog(0.9)}  # what detecting again would say
+    recorded = {name: {"detections": found, "caption": f"a {name}", "clip_similarity": 0.5}
+                for name, found in fresh.items()}
+    vision = ReplayedVision(recorded)
+    vision.setup("cpu")
+    rules = RuleThresholds()
+    stored = {"strong.png": dog(0.6), "weak.png": dog(0.2)}
+    items = [ImageItem(key=index, source=name, image=name, rules=rules,
+                       signals={"ocr": LITTLE_TEXT, **({"detections": stored[name]} if name in stored else {})})
+             for index, name in enumerate(fresh)]
+    vision.process_batch(items)
+    strong, weak, new = items
+    assert vision.calls["detector"] == 1 and new.signals["detections"] == dog(0.9)
+    assert strong.signals["detections"] == dog(0.6) and weak.signals["detections"] == dog(0.2)
+    assert "caption" not in strong.signals and strong.not_computed["caption"] == "confident_detection"
+    assert weak.signals["caption"] == "a weak.png" and weak.signals["clip_similarity"] == 0.5
+    assert vision.calls["captioner"] == vision.calls["clip"] == 1
+
+
+def test_rebin_infer_runs_every_configured_device_with_the_engine_s_hosting_and_batch_caps(tmp_path: Path) -> None:
+    """`rebin --infer` runs the stages as the engine does: a replica per configured device, hosted as configured (here
+    child processes), each with its configured batch cap, and files flow through only the stages they need."""
+    from app import bench
+    from app.infer import MissingSignals
+
+    config = load_config(None, {
+        "input": tmp_path / "in", "create_input": True, "output": tmp_path / "out", "state_dir": tmp_path / "state",
+        "ocr": {"backend": "synthetic", "devices": ["cpu"], "batch_size": 4, "synthetic_ms": [0, 0]},
+        "vision": {"backend": "synthetic", "devices": ["cpu", "cpu"], "batch_size": 3, "synthetic_ms": [0, 0],
+                   "isolation": "process"}})
+    bench.make_images(tmp_path / "out" / "B", 10, size=24)
+    placed = sorted((tmp_path / "out" / "B").glob("*.png"))
+    rows = [Row(id=index, path=str(path), rel_path=path.name, size=1, mtime_ns=1, sha256=None, status="done",
+                attempts=1, bin="B", rule="incidental_text", reason=None, decision=None, output_path=str(path),
+                signals={"ocr": LITTLE_TEXT, "not_computed": {"detections": "incidental_text"}}, last_error=None,
+                timings=None, seen_at=0.0, updated_at=0.0, finished_at=None) for index, path in enumerate(placed, 1)]
+    models = MissingSignals(config)
+    try:
+        vision = models.runners[2]
+        assert [(type(replica.host).__name__, replica.batch_cap) for replica in vision.replicas] == \
+            [("ProcessHost", 3)] * 2
+        assert models.rows_per_call >= 256
+        done = models(rows)
+    finally:
+        models.close()
+    assert [row.id for row, _ in done] == [row.id for row in rows]
+    for _row, signals in done:
+        assert signals["detections"] == [] and signals["ocr"] == LITTLE_TEXT and "not_computed" not in signals
+    sizes = models.metrics.registry.get_sample_value("binner_stage_batch_size_sum", {"stage": "vision"})
+    batches = models.metrics.registry.get_sample_value("binner_stage_batch_size_count", {"stage": "vision"})
+    assert sizes == len(rows) and batches >= len(rows) / 3
+    assert not models.metrics.registry.get_sample_value("binner_stage_batch_size_count", {"stage": "ocr"}), \
+        "OCR ran again for a missing detection"
+
+
 @pytest.mark.models
 @pytest.mark.system
 @pytest.mark.timeout(420)

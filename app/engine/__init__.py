@@ -7,8 +7,9 @@ from app.engine.containment import AUTO_BATCH_CEILING, BatchCap, CallObserver, c
 from app.engine.finishing import DISK_ERRNOS, Finisher, PlacementBlocked, remove_inputs
 from app.engine.pipeline import MetricsObserver, Pipeline
 from app.engine.routing import needs, next_stage
-from app.engine.runner import Hosting, StageRunner, StageSetupError
+from app.engine.runner import Hosting, StageRunner, StageSetupError, set_up_runners
 
 __all__ = ["AUTO_BATCH_CEILING", "DISK_ERRNOS", "FINISHED", "BatchCap", "CallObserver", "Finisher", "Hosting",
            "MetricsObserver", "Pipeline", "PlacementBlocked", "RunStats", "StageRunner", "StageSetupError", "admit",
-           "contain", "final_failure", "needs", "next_stage", "probe_ceiling", "remove_inputs", "starting_batch_cap"]
+           "contain", "final_failure", "needs", "next_stage", "probe_ceiling", "remove_inputs", "set_up_runners",
+           "starting_batch_cap"]

@@ -124,7 +124,9 @@ class Finisher:
             return self.quarantine(row, item, failure.reason, failure.message, timings)
         if item.not_computed:  # what was not computed, and why (explain, rebin)
             item.signals["not_computed"] = dict(sorted(item.not_computed.items()))
-        decision = decide(item.signals, self.thresholds)
+        # The rules the item was admitted under, which decided what it skipped (a reload since then applies to the
+        # files admitted after it); ``thresholds`` for an item that carries none.
+        decision = decide(item.signals, item.rules if item.rules is not None else self.thresholds)
         current = self.input_identity(row.path)
         if current is None:
             return Outcome(row.id, "vanished", last_error="the input file disappeared (or became a link) before it "

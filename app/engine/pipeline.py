@@ -26,7 +26,7 @@ from app.engine.accounting import FINISHED, RunStats, observe
 from app.engine.admission import admit
 from app.engine.finishing import Finisher, PlacementBlocked, remove_inputs
 from app.engine.routing import next_stage
-from app.engine.runner import Hosting, StageRunner, StageSetupError
+from app.engine.runner import Hosting, StageRunner, set_up_runners
 from app.metrics import Metrics
 from app.store import Ledger, Outcome, Placer, Row, StateRoom, is_disk_full
 from queues import BoundedQueue, DedicatedThread, EndOfStream, next_batch
@@ -142,7 +142,9 @@ class Pipeline:
 
     @thresholds.setter
     def thresholds(self, value: RuleThresholds) -> None:
-        """SIGHUP swaps the rules; the next item the sink finishes is decided with them."""
+        """SIGHUP swaps the rules: the files admitted from now on are routed, skipped and decided with them. An item
+        already admitted keeps the rules it was admitted under (``ImageItem.rules``) to the end, so that its bin is
+        never decided on signals that were skipped under other thresholds (placed files are ``rebin``'s job)."""
         self.finisher.thresholds = value
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -151,16 +153,7 @@ class Pipeline:
         self.metrics.initialise_labels((runner.stage.name, device) for runner in self.runners
                                        for device in runner.stage.devices)
         self.metrics.busy_seconds.add_running_calls(self._running_calls)
-        for runner in self.runners:
-            try:
-                await runner.setup()
-            except BaseExceptionGroup as group:
-                first = group.exceptions[0]
-                while isinstance(first, BaseExceptionGroup):
-                    first = first.exceptions[0]
-                raise StageSetupError(f"stage {runner.stage.name} could not start: {first}") from first
-            except Exception as error:
-                raise StageSetupError(f"stage {runner.stage.name} could not start: {error}") from error
+        await set_up_runners(self.runners)
         self.ready = True
 
     def _running_calls(self) -> list[tuple[str, str, float]]:
@@ -269,7 +262,7 @@ class Pipeline:
         """After stage ``index``: on to the next stage the item still needs (``routing``), or to the sink."""
 
         async def route(item: ImageItem) -> None:
-            following = next_stage(self.stages, index, item, self.thresholds)
+            following = next_stage(self.stages, index, item, item.rules if item.rules is not None else self.thresholds)
             queue = self.sink_queue if following is None else self.queues[self.stages[following].name]
             await queue.put(item)
 
@@ -312,7 +305,7 @@ class Pipeline:
     async def _admit(self, row: Row, first: BoundedQueue[ImageItem]) -> None:
         self._in_flight[row.id] = row
         item = admit(row, self.max_attempts)
-        item.rules = self.thresholds  # what the stages may skip is decided by the rules current at admission
+        item.rules = self.thresholds  # the router, the stages and the sink all decide it by the rules of its admission
         await (self.sink_queue if item.failure is not None else first).put(item)
 
     # --- sink -----------------------------------------------------------------------------------

@@ -210,3 +210,17 @@ class StageRunner:
 
 class StageSetupError(Exception):
     """A stage could not load its models (missing weights, unknown device, bad configuration)."""
+
+
+async def set_up_runners(runners: list[StageRunner]) -> None:
+    """Load and warm every runner's model copies, stage after stage; a failure names the stage and what went wrong."""
+    for runner in runners:
+        try:
+            await runner.setup()
+        except BaseExceptionGroup as group:
+            first = group.exceptions[0]
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise StageSetupError(f"stage {runner.stage.name} could not start: {first}") from first
+        except Exception as error:
+            raise StageSetupError(f"stage {runner.stage.name} could not start: {error}") from error

@@ -214,7 +214,9 @@ def child_main(conn: Connection, stage: Stage, parent_pid: int, title: str, log_
             assert replica is not None, "a batch before setup"
             _rebuild(items, images, arenas, slot, name)
             done = replica.run(items)  # its length is checked by the engine's containment
-            result = [(i.signals, i.timings, i.failure, i.image is None) for i in done]
+            # Everything a stage may change on an item but its pixels: the signals, what it chose not to compute
+            # (the vision stage's skips), timings, a failure, and whether it dropped the image.
+            result = [(i.signals, i.not_computed, i.timings, i.failure, i.image is None) for i in done]
             for item in items:
                 item.image = None
         except BaseException as error:  # noqa: BLE001 - every failure goes back to the parent as a record

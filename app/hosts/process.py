@@ -164,8 +164,8 @@ class ProcessHost:
         finally:
             self._slots.put(slot)
         done: list[ImageItem] = []  # as many as came back: the caller checks the count
-        for item, (signals, timings, failure, dropped) in zip(items, results):
-            item.signals, item.timings, item.failure = signals, timings, failure
+        for item, (signals, not_computed, timings, failure, dropped) in zip(items, results):
+            item.signals, item.not_computed, item.timings, item.failure = signals, not_computed, timings, failure
             if dropped or failure is not None:
                 item.image = None
             done.append(item)

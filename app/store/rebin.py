@@ -62,25 +62,32 @@ def missing_signals(signals: dict[str, Any]) -> dict[str, str]:
     return {signal: why for signal, why in missing.items() if signal not in signals}
 
 
-def decision_from_stored(signals: dict[str, Any], rules: RuleThresholds) -> Decision | None:
-    """The bin under ``rules`` from stored signals, or None when a signal that was not computed could change it."""
-    if not missing_signals(signals):
-        return decide(signals, rules)
-    return settled(signals, rules.model_copy(update={"signals": "needed"}))
+def computable_missing(signals: dict[str, Any], produced: frozenset[str]) -> dict[str, str]:
+    """The signals a decision record says were not computed and that the enabled models (``produced``: the
+    configuration's ``produced_signals``) can compute now, with why they were not."""
+    return {signal: why for signal, why in missing_signals(signals).items() if signal in produced}
+
+
+def decision_from_stored(signals: dict[str, Any], rules: RuleThresholds, produced: frozenset[str]) -> Decision | None:
+    """The bin under ``rules`` from stored signals, or None when a signal that was not computed, and that an enabled
+    model (``produced``) could compute now, could change it. A signal whose model is disabled now can never come: the
+    rules pass the criteria that read it, as the engine does."""
+    return settled(signals, rules.model_copy(update={"signals": "needed"}),
+                   frozenset(computable_missing(signals, produced)))
 
 
 def rebin_all(config: BinnerConfig, ledger: Ledger, dry_run: bool = False, infer: Inference | None = None,
               on_move: Callable[[Move], None] | None = None,
               on_needs_models: Callable[[Row, dict[str, str]], None] | None = None,
-              infer_batch: int = 32) -> RebinReport:
+              infer_batch: int = 256) -> RebinReport:
     """Move every done file whose bin changes under ``config.rules`` (``on_move`` hears of each, and of each that
-    would move in a dry run); files a missing signal could change are given to ``infer`` when there is one, else to
-    ``on_needs_models`` with what they miss."""
+    would move in a dry run); files a missing signal could change are given to ``infer`` (``infer_batch`` rows a
+    call) when there is one, else to ``on_needs_models`` with what they miss."""
     placer = Placer(config.output, "move")
     report = RebinReport()
     if not dry_run:
         report.owed_removals = finish_owed_removals(ledger, placer)
-    rules = config.rules
+    rules, produced = config.rules, config.produced_signals
     batch = _Moves(ledger, placer, report, on_move, dry_run)
     waiting: list[Row] = []
     for row in ledger.rows("done"):
@@ -88,7 +95,7 @@ def rebin_all(config: BinnerConfig, ledger: Ledger, dry_run: bool = False, infer
         if not signals:
             report.unchanged += 1
             continue
-        decision = decision_from_stored(signals, rules)
+        decision = decision_from_stored(signals, rules, produced)
         if decision is None:  # a signal it did not compute could change the bin under these thresholds
             if infer is not None and not dry_run:
                 waiting.append(row)
@@ -98,7 +105,7 @@ def rebin_all(config: BinnerConfig, ledger: Ledger, dry_run: bool = False, infer
                 continue
             report.need_models += 1
             if on_needs_models is not None:
-                on_needs_models(row, missing_signals(signals))
+                on_needs_models(row, computable_missing(signals, produced))
             continue
         batch.add(row, decision)
     if waiting:
