@@ -15,6 +15,9 @@ Why it is built this way:
   At most one row per path is unfinished (a partial unique index says so).
 - A file is "the same" when size, mtime, inode and ctime all match: copy and hardlink modes keep their inputs,
   and new content written with the same size and mtime must still be noticed.
+- An observation carries the time of its stat (``seen_at``). A finished row changed after that time is not
+  compared with it: the pipeline placed the file meanwhile (a hardlink changes its ctime, a move removes it), and
+  the stale look would otherwise record a new generation or a leftover that does not exist.
 - Linux names are bytes. A path that is valid UTF-8 is stored as TEXT; any other name is stored as its raw
   bytes (a BLOB in the same column), so every name round-trips exactly and the same name always maps to the
   same value (equality and the unique index keep working). Python sees surrogate-escaped ``str`` paths.
@@ -144,6 +147,7 @@ class Discovered:
     mtime_ns: int
     inode: int | None = None
     ctime_ns: int | None = None
+    seen_at: float | None = None  # wall time of the stat (None: unknown); a row changed since then knows better
 
     @property
     def identity(self) -> tuple[int | None, int | None, int | None, int | None]:
@@ -543,7 +547,7 @@ class Ledger:
             for entry in batch:
                 key = sql_path(entry.path)
                 row = db.execute(
-                    "SELECT id, status, size, mtime_ns, inode, ctime_ns, output_path, sha256 FROM files"
+                    "SELECT id, status, size, mtime_ns, inode, ctime_ns, output_path, sha256, updated_at FROM files"
                     " WHERE path = ? ORDER BY id DESC LIMIT 1",
                     (key,),
                 ).fetchone()
@@ -551,6 +555,9 @@ class Ledger:
                     self._insert(db, entry, now)
                     result.new += 1
                     continue
+                if (row["status"] not in ("pending", "processing") and entry.seen_at is not None
+                        and row["updated_at"] > entry.seen_at):
+                    continue  # finished after the stat (placing changes ctime, moving removes it): a stale look
                 stored = (row["size"], row["mtime_ns"], row["inode"], row["ctime_ns"])
                 same = _same_file(stored, entry.identity)
                 if row["status"] in ("pending", "processing"):
