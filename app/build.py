@@ -35,6 +35,7 @@ from app.store import (
     Placer,
     Row,
     finish_leftovers,
+    is_disk_full,
     is_within,
     iter_scan,
     to_discovered,
@@ -274,33 +275,68 @@ def take_files(runtime: Runtime, discovered: Iterable[Discovered]) -> tuple[Inta
 
 # While this many rows wait, a streaming scan pauses: the ledger holds a bounded backlog ahead of the pipeline.
 SCAN_AHEAD_ROWS = 20_000
+SCAN_PAUSE_POLL_S = 0.2  # how often a paused scan looks at the backlog again
+
+
+class ScanError(Exception):
+    """The scan of the input stopped on an error (the state disk full, say): what it recorded is binned, the rest of
+    the tree waits for the next run."""
 
 
 class StreamingIntake:
     """The input tree recorded in the ledger chunk by chunk, while the pipeline works on what is recorded.
 
     Memory holds one chunk of the scan, never the tree; the scan pauses while ``ahead`` rows already wait (a slow
-    pipeline slows the scan). A ``kill -9`` loses nothing: the next run scans again and takes what is not recorded.
+    pipeline slows the scan), and reads the next chunk only after the pause, so that what it records is what the
+    disk holds now. A ``kill -9`` loses nothing: the next run scans again and takes what is not recorded.
+    Both engines use it the same way: ``prepare()`` before anything claims a row, ``run()`` on a thread of its own
+    while the engine works (``more_coming`` tells the engine the scan may record more), ``stop()`` once the engine
+    ends for any reason, ``raise_error()`` after the engine: an error that ended the scan is raised as ``ScanError``.
     """
 
-    def __init__(self, runtime: Runtime, only: Callable[[str], bool] | None = None, ahead: int = SCAN_AHEAD_ROWS) -> None:
+    ahead = SCAN_AHEAD_ROWS  # a class attribute, so that a test can lower it for every intake a command makes
+
+    def __init__(self, runtime: Runtime, only: Callable[[str], bool] | None = None, ahead: int | None = None) -> None:
         self.runtime = runtime
         self.only = only
-        self.ahead = ahead
-        self.counts = {"seen": 0, "new": 0, "requeued": 0, "recovered": 0}
+        if ahead is not None:
+            self.ahead = ahead
+        self.counts = {"seen": 0, "new": 0, "requeued": 0, "recovered": 0, "refused_again": 0}
         self.done = threading.Event()
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
 
-    def run(self, on_recorded: Callable[[int], None] | None = None, stop: threading.Event | None = None) -> dict[str, int]:
+    def prepare(self) -> int:
+        """Rows an interrupted run left in flight go back to pending, and refused files get one more try; returns
+        how many rows that made pending. Call it before the engine claims anything: a recovery that ran after the
+        first claim would put this run's own rows back, and a file would be processed twice."""
+        ledger = self.runtime.ledger
+        self.counts["recovered"] = ledger.recover_interrupted()
+        self.counts["refused_again"] = ledger.retry_refused()  # each start tries a refused file once more
+        return self.counts["recovered"] + self.counts["refused_again"]
+
+    def more_coming(self) -> bool:
+        """Whether the scan may still record rows (then an empty claim is not the end of the run)."""
+        return not self.done.is_set()
+
+    def stop(self) -> None:
+        """End the scan at the next chunk or pause (safe from any thread)."""
+        self._stop.set()
+
+    def run(self, on_recorded: Callable[[int], None] | None = None) -> dict[str, int]:
         """Scan and record (blocking; run it on a thread of its own); ``on_recorded(n)`` after each chunk with the
-        rows it made pending. Returns the counts, also in ``counts``."""
-        config, counts = self.runtime.config, self.counts
+        rows it made pending. Returns the counts, also in ``counts``. An error ends the scan and is kept in
+        ``error`` (a thread has nobody to raise it to): ``raise_error()`` hands it on."""
+        config, counts, ledger = self.runtime.config, self.counts, self.runtime.ledger
         try:
-            counts["recovered"] = self.runtime.ledger.recover_interrupted()
-            self.runtime.ledger.retry_refused()  # each start tries a refused file once more
-            for chunk in iter_scan(config.input):
-                while self.runtime.ledger.backlog()[0] > self.ahead and not (stop and stop.is_set()):
-                    time.sleep(0.2)
-                if stop is not None and stop.is_set():
+            chunks = iter_scan(config.input)
+            while True:
+                while ledger.backlog()[0] > self.ahead and not self._stop.is_set():
+                    self._stop.wait(SCAN_PAUSE_POLL_S)
+                if self._stop.is_set():
+                    break
+                chunk = next(chunks, None)  # stat the files only now, after the pause: the pipeline moved on meanwhile
+                if chunk is None:
                     break
                 wanted = [observed for observed in chunk if self.only is None or self.only(observed.rel_path)]
                 result, leftovers = take_files(self.runtime, (to_discovered(config.input, seen) for seen in wanted))
@@ -309,15 +345,36 @@ class StreamingIntake:
                 counts["requeued"] += result.requeued + leftovers
                 if on_recorded is not None and (result.new or result.requeued or leftovers):
                     on_recorded(result.new + result.requeued + leftovers)
+        except Exception as error:  # noqa: BLE001 - kept for raise_error(), on the engine's side
+            self.error = error
+            log.debug("the scan of the input stopped on an error", input=str(config.input), exc_info=error)
         finally:
             self.done.set()
         return counts
+
+    def raise_error(self) -> None:
+        """Raise the error that ended the scan, if one did, as a ``ScanError`` that says what to do."""
+        if self.error is None:
+            return
+        config = self.runtime.config
+        error = self.error
+        if isinstance(error, sqlite3.Error) and is_disk_full(error):
+            what = (f"the state disk is full (the ledger {config.ledger_path} cannot grow); free space on the disk "
+                    "holding state_dir")
+        else:
+            what = f"{type(error).__name__}: {error}"
+        raise ScanError(f"the scan of {config.input} stopped: {what}; what it had recorded was binned: run the same "
+                        "command again to take the rest") from error
 
 
 def intake_all(runtime: Runtime, only: Callable[[str], bool] | None = None) -> dict[str, int]:
     """Recover interrupted rows, then record every file under the input (or those whose relative path ``only``
     accepts, e.g. the labelled images of `eval`) before anything runs (what the benchmarks want: a backlog)."""
-    return StreamingIntake(runtime, only, ahead=sys.maxsize).run()
+    intake = StreamingIntake(runtime, only, ahead=sys.maxsize)
+    intake.prepare()
+    intake.run()
+    intake.raise_error()
+    return intake.counts
 
 
 # --- stages ------------------------------------------------------------------------------------------------

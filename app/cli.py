@@ -145,8 +145,9 @@ def once(
     ray_address: str | None = typer.Option(None, help="with --engine ray: host:port of the cluster (default: local Ray)"),
 ) -> None:
     """Bin every image under INPUT once (backfills), then print a summary and exit."""
+    from app.build import ScanError
     from app.engine import StageSetupError
-    from app.once import bin_once
+    from app.once import RunStopped, bin_once
     from app.ray_data import RayEngineError, ray_missing
 
     if engine not in ("local", "ray"):
@@ -160,6 +161,8 @@ def once(
         summary = bin_once(cfg, "ray" if engine == "ray" else "local", ray_address, progress and not json_lines, err)
     except (ConfigError, StageSetupError, RayEngineError) as error:
         fail(str(error))
+    except (RunStopped, ScanError) as error:  # what was recorded is in the ledger; the next run resumes
+        fail(str(error), 1)
     stats = summary.stats
     if json_lines:
         emit_json({"event": "once finished", "input": str(cfg.input), "output": str(cfg.output),
@@ -200,8 +203,10 @@ def evaluate(
     state: Path | None = typer.Option(None, "--state", help="keep the evaluation ledger here (default: temporary)"),
 ) -> None:
     """Run the pipeline on a labelled set without placing files; print accuracy and every misbinned file."""
+    from app.build import ScanError
     from app.engine import StageSetupError
     from app.evaluate import LabelsError, evaluate, read_labels
+    from app.once import RunStopped
 
     try:
         rows = read_labels(labels)
@@ -209,6 +214,8 @@ def evaluate(
                           on_config=lambda cfg: start_logging(cfg, "error", "stderr"))
     except (LabelsError, ConfigError, StageSetupError) as error:
         fail(str(error))
+    except (RunStopped, ScanError) as error:
+        fail(str(error), 1)
     if as_json:
         emit_json(result)
         return

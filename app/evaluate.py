@@ -45,7 +45,7 @@ def evaluate(images: Path, labels: list[dict[str, str]], config_file: Path | Non
     """Bin the labelled images of ``images`` (dry run: nothing placed) and score them against ``labels``.
 
     ``on_config(config)`` runs once the configuration is loaded (the CLI starts its logs there). Raises
-    ``ConfigError`` or ``StageSetupError`` with a message for the user.
+    ``ConfigError``, ``StageSetupError``, ``RunStopped`` or ``ScanError`` with a message for the user.
     """
     labelled = {row["file"].strip() for row in labels}
     with tempfile.TemporaryDirectory(prefix="binner-eval-") as scratch:

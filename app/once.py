@@ -3,8 +3,10 @@ share with it (progress bar, Ctrl-C drain). The CLI parses and prints; this modu
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -41,13 +43,17 @@ class OnceSummary:
         return self.stats.finished / max(self.seconds, 1e-9)
 
 
+class RunStopped(Exception):
+    """The engine stopped on an error it could not handle; the message names it and says how to resume."""
+
+
 def bin_once(config: BinnerConfig, engine: Literal["local", "ray"], ray_address: str | None, show_progress: bool,
              console: Console | None = None) -> OnceSummary:
     """Take every file under the input, bin it on ``engine``, prune emptied folders (move mode); returns the summary.
 
     The scan records the tree chunk by chunk while the engine already works on what is recorded, so the first file
-    is placed seconds after the start, whatever the size of the tree. Raises ``ConfigError``, ``StageSetupError`` or
-    ``RayEngineError`` with a message for the user.
+    is placed seconds after the start, whatever the size of the tree. Raises ``ConfigError``, ``StageSetupError``,
+    ``RayEngineError``, ``RunStopped`` or ``ScanError`` with a message for the user.
     """
     preflight_weights(config)
     runtime = build_runtime(config, command="once", engine=engine)
@@ -57,15 +63,8 @@ def bin_once(config: BinnerConfig, engine: Literal["local", "ray"], ray_address:
         if engine == "ray":
             from app.ray_data import run_on_ray
 
-            stop = threading.Event()
-            scanner = threading.Thread(target=intake.run, args=(None, stop), name="binner-scan", daemon=True)
-            scanner.start()
-            try:
-                stats = run_on_ray(runtime, ray_address, None, show_progress, build_stages,
-                                   more_coming=lambda: not intake.done.is_set())
-            finally:
-                stop.set()  # a run that stopped early stops the scan before the ledger closes
-                scanner.join()
+            stats = scan_beside(intake, lambda more_coming: run_on_ray(
+                runtime, ray_address, None, show_progress, build_stages, more_coming=more_coming))
         else:
             stats = run_to_idle(runtime, None, show_progress, console, intake)
         seconds = time.monotonic() - started
@@ -77,6 +76,25 @@ def bin_once(config: BinnerConfig, engine: Literal["local", "ray"], ray_address:
     return OnceSummary(stats, seconds, remaining, intake.counts)
 
 
+def scan_beside(intake: StreamingIntake, run_engine: Callable[[Callable[[], bool]], RunStats]) -> RunStats:
+    """``run_engine(more_coming)`` (the Ray driver) over what ``intake`` records on a thread of its own meanwhile.
+
+    Interrupted rows are recovered before either starts. The scan stops as soon as the engine ends, for any reason;
+    an error that ended the scan is raised once the engine has finished what was recorded (``ScanError``), so a run
+    never reports success with part of the tree unrecorded.
+    """
+    intake.prepare()
+    scanner = threading.Thread(target=intake.run, name="binner-scan", daemon=True)
+    scanner.start()
+    try:
+        stats = run_engine(intake.more_coming)
+    finally:
+        intake.stop()  # a run that stopped early stops the scan before the ledger closes
+        scanner.join()
+    intake.raise_error()
+    return stats
+
+
 def run_to_idle(runtime: Runtime, total: int | None, show_progress: bool, console: Console | None = None,
                 intake: StreamingIntake | None = None) -> RunStats:
     """The local engine over every pending row of ``runtime`` (and over what ``intake`` records meanwhile), on the
@@ -86,12 +104,16 @@ def run_to_idle(runtime: Runtime, total: int | None, show_progress: bool, consol
 
 async def _run_local(runtime: Runtime, total: int | None, show_progress: bool, console: Console,
                      intake: StreamingIntake | None) -> RunStats:
-    """Set the models up, run until every pending file is finished (or a drain ends), tear down."""
+    """Set the models up, run until every pending file is finished (or a drain ends), tear down.
+
+    With ``intake``, interrupted rows are recovered before anything is claimed, and the scan stops as soon as the
+    pipeline ends for any reason (an error, too: the scan would otherwise wait for a backlog that never falls).
+    """
     pipeline = runtime.local
     if intake is not None:
+        intake.prepare()
         total = runtime.ledger.backlog()[0]  # what earlier runs left; the scan adds to it as it records files
     progress = BinningProgress(total, show_progress, console)
-    stop_scan = threading.Event()
     with progress.shown("loading models"), lines_above(console if show_progress else None):
         await pipeline.setup()
         progress.phase("binning" if intake is None else "binning (scanning the input)")
@@ -103,8 +125,12 @@ async def _run_local(runtime: Runtime, total: int | None, show_progress: bool, c
             if previous is not None:
                 previous(row, outcome)
 
+        def stop_scan() -> None:
+            if intake is not None:
+                intake.stop()
+
         def begin_drain(why: str) -> None:
-            stop_scan.set()
+            stop_scan()
             pipeline.request_stop()
             say(f"stopping: finishing the {pipeline.in_flight} file(s) in flight (up to "
                 f"{runtime.config.drain_timeout_s:.0f} s); press Ctrl-C again to stop now")
@@ -122,7 +148,7 @@ async def _run_local(runtime: Runtime, total: int | None, show_progress: bool, c
         async def scan() -> None:
             assert intake is not None
             try:
-                await anyio.to_thread.run_sync(intake.run, recorded, stop_scan)
+                await anyio.to_thread.run_sync(intake.run, recorded)
             finally:
                 pipeline.intake_open = False
                 pipeline.wake()
@@ -137,13 +163,30 @@ async def _run_local(runtime: Runtime, total: int | None, show_progress: bool, c
                                  lambda left: say(drain_message(pipeline.in_flight, left)))
                 if intake is not None:
                     group.start_soon(scan)
-                await pipeline.run(until_idle=True)
+                try:
+                    await pipeline.run(until_idle=True)
+                finally:
+                    stop_scan()  # before the task group waits for the scan's thread
                 group.cancel_scope.cancel()
+        except Exception as error:  # noqa: BLE001 - an ExceptionGroup from the task groups: one line for the user
+            raise RunStopped(_stopped_message(runtime, error)) from error
         finally:
-            stop_scan.set()
+            stop_scan()
             with anyio.CancelScope(shield=True):
                 await pipeline.teardown()
+    if intake is not None:
+        intake.raise_error()
     return pipeline.stats
+
+
+def _stopped_message(runtime: Runtime, error: BaseException) -> str:
+    """What stopped the run, in one line: the first error inside the task groups, where it happened, what to do."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    log.debug("the run stopped on an error", exc_info=error)
+    where = f" (the ledger {runtime.config.ledger_path})" if isinstance(error, sqlite3.Error) else ""
+    return (f"the run stopped on an error{where}: {type(error).__name__}: {error}; files not finished stay in the "
+            "ledger: run the same command again to resume them (log.level: debug shows the traceback)")
 
 
 async def _stop_on_signals(scope: anyio.CancelScope, timeout_s: float, begin: Any, report: Any) -> None:

@@ -174,6 +174,20 @@ def settled(signals: dict[str, Any], t: RuleThresholds, coming: frozenset[str]) 
     return _walk(signals, t, coming)
 
 
+def criteria_of(signals: dict[str, Any], rule: str) -> dict[str, Any]:
+    """The values a decision by ``rule`` compared, measured again from the stored ``signals`` (the ledger keeps the
+    signals, not these copies of them): ``RULES`` walked in order up to the rule that fired (all of them for rule 5's
+    B), each adding what it measures. What a rule measures does not depend on the thresholds."""
+    criteria: dict[str, Any] = {}
+    fired = SKIP_REASONS.get(rule, rule)  # text_area, text_chars and text_lines are all decided by text_dominant
+    thresholds = RuleThresholds()
+    for check, _reads in RULES:
+        check(signals, thresholds, criteria)
+        if check.__name__ == fired:
+            break
+    return criteria
+
+
 # Why a signal was not computed: the rule that settled the bin first.
 SKIP_REASONS = {"text_area": "text_dominant", "text_chars": "text_dominant", "text_lines": "text_dominant",
                 "incidental_text": "incidental_text", "confident_detection": "confident_detection",

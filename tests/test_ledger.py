@@ -59,8 +59,8 @@ def test_leftover_of_a_crash_is_removed_only_when_output_holds_it(tmp_path: Path
     ledger.intake(discovered)
     row = ledger.claim_pending(1)[0]
     ledger.record([Outcome(row.id, "done", sha256=digest, bin="A", output_path=str(placed))])
-    # the process died here, before removing the input: a restart finds it again
-    result = ledger.intake(discovered)
+    # the process died here, before removing the input: a restart's scan finds it again
+    result = ledger.intake([to_discovered(inbox, seen) for seen in scan(inbox)])
     removed, requeued = finish_leftovers(ledger, result.already_finished, True, placer.remove_source)
     assert (removed, requeued) == (1, 0) and not source.exists() and placed.exists()
 
@@ -189,6 +189,23 @@ def test_same_size_and_mtime_with_new_inode_or_ctime_is_a_new_file(tmp_path: Pat
     ledger.record([Outcome(second.id, "done", sha256="cd", bin="B", output_path="/out/B/a.png")])
     assert ledger.intake([Discovered("/in/a.png", "a.png", 10, 1, 101, 6)]).requeued == 1, "new inode"
     assert ledger.counts()["bins"] == {"A": 1, "B": 1} and ledger.counts()["status"]["pending"] == 1
+
+
+def test_a_look_taken_before_a_row_finished_is_stale_and_records_nothing(tmp_path: Path) -> None:
+    """A scan stats a file, the pipeline places it (a hardlink changes its ctime; the record keeps the new one), then
+    the scan records what it saw: that look predates the row's finish and says nothing about the file now. A look
+    taken after the finish is compared as always."""
+    import time
+
+    ledger = Ledger(tmp_path / "l.db")
+    ledger.intake([Discovered("/in/a.png", "a.png", 10, 1, 100, 5)])
+    row = ledger.claim_pending(1)[0]
+    before = Discovered("/in/a.png", "a.png", 10, 1, 100, 5, seen_at=time.time())  # the scan's look
+    ledger.record([Outcome(row.id, "done", sha256="ab", bin="A", output_path="/out/A/a.png", ctime_ns=6)])
+    stale = ledger.intake([before])
+    assert (stale.new, stale.requeued, stale.already_finished) == (0, 0, []), "the stale look recorded a new row"
+    after = Discovered("/in/a.png", "a.png", 10, 1, 100, 7, seen_at=time.time())  # changed since: a new generation
+    assert ledger.intake([after]).requeued == 1 and ledger.counts()["status"] == {"done": 1, "pending": 1}
 
 
 def test_names_of_any_bytes_are_stored_faithfully(tmp_path: Path) -> None:

@@ -138,6 +138,14 @@ def test_piped_output_is_not_wrapped_and_explain_is_readable(tmp_path: Path) -> 
                   "--no-progress").returncode == 0
     status = _run_piped("status", "--state", str(state))
     assert f"ledger {state / 'ledger.sqlite3'}" in status.stdout.splitlines(), status.stdout
+    # The values the rules compared, as `once` recorded them (the ledger keeps the signals they come from).
+    compared = _run_piped("explain", "photo.png", "--state", str(state))
+    assert compared.returncode == 0, compared.stderr
+    assert "by rule 'content_weak'" in compared.stdout and "    text_area_ratio: 0" in compared.stdout, compared.stdout
+    assert "    char_count: 0" in compared.stdout and "    best_detection: none" in compared.stdout, compared.stdout
+    as_json = json.loads(_run_piped("explain", "photo.png", "--state", str(state), "--json").stdout)
+    assert as_json["decision"]["criteria"] == {"text_area_ratio": 0.0, "char_count": 0, "line_count": 0,
+                                               "best_detection": None}, as_json["decision"]
 
     # Give the row the long floats real models produce, then read it back as a person would.
     with sqlite3.connect(state / "ledger.sqlite3") as db:

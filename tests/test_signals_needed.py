@@ -28,7 +28,7 @@ from app.engine import Hosting, Pipeline
 from app.metrics import Metrics
 from app.store import Ledger, Row, scan, to_discovered
 from stages.base import ImageItem, Stage
-from stages.rules import MODEL_OF_SIGNAL, SKIP_REASONS, RuleThresholds, decide, settled, signals_of
+from stages.rules import MODEL_OF_SIGNAL, SKIP_REASONS, RuleThresholds, criteria_of, decide, settled, signals_of
 from tests.conftest import REPO
 from tests.daemon_harness import DaemonProcess, wait_for
 from tests.fakes import RecordingStage, ReplayedVision, run_until_idle
@@ -440,6 +440,28 @@ def test_settled_equals_decide_whatever_the_signals_still_coming_say() -> None:
     assert settled({"ocr": little_text}, RuleThresholds(signals="all"), frozenset()) is None
     legacy = RuleThresholds(**{"short_circuit_text": False})
     assert legacy.signals == "all" and "short_circuit_text" not in legacy.model_dump()
+
+
+def test_the_criteria_measured_again_from_stored_signals_are_those_decide_compared() -> None:
+    """The ledger keeps a decision's signals and rule, not its criteria; ``criteria_of`` gives them back, equal to
+    what ``decide`` compared, for every rule and every threshold set (signals absent included)."""
+    texts = [None, *({"char_count": c, "line_count": n, "text_area_ratio": a}
+                     for c in (0, 30, 300) for n in (1, 20) for a in (0.0, 0.05, 0.2))]
+    detections = [None, [], [{"label": "dog", "confidence": 0.3, "box": [0, 0, 1, 1]}],
+                  [{"label": "dog", "confidence": 0.9, "box": [0, 0, 1, 1]}]]
+    captions: list[dict[str, Any]] = [{}, {"caption": "x", "clip_similarity": 0.0}, {"caption": "x", "clip_similarity": 0.5}]
+    rules_seen = set()
+    for thresholds in [RuleThresholds(), *(RuleThresholds(**changes) for changes in THRESHOLD_SETS.values())]:
+        for ocr in texts:
+            for found in detections:
+                for caption in captions:
+                    signals = {**({} if ocr is None else {"ocr": ocr}),
+                               **({} if found is None else {"detections": found}), **caption}
+                    decision = decide(signals, thresholds)
+                    assert criteria_of(signals, decision.rule) == decision.criteria, (signals, decision)
+                    rules_seen.add(decision.rule)
+    assert rules_seen == {"text_area", "text_chars", "text_lines", "incidental_text", "confident_detection",
+                          "caption_agreement", "content_weak", "content_unconfirmed"}
 
 
 def test_skips_are_counted_per_model_with_the_rule_that_decided() -> None:

@@ -30,8 +30,10 @@ REPO = Path(__file__).resolve().parents[2]
 FIRST_FILE_TARGET_S = 10.0
 
 
-def make_tree(root: Path, count: int) -> None:
-    """``count`` copies of one small PNG under ``root``, ``PER_FOLDER`` per folder."""
+def make_tree(root: Path, count: int, padding: int = 0) -> None:
+    """``count`` copies of one small PNG under ``root``, ``PER_FOLDER`` per folder. ``padding`` (at most 200)
+    lengthens each folder name and each file name by that many characters and nests the files one folder deeper,
+    as an archive's long, dated names do: what a program keeps per path then shows at fewer files."""
     import io
 
     from PIL import Image
@@ -39,11 +41,14 @@ def make_tree(root: Path, count: int) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (90, 120, 150)).save(buffer, format="PNG")
     data = buffer.getvalue()
+    tail = f" {'p' * padding}" if padding else ""
     for index in range(count):
-        folder = root / f"d{index // PER_FOLDER:05d}"
+        folder = root / f"d{index // PER_FOLDER:05d}{tail}"
+        if padding:
+            folder = folder / f"s{tail}"
         if index % PER_FOLDER == 0:
             folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"f{index:08d}.png").write_bytes(data)
+        (folder / f"f{index:08d}{tail}.png").write_bytes(data)
 
 
 def _placed_any(ledger: Path) -> bool:

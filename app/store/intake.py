@@ -50,6 +50,7 @@ class Observation:
     inode: int | None = None
     ctime_ns: int | None = None
     real: str = ""
+    seen_at: float | None = None  # wall time just before the stat: what the ledger has recorded since is newer
 
 
 def _skip_link(path: str, why: str) -> None:
@@ -62,8 +63,8 @@ def _skip_link(path: str, why: str) -> None:
                 file=shown(path), detail=why)
 
 
-def _observation(path: Path, rel_path: str, real: str, st: os.stat_result) -> Observation:
-    return Observation(path, rel_path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, real)
+def _observation(path: Path, rel_path: str, real: str, st: os.stat_result, seen_at: float) -> Observation:
+    return Observation(path, rel_path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, real, seen_at)
 
 
 def observe(root: Path, root_real: Path, path: Path) -> Observation | None:
@@ -75,6 +76,7 @@ def observe(root: Path, root_real: Path, path: Path) -> Observation | None:
     if not relative.parts or any(not is_candidate_name(part) for part in relative.parts):
         return None
     real = os.path.join(root_real, *relative.parts)
+    seen_at = time.time()
     try:
         st = lstat_no_symlinks(real)
     except OSError as error:
@@ -86,7 +88,7 @@ def observe(root: Path, root_real: Path, path: Path) -> Observation | None:
         return None
     if not stat_module.S_ISREG(st.st_mode):
         return None
-    return _observation(path, relative.as_posix(), real, st)
+    return _observation(path, relative.as_posix(), real, st, seen_at)
 
 
 def iter_scan(root: Path, chunk: int = SCAN_CHUNK) -> Iterator[list[Observation]]:
@@ -119,11 +121,12 @@ def iter_scan(root: Path, chunk: int = SCAN_CHUNK) -> Iterator[list[Observation]
                 if entry.is_dir(follow_symlinks=False):
                     subdirectories.append((entry.path, rel + "/"))
                     continue
+                seen_at = time.time()
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
             if stat_module.S_ISREG(st.st_mode):
-                found.append(_observation(root / rel, rel, entry.path, st))
+                found.append(_observation(root / rel, rel, entry.path, st, seen_at))
                 if len(found) >= chunk:
                     yield found
                     found = []
@@ -140,7 +143,7 @@ def scan(root: Path) -> list[Observation]:
 def to_discovered(root: Path, seen: Observation) -> Discovered:
     """The ledger's view of an observation: the path under the root's real path, and the file's identity."""
     path = seen.real or os.path.join(os.path.realpath(root), seen.rel_path)
-    return Discovered(path, seen.rel_path, seen.size, seen.mtime_ns, seen.inode, seen.ctime_ns)
+    return Discovered(path, seen.rel_path, seen.size, seen.mtime_ns, seen.inode, seen.ctime_ns, seen.seen_at)
 
 
 class SettleTracker:

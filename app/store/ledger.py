@@ -15,6 +15,9 @@ Why it is built this way:
   At most one row per path is unfinished (a partial unique index says so).
 - A file is "the same" when size, mtime, inode and ctime all match: copy and hardlink modes keep their inputs,
   and new content written with the same size and mtime must still be noticed.
+- An observation carries the time of its stat (``seen_at``). A finished row changed after that time is not
+  compared with it: the pipeline placed the file meanwhile (a hardlink changes its ctime, a move removes it), and
+  the stale look would otherwise record a new generation or a leftover that does not exist.
 - Linux names are bytes. A path that is valid UTF-8 is stored as TEXT; any other name is stored as its raw
   bytes (a BLOB in the same column), so every name round-trips exactly and the same name always maps to the
   same value (equality and the unique index keep working). Python sees surrogate-escaped ``str`` paths.
@@ -41,6 +44,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stages.paths import shown
+from stages.rules import criteria_of
 
 Status = Literal["pending", "processing", "done", "quarantined", "vanished", "refused"]
 FINISHED: tuple[str, ...] = ("done", "quarantined", "vanished", "refused")
@@ -143,6 +147,7 @@ class Discovered:
     mtime_ns: int
     inode: int | None = None
     ctime_ns: int | None = None
+    seen_at: float | None = None  # wall time of the stat (None: unknown); a row changed since then knows better
 
     @property
     def identity(self) -> tuple[int | None, int | None, int | None, int | None]:
@@ -183,7 +188,9 @@ class Row:
             data[key] = json.loads(data[key]) if data[key] else None
         data["signals"] = _loaded_signals(data["signals"])
         if data["decision"] is not None:  # bin and rule are columns; older rows may also hold criteria
-            data["decision"] = {"bin": data.get("bin"), "rule": data.get("rule"), **data["decision"]}
+            decision = data["decision"] = {"bin": data.get("bin"), "rule": data.get("rule"), **data["decision"]}
+            if "criteria" not in decision and decision["rule"] and data["signals"] is not None:
+                decision["criteria"] = criteria_of(data["signals"], decision["rule"])
         for key in ("path", "rel_path", "output_path"):
             data[key] = py_path(data[key])
         return cls(**data)
@@ -280,8 +287,8 @@ def _name_of(rel_path: str | bytes) -> str | bytes:
 
 
 # What a row stores, without what it would store twice: the decision's bin and rule are columns, its criteria are
-# the signals' own values; the OCR text is its lines' texts joined; timings keep 0.1 ms. ``Row.from_sql`` gives the
-# same shapes back.
+# the signals' own values (``Row.from_sql`` measures them again with ``criteria_of``); the OCR text is its lines'
+# texts joined; timings keep 0.1 ms. ``Row.from_sql`` gives the same shapes back.
 def _stored_decision(decision: dict[str, Any] | None) -> dict[str, Any] | None:
     if not decision:
         return decision
@@ -540,7 +547,7 @@ class Ledger:
             for entry in batch:
                 key = sql_path(entry.path)
                 row = db.execute(
-                    "SELECT id, status, size, mtime_ns, inode, ctime_ns, output_path, sha256 FROM files"
+                    "SELECT id, status, size, mtime_ns, inode, ctime_ns, output_path, sha256, updated_at FROM files"
                     " WHERE path = ? ORDER BY id DESC LIMIT 1",
                     (key,),
                 ).fetchone()
@@ -548,6 +555,9 @@ class Ledger:
                     self._insert(db, entry, now)
                     result.new += 1
                     continue
+                if (row["status"] not in ("pending", "processing") and entry.seen_at is not None
+                        and row["updated_at"] > entry.seen_at):
+                    continue  # finished after the stat (placing changes ctime, moving removes it): a stale look
                 stored = (row["size"], row["mtime_ns"], row["inode"], row["ctime_ns"])
                 same = _same_file(stored, entry.identity)
                 if row["status"] in ("pending", "processing"):
