@@ -354,6 +354,33 @@ def test_a_stateless_stage_runs_as_a_fresh_replica_per_block_with_its_own_setup(
     assert stage.device is None, "the stage handed over is not the replica that ran"
 
 
+AFTER_SHUTDOWN = """
+import sys
+import ray
+from app.ray_data.driver import no_auto_init
+
+if sys.argv[1] == "driver":
+    no_auto_init()
+try:
+    ray.put(1)  # as a stopped window's Ray Data thread does after ray.shutdown
+except Exception as error:  # noqa: BLE001
+    print(type(error).__name__)
+print("initialized" if ray.is_initialized() else "not initialized")
+ray.shutdown()
+"""
+
+
+def test_a_ray_call_after_shutdown_does_not_start_a_local_ray_in_the_driver() -> None:
+    """Left to Ray, a call made while the driver is not connected starts a local Ray (seen racing the reconnection
+    after a lost node); in the driver it fails instead."""
+    pytest.importorskip("ray", reason="ray is not installed")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", AFTER_SHUTDOWN, "driver"], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert done.stdout.splitlines()[-1:] == ["not initialized"], done.stdout + done.stderr[-2000:]
+
+
 def test_model_paths_relative_to_the_driver_reach_the_workers_as_absolute_paths(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from app.config import with_model_paths_absolute
@@ -851,6 +878,7 @@ def test_a_lost_node_shrinks_the_pools_and_the_run_finishes_on_the_head(cluster:
         text = log_path.read_text()
         assert run.returncode == 0, text[-4000:]
         assert "running smaller pools" in text and "stopping the window to size the pools again" in text, text[-3000:]
+        assert "Started a local Ray instance" not in text, "the driver stays on the cluster after it reconnected"
         worked_on = [row for row in ledger_rows(state) if cluster.node2_id in json.loads(row["timings"] or "{}")
                      .get("ray_nodes", {}).values()]
         assert worked_on, "the second node did no work before it was lost: the test proves nothing"
@@ -902,6 +930,7 @@ def test_a_lost_gpu_node_makes_the_driver_wait_then_exit_2_or_resume_when_it_is_
         back = cluster.node2_id
         again.wait(timeout=240)
         assert again.returncode == 0, again_log.read_text()[-4000:]
+        assert "Started a local Ray instance" not in text + again_log.read_text()
         assert_every_file_once(cluster, state, output, LOST_GPU_FILES)
         # The same process ran OCR on the node once it was back (a node started again has a new id).
         ocr_nodes = [json.loads(row["timings"] or "{}").get("ray_nodes", {}).get("ocr") for row in ledger_rows(state)

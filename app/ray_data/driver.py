@@ -121,10 +121,25 @@ def check_access(address: str, timeout_s: float = 15.0) -> None:
                          "the head node's GCS) and that `ray status` works from here")
 
 
+def no_auto_init() -> None:
+    """Ray calls made while this process is not connected fail instead of starting a local Ray.
+
+    A stopped window's Ray Data threads still call Ray after ``ray.shutdown``; by default each such call starts a
+    local Ray (``RAY_ENABLE_AUTO_CONNECT``), which raced the driver's own reconnection and left it attached to a
+    one-machine Ray whose pools never started. Ray reads the variable once, at import (and ``binner`` has imported
+    Ray by then), so its switch is set as well.
+    """
+    os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
+    from ray._private import auto_init_hook
+
+    auto_init_hook.enable_auto_connect = False
+
+
 def connect(address: str | None, needed_cpus: int = 0) -> None:
     """Join the cluster at ``address``, or start a local Ray with at least ``needed_cpus`` CPU slots."""
     import ray
 
+    no_auto_init()
     if address:
         check_access(address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
