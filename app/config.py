@@ -362,6 +362,26 @@ def check_environment(environ: Any = None) -> None:
         raise ConfigError(f"environment variable {name}: not a binner setting{hint} (unset it or fix the name)")
 
 
+# Settings that name a file or folder of a model: (keys, always a path). One that is not always a path may be a
+# bare file name or a model id (org/name), looked up elsewhere unless it names something here.
+_MODEL_PATHS: tuple[tuple[tuple[str, ...], bool], ...] = (
+    (("ocr", "paddle_model_dir"), True), (("vision", "detector", "weights"), False),
+    (("vision", "captioner", "model"), False), (("vision", "clip", "model"), False),
+)
+
+
+def _model_path_holders(data: dict[str, Any]) -> list[tuple[dict[str, Any], str, bool]]:
+    """(mapping, key, always a path) of every model path set in ``data``."""
+    found = []
+    for keys, always in _MODEL_PATHS:
+        holder: Any = data
+        for key in keys[:-1]:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and holder.get(keys[-1]):
+            found.append((holder, keys[-1], always))
+    return found
+
+
 def _resolve_relative(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Relative paths in a configuration file are taken from the file's own folder, not the working directory."""
 
@@ -375,16 +395,23 @@ def _resolve_relative(data: dict[str, Any], base: Path) -> dict[str, Any]:
     for key in ("input", "output", "state_dir"):
         if key in data:
             data[key] = anchored(data[key], explicit_only=False)
-    ocr = data.get("ocr")
-    if isinstance(ocr, dict) and ocr.get("paddle_model_dir"):
-        ocr["paddle_model_dir"] = anchored(ocr["paddle_model_dir"], explicit_only=False)
-    vision = data.get("vision")
-    if isinstance(vision, dict):
-        for section, key in (("detector", "weights"), ("captioner", "model"), ("clip", "model")):
-            part = vision.get(section)
-            if isinstance(part, dict) and key in part:
-                part[key] = anchored(part[key], explicit_only=True)
+    for holder, key, always in _model_path_holders(data):
+        holder[key] = anchored(holder[key], explicit_only=not always)
     return data
+
+
+def with_model_paths_absolute(config: BinnerConfig) -> BinnerConfig:
+    """``config`` with every model path that names something in the working directory made absolute, for processes
+    that run elsewhere (Ray workers): there the same relative path would name something else, or nothing."""
+    absolute = config.model_copy(deep=True)
+    for (*sections, name), _always in _MODEL_PATHS:
+        holder: Any = absolute
+        for section in sections:
+            holder = getattr(holder, section)
+        value = getattr(holder, name)
+        if value and not os.path.isabs(os.path.expanduser(value)) and os.path.exists(value):
+            setattr(holder, name, os.path.abspath(value))
+    return absolute
 
 
 def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> BinnerConfig:

@@ -95,6 +95,9 @@ class Stage(ABC):
     produces: frozenset[str] = frozenset()
     #: Where ``batch_size: auto`` starts probing (halving until it fits); None: the engine's default ceiling.
     max_auto_batch: int | None = None
+    #: Whether a replica keeps nothing worth keeping between batches (no model): an engine may then set up a fresh
+    #: replica per batch, as the Ray engine does with plain CPU tasks in place of an actor pool.
+    stateless: bool = False
 
     def __init__(self, devices: list[str] | None = None, batch_policy: BatchPolicy | None = None) -> None:
         self.devices: list[str] = list(devices or ["cpu"])

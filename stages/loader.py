@@ -14,8 +14,8 @@ Why it is written this way:
 - A path is opened without following a symlink in any of its components (``open_no_symlinks``): the caller
   hands over real paths, and a file or directory replaced by a link since is ``vanished``, never followed.
 - Pixel limits are checked from the header, before any pixel is decoded. ``Image.MAX_IMAGE_PIXELS`` is
-  process-global, so it is never lowered per call from worker threads; the constructor only raises it once
-  (on the caller's thread) when the configured limit is above Pillow's, so that our own check decides.
+  process-global, so it is never lowered per call from worker threads; construction and ``setup`` (which may run
+  in another process) only raise it, when the configured limit is above Pillow's, so that our own check decides.
 - Truncated files are detected by forcing a full ``load()`` with ``ImageFile.LOAD_TRUNCATED_IMAGES`` left
   at its default (off): a partially written file must be quarantined, not silently padded with grey.
 - Pillow's own ``convert()`` clips 16-bit and 32-bit data to 0..255 and drops alpha onto black; both are
@@ -102,6 +102,7 @@ class LoaderStage(Stage):
     """Decode files into RGB images; one instance per CPU worker thread (``devices=["cpu", "cpu"]``)."""
 
     name = "load"
+    stateless = True  # no model: a fresh replica per batch costs nothing
 
     def __init__(
         self,
@@ -112,6 +113,11 @@ class LoaderStage(Stage):
         super().__init__(devices or ["cpu"], batch_policy)
         self.options = options
         _allow_pillow_pixels(options.max_pixels)
+
+    def setup(self, device: str) -> None:
+        """A replica in another process (a Ray task) gets the pixel limit there too."""
+        _allow_pillow_pixels(self.options.max_pixels)
+        super().setup(device)
 
     def process_batch(self, items: list[ImageItem]) -> list[ImageItem]:
         for item in items:
@@ -343,7 +349,7 @@ def _srgb_profile() -> ImageCms.ImageCmsProfile:
 def _allow_pillow_pixels(max_pixels: int) -> None:
     """Make Pillow's global bomb check no stricter than ours, so that our limit is the one that decides.
 
-    Only ever raised, and only here (stage construction on the caller's thread), never from workers.
+    Only ever raised, on stage construction and in ``setup``: a raise to the same value from two threads is harmless.
     """
     current = Image.MAX_IMAGE_PIXELS
     if current is not None and current < max_pixels:

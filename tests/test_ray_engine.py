@@ -25,8 +25,9 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,17 @@ def readme_cluster_commands() -> list[str]:
     return lines
 
 
+ALIVE_NODES = """
+import json, sys
+from ray._raylet import GcsClient
+from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+nodes = GcsClient(address=sys.argv[1]).get_all_node_info().values()
+print(json.dumps([{"id": node.node_id.hex(), "ip": node.node_manager_address} for node in nodes
+                  if node.state == GcsNodeInfo.ALIVE]))
+"""
+
+
 class LoopbackCluster:
     """A two-node Ray cluster on loopback addresses, private to one test module, started with the README's own
     commands: one token made once and given to every node and to the drivers."""
@@ -132,8 +144,9 @@ class LoopbackCluster:
         mode, value = token.stdout.split()
         assert mode == "token" and len(value) >= 32, token.stdout
         self.env.update(RAY_AUTH_MODE=mode, RAY_AUTH_TOKEN=value)  # the one token every node and driver gets
-        # Health checks every second, three misses: a lost node is known in about 3 s, not 30 (the tests kill one).
-        checks = '{"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}'
+        # Health checks every half second, three misses: a lost node (its port refuses at once) is known in about
+        # 1.5 s, not 30 (the tests kill one); a live one is declared dead only after three answers of over 1 s.
+        checks = '{"health_check_period_ms": 500, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}'
         self._start(f"{self.readme_line(2)} {self._isolation(HEAD_IP)} --num-cpus=4 --include-dashboard=false "
                     f"--dashboard-port={free_port()} --system-config='{checks}'")
         self.start_node2()
@@ -149,11 +162,9 @@ class LoopbackCluster:
         self.node2_id = next(node["id"][:12] for node in nodes if node["ip"] == NODE2_IP)
 
     def alive_nodes(self) -> list[dict]:
-        done = subprocess.run(
-            [sys.executable, "-c", "import json, ray; ray.init(address=__import__('sys').argv[1], logging_level='error');"
-             "print(json.dumps([{'id': n['NodeID'], 'ip': n['NodeManagerAddress'], 'resources': n['Resources']}"
-             " for n in ray.nodes() if n['Alive']]))", self.address],
-            env=self.env, capture_output=True, text=True, timeout=60)
+        """The live nodes as the head's GCS knows them (a bare GCS client: about half the time of ``ray.init``)."""
+        done = subprocess.run([sys.executable, "-c", ALIVE_NODES, self.address], env=self.env, capture_output=True,
+                              text=True, timeout=60)
         if done.returncode != 0:
             return []
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -190,7 +201,7 @@ class LoopbackCluster:
         if len(self.alive_nodes()) == 2:
             return
         self.stop_node2()
-        wait_for(lambda: len(self.alive_nodes()) == 1, 120, "the head to see the second node gone", every_s=1.0)
+        wait_for(lambda: len(self.alive_nodes()) == 1, 120, "the head to see the second node gone")
         self.start_node2()
 
     def stop(self) -> None:
@@ -312,6 +323,80 @@ def test_adapter_fails_only_the_poison_item_and_halves_its_batch_on_out_of_memor
     assert 3 not in {key for _, _, keys in stage.log.batches for key in keys}
 
 
+def test_a_stateless_stage_runs_as_a_fresh_replica_per_block_with_its_own_setup(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loader runs as a Ray task in a process whose Pillow limit nobody raised: its own ``setup`` raises it, so
+    that ``limits.max_pixels`` above Pillow's default decides there too (no cluster needed)."""
+    pytest.importorskip("pyarrow", reason="pyarrow comes with the [ray] extra")
+    import pyarrow as pa
+    from PIL import Image
+
+    from app.ray_data import tasks as tasks_module
+    from app.ray_data.codec import decode_items, row_record, schema
+    from app.store import Discovered, Ledger
+    from stages.base import BatchPolicy
+    from stages.loader import LoaderOptions, LoaderStage
+    from stages.rules import RuleThresholds
+
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "wide.png")
+    stage = LoaderStage(LoaderOptions(max_file_bytes=1 << 20, max_pixels=10_000, max_side=64), ["cpu"],
+                        BatchPolicy(4, 5.0))
+    assert stage.stateless
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # a fresh worker: Pillow's limit, under half the image
+    monkeypatch.setattr(tasks_module, "node_id", lambda: "this-node")
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger.intake([Discovered(str(tmp_path / "wide.png"), "wide.png", 1, 1)])
+    block = pa.Table.from_pylist([row_record(row, 3) for row in ledger.claim_pending(4)], schema=schema())
+    ledger.close()
+    ((item, carried),) = decode_items(tasks_module.run_stateless(block, stage, RuleThresholds(), keep_image=True))
+    assert item.failure is None and item.image.size == (40, 30), item.failure
+    assert Image.MAX_IMAGE_PIXELS == 10_000 and carried.nodes == {"load": "this-node"}
+    assert stage.device is None, "the stage handed over is not the replica that ran"
+
+
+AFTER_SHUTDOWN = """
+import sys
+import ray
+from app.ray_data.driver import no_auto_init
+
+if sys.argv[1] == "driver":
+    no_auto_init()
+try:
+    ray.put(1)  # as a stopped window's Ray Data thread does after ray.shutdown
+except Exception as error:  # noqa: BLE001
+    print(type(error).__name__)
+print("initialized" if ray.is_initialized() else "not initialized")
+ray.shutdown()
+"""
+
+
+def test_a_ray_call_after_shutdown_does_not_start_a_local_ray_in_the_driver() -> None:
+    """Left to Ray, a call made while the driver is not connected starts a local Ray (seen racing the reconnection
+    after a lost node); in the driver it fails instead."""
+    pytest.importorskip("ray", reason="ray is not installed")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", AFTER_SHUTDOWN, "driver"], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert done.stdout.splitlines()[-1:] == ["not initialized"], done.stdout + done.stderr[-2000:]
+
+
+def test_model_paths_relative_to_the_driver_reach_the_workers_as_absolute_paths(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.config import with_model_paths_absolute
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "det.pt").write_bytes(b"x")
+    config = synthetic_config(tmp_path)
+    config.vision.detector.weights = "weights/det.pt"
+    config.vision.clip.model = "openai/clip-vit-base-patch32"  # a model id: nothing of that name here
+    absolute = with_model_paths_absolute(config)
+    assert absolute.vision.detector.weights == str(tmp_path / "weights" / "det.pt")
+    assert absolute.vision.clip.model == "openai/clip-vit-base-patch32"
+    assert config.vision.detector.weights == "weights/det.pt", "the driver's own configuration is left as it is"
+
+
 def test_a_file_that_kills_its_worker_ends_quarantined_alone(tmp_path: Path) -> None:
     """The driver's window logic without a cluster: a window holding a file that crashes its Ray worker fails as a
     whole; it is run again, then split until that file fails alone. Only that file is charged attempts and ends
@@ -362,6 +447,186 @@ def test_a_file_that_kills_its_worker_ends_quarantined_alone(tmp_path: Path) -> 
     assert all(row.status == "done" and row.attempts == 1 for key, row in rows.items() if key != poison)
     assert stats.finished == 40 and stats.quarantined == {"retries_exhausted": 1}
     assert windows[:3] == [32, 32, 16] and windows.count(1) >= config.max_attempts, windows
+
+
+def synthetic_config(tmp_path: Path, ocr: object = ("cpu",), vision: object = ("cpu",), **ray: float):  # noqa: ANN201
+    from app.config import load_config
+
+    def devices(spec: object) -> object:
+        return spec if isinstance(spec, str) else list(spec)
+
+    return load_config(None, {"input": tmp_path / "in", "output": tmp_path / "out", "state_dir": tmp_path / "state",
+                              "ocr": {"backend": "synthetic", "devices": devices(ocr)},
+                              "vision": {"backend": "synthetic", "devices": devices(vision)}, "ray": ray})
+
+
+def test_a_shrunk_cluster_moves_auto_devices_to_the_cpu_and_trims_replicas(tmp_path: Path) -> None:
+    """``fit_stages`` with the cluster's resources as data: ``devices: auto`` follows the GPUs the cluster has left,
+    an explicit ``cuda:N`` list does not fall back, and a stage with several replicas loses some to fit the CPUs."""
+    from app.build import build_stages
+    from app.ray_data.dataset import fit_stages, needed_resources, pooled
+
+    def devices_of(stages: list) -> dict[str, list[str]]:
+        return {stage.name: stage.devices for stage in pooled(stages)}
+
+    auto = synthetic_config(tmp_path, ocr="auto", vision="auto")
+
+    def rebuild(gpus: int) -> list:
+        return build_stages(auto, gpu_count=gpus, where="the Ray cluster")
+
+    on_gpu = rebuild(1)
+    assert devices_of(on_gpu) == {"ocr": ["cuda:0"], "vision": ["cuda:0"]}
+    assert needed_resources(on_gpu) == {"CPU": 3, "GPU": 2}
+    fitted = fit_stages(on_gpu, {"CPU": 4, "GPU": 0}, rebuild)
+    assert fitted is not None and devices_of(fitted) == {"ocr": ["cpu"], "vision": ["cpu"]}
+    assert [stage.name for stage in fitted] == ["load", "ocr", "vision"]
+    assert devices_of(on_gpu) == {"ocr": ["cuda:0"], "vision": ["cuda:0"]}, "the running stages are left as they are"
+    assert fit_stages(on_gpu, {"CPU": 2, "GPU": 0}, rebuild) is None, "three CPUs needed even on the CPU"
+
+    explicit = synthetic_config(tmp_path, ocr=["cuda:0"])
+    pinned = build_stages(explicit, gpu_count=1, where="the Ray cluster")
+    assert fit_stages(pinned, {"CPU": 8, "GPU": 0},
+                      lambda gpus: build_stages(explicit, gpu_count=gpus, where="the Ray cluster")) is None
+
+    several = build_stages(synthetic_config(tmp_path, vision=["cpu", "cpu", "cpu"]))
+    trimmed = fit_stages(several, {"CPU": 4, "GPU": 0})
+    assert trimmed is not None and devices_of(trimmed) == {"ocr": ["cpu"], "vision": ["cpu", "cpu"]}
+
+
+class WindowsWithoutCluster:
+    """A ``RayRun`` whose windows run here (each row done at once) on a cluster described by ``have``."""
+
+    @staticmethod
+    def make(config, ledger, have: dict[str, int], after_window=None, **kwargs):  # noqa: ANN001, ANN205
+        from types import SimpleNamespace
+
+        from app.build import build_stages
+        from app.ray_data import RayRun
+        from app.store import Outcome
+
+        class Run(RayRun):
+            def _cluster(self) -> dict[str, int]:
+                return dict(have)
+
+            def _run_window(self, blocks: list, left: set[int]) -> str | None:
+                keys = [record["key"] for block in blocks for record in block.to_pylist()]
+                self._record([Outcome(key, "done", bin="B", rule="weak") for key in keys])
+                left.difference_update(keys)
+                if after_window is not None:
+                    after_window()
+                return None
+
+        return Run(SimpleNamespace(config=config, ledger=ledger, placer=None), build_stages(config), **kwargs)
+
+
+def test_a_node_lost_after_the_last_rows_ends_the_run_and_one_lost_before_them_waits_then_exits(tmp_path: Path) -> None:
+    """The driver waits for the cluster only with rows to run: a node lost once every row is in is no matter. With
+    rows left, it waits ``ray.wait_for_resources_s`` and stops naming the files still pending, left pending."""
+    pytest.importorskip("pyarrow", reason="pyarrow comes with the [ray] extra")
+    from app.ray_data import RayEngineError
+    from app.store import Discovered, Ledger
+
+    config = synthetic_config(tmp_path, wait_for_resources_s=3)
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger.intake(Discovered(f"/in/{index}.png", f"{index}.png", 1, 1) for index in range(10))
+    have = {"CPU": 4, "GPU": 0}
+    started = time.monotonic()
+    stats = WindowsWithoutCluster.make(config, ledger, have, after_window=lambda: have.update(CPU=0)).run()
+    assert stats.finished == 10 and time.monotonic() - started < 2, "no wait once every row is in"
+
+    ledger.intake(Discovered(f"/in/more{index}.png", f"more{index}.png", 1, 1) for index in range(6))
+    run = WindowsWithoutCluster.make(config, ledger, have)
+    started = time.monotonic()
+    with pytest.raises(RayEngineError) as stopped:
+        run.run()
+    assert 3 <= time.monotonic() - started < 10
+    assert "6 files are still pending" in str(stopped.value) and "run the same command again" in str(stopped.value)
+    assert {row.status for row in ledger.rows() if "more" in row.path} == {"pending"}, "claimed rows are given back"
+    ledger.close()
+
+
+class ClaimRacesTheScan:
+    """A ledger whose first empty claim is followed at once by the scan's last chunk and its end, as when the scan
+    thread commits between the driver's claim and its look at ``more_coming``."""
+
+    @staticmethod
+    def make(path: Path):  # noqa: ANN205
+        from app.store import Discovered, Ledger
+
+        class RacedLedger(Ledger):
+            scan_done = False
+
+            def claim_pending(self, limit: int, after_id: int = 0) -> list:
+                rows = super().claim_pending(limit, after_id)
+                if not rows and not self.scan_done:
+                    self.intake(Discovered(f"/in/last{index}.png", f"last{index}.png", 1, 1) for index in range(5))
+                    self.scan_done = True
+                return rows
+
+        return RacedLedger(path)
+
+
+def test_rows_the_scan_records_just_before_it_ends_are_run_too(tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow", reason="pyarrow comes with the [ray] extra")
+    ledger = ClaimRacesTheScan.make(tmp_path / "ledger.sqlite3")
+    config = synthetic_config(tmp_path)
+    run = WindowsWithoutCluster.make(config, ledger, {"CPU": 4, "GPU": 0}, more_coming=lambda: not ledger.scan_done)
+    assert run.run().finished == 5
+    assert {row.status for row in ledger.rows()} == {"done"}
+    ledger.close()
+
+
+def result_tables(count: int, every_s: float, first_after_s: float, yielded: list[int]) -> Iterator:
+    """What a window's finish tasks hand back: one table per row, ``every_s`` apart, the first after the pools
+    started (``first_after_s``)."""
+    import pyarrow as pa
+
+    from app.store import Outcome
+
+    time.sleep(first_after_s)
+    for key in range(1, count + 1):
+        yielded.append(key)
+        yield pa.table({"key": [key], "result": [json.dumps({"outcome": Outcome(key, "done", bin="B").__dict__})]})
+        time.sleep(every_s)
+
+
+def test_a_window_whose_results_keep_coming_still_beats_and_checks_the_cluster(tmp_path: Path) -> None:
+    """The heartbeat and the cluster check run on a timer, not only after a second without results; before the
+    first result the window says its pools are starting, not that it stalled."""
+    pytest.importorskip("pyarrow", reason="pyarrow comes with the [ray] extra")
+    from structlog.testing import capture_logs
+
+    from app.ray_data.driver import ClusterShrank
+    from app.store import Ledger
+
+    config = synthetic_config(tmp_path, heartbeat_s=0.3)
+    have = {"CPU": 4, "GPU": 0}
+    beats: list = []
+    run = WindowsWithoutCluster.make(config, Ledger(tmp_path / "ledger.sqlite3"), have, on_heartbeat=beats.append)
+    recorded: list[int] = []
+    run._record = lambda outcomes: recorded.extend(outcome.id for outcome in outcomes)
+    run.cluster_check_s = 0.3
+    left = set(range(1, 13))
+    with capture_logs() as logs:
+        assert run._follow(result_tables(12, 0.15, 1.2, []), left) is None
+    assert recorded == list(range(1, 13)) and not left
+    said = [entry["event"] for entry in logs if entry["event"].startswith("Ray window")]
+    first_running = said.index("Ray window running")
+    assert first_running >= 2 and set(said[:first_running]) == {"Ray window starting the pools: no result yet"}, said
+    assert said[first_running:].count("Ray window running") >= 3, "heartbeats while results keep coming"
+    assert not [event for event in said if "stalled" in event], said
+    assert beats[0].since_last_result_s is None and beats[-1].since_last_result_s is not None, beats
+
+    yielded: list[int] = []
+    tables = result_tables(100, 0.1, 0.0, yielded)
+    threading.Timer(0.5, lambda: have.update(CPU=1)).start()  # a node lost while results keep coming
+    started = time.monotonic()
+    with pytest.raises(ClusterShrank):
+        run._follow(tables, set(range(1, 101)))
+    assert time.monotonic() - started < 2.5
+    taken = len(yielded)
+    time.sleep(1.0)
+    assert len(yielded) <= taken + 1, "a stopped window's results are no longer taken"
 
 
 def test_items_cross_the_wire_as_arrow_rows_with_pixels_and_byte_paths() -> None:
@@ -549,29 +814,48 @@ ray: {{wait_for_resources_s: {wait}, heartbeat_s: 2}}
 # OCR is by far the slowest stage (1.4 s a batch of 8, 14 s in all): on a loaded 2-core box results reach the driver
 # seconds after OCR made them, and with less OCR work all of it was done before the first files were placed.
 LOST_NODE_FILES = 80
+# The lost GPU node is killed as its window starts, before any result (they come in bursts from a node that was
+# started again): OCR cannot end without that node, so a few batches are enough.
+LOST_GPU_FILES = 24
+WINDOW_STARTED = "Ray window starting the pools"  # an info line: `once` shows it when asked for debug
 
 
-def run_logged(cluster: LoopbackCluster, log_path: Path, *args: str) -> subprocess.Popen[str]:
-    """`binner` in the background, its output (JSON log lines, the summary) going to ``log_path``."""
-    handle = log_path.open("w")
-    env = {**cluster.env, "BINNER_LOG__FORMAT": "json"}
-    return subprocess.Popen([str(BIN / "binner"), *args], env=env, cwd=REPO, text=True, stdout=handle,
-                            stderr=subprocess.STDOUT)
+def run_logged(cluster: LoopbackCluster, log_path: Path, *args: str, **env: str) -> subprocess.Popen[str]:
+    """`binner` in the background (``env`` added to the cluster's), its output (JSON log lines, the summary) going to
+    ``log_path``."""
+    with log_path.open("w") as handle:
+        return subprocess.Popen([str(BIN / "binner"), *args], env={**cluster.env, "BINNER_LOG__FORMAT": "json", **env},
+                                cwd=REPO, text=True, stdout=handle, stderr=subprocess.STDOUT)
 
 
-def lost_node_run(cluster: LoopbackCluster, tmp_path: Path, ocr: str, vision: str, wait: float,
-                  files: int = LOST_NODE_FILES) -> tuple[subprocess.Popen[str], Path, Path, Path, list[str], Path]:
+def events_of(log_path: Path) -> list[dict]:
+    return [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+
+
+def lost_node_run(cluster: LoopbackCluster, tmp_path: Path, ocr: str, vision: str, wait: float, files: int,
+                  kill_when: Callable[[Path, Path], bool]
+                  ) -> tuple[subprocess.Popen[str], Path, Path, Path, list[str], Path]:
+    """`once` on ``files`` synthetic files; the second node's raylet is killed once ``kill_when(state, log)``."""
     inbox, output, state, config = synthetic_inbox(tmp_path, files)
     config.write_text(LOST_NODE.format(ocr=ocr, vision=vision, wait=wait))
     args = ["once", str(inbox), "-o", str(output), "--state", str(state), "-c", str(config), "--no-progress",
             "--engine", "ray", "--ray-address", cluster.address]
     log_path = tmp_path / "driver.log"
-    run = run_logged(cluster, log_path, *args)
-    # At the first results OCR still has most of its batches to do (see LOST_NODE_FILES).
-    wait_for(lambda: count_finished(state) >= 8 or run.poll() is not None, 180, "the first files to be placed")
+    run = run_logged(cluster, log_path, *args, BINNER_LOG__LEVEL="debug")
+    wait_for(lambda: kill_when(state, log_path) or run.poll() is not None, 180, "the moment to lose the node",
+             every_s=0.05)
     assert run.poll() is None, "the run ended before the node could be lost: " + log_path.read_text()[-3000:]
     assert cluster.kill_node2_raylet(), "no raylet of the second node to kill"
     return run, output, state, inbox, args, log_path
+
+
+def first_files_placed(state: Path, _log: Path) -> bool:
+    """At the first results OCR still has most of its batches to do (see LOST_NODE_FILES)."""
+    return count_finished(state) >= 8
+
+
+def window_started(_state: Path, log: Path) -> bool:
+    return WINDOW_STARTED in log.read_text()
 
 
 def assert_every_file_once(cluster: LoopbackCluster, state: Path, output: Path, files: int) -> None:
@@ -588,11 +872,13 @@ def test_a_lost_node_shrinks_the_pools_and_the_run_finishes_on_the_head(cluster:
     """Three vision replicas and one OCR replica need five CPUs; the head has four. When the second node's raylet is
     killed, the window stops (Ray Data would wait for ever), the vision pool shrinks to two, and the run finishes."""
     try:
-        run, output, state, _, _, log_path = lost_node_run(cluster, tmp_path, "[cpu]", "[cpu, cpu, cpu]", 60)
+        run, output, state, _, _, log_path = lost_node_run(cluster, tmp_path, "[cpu]", "[cpu, cpu, cpu]", 60,
+                                                           LOST_NODE_FILES, first_files_placed)
         run.wait(timeout=240)
         text = log_path.read_text()
         assert run.returncode == 0, text[-4000:]
         assert "running smaller pools" in text and "stopping the window to size the pools again" in text, text[-3000:]
+        assert "Started a local Ray instance" not in text, "the driver stays on the cluster after it reconnected"
         worked_on = [row for row in ledger_rows(state) if cluster.node2_id in json.loads(row["timings"] or "{}")
                      .get("ray_nodes", {}).values()]
         assert worked_on, "the second node did no work before it was lost: the test proves nothing"
@@ -605,38 +891,52 @@ def test_a_lost_gpu_node_makes_the_driver_wait_then_exit_2_or_resume_when_it_is_
                                                                                       tmp_path: Path) -> None:
     """OCR asks for cuda:0, which only the second node has: without it no replica fits. First run: the driver waits
     ``ray.wait_for_resources_s`` (saying what is missing), then exits 2 with one line. The node comes back; the
-    same command runs again, loses the node again, waits, and when the node is back resumes and finishes, without a
-    restart of the command."""
+    same command runs again, loses the node again mid-window, waits, and when the node is back resumes and finishes
+    on it, without a restart of the command."""
     try:
-        run, output, state, _, args, log_path = lost_node_run(cluster, tmp_path, "[cuda:0]", "[cpu]", 6)
+        first = cluster.node2_id
+        run, output, state, _, args, log_path = lost_node_run(cluster, tmp_path, "[cuda:0]", "[cpu]", 3,
+                                                              LOST_GPU_FILES, window_started)
         run.wait(timeout=240)
         text = log_path.read_text()
         assert run.returncode == 2, text[-4000:]
-        events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        events = events_of(log_path)
         assert any(e["event"].startswith("waiting for the Ray cluster") for e in events), text[-3000:]
         (fatal,) = [e for e in events if e.get("fatal")]
         assert "1 GPU (the cluster has 0)" in fatal["event"] and "still pending" in fatal["event"], fatal
         assert "run the same command again" in fatal["event"], fatal
+        assert any("stopping the window to size the pools again" in e["event"] for e in events), text[-3000:]
         assert not any(e["event"].lstrip().startswith(("File \"", "^")) for e in events), "tracebacks are one event"
-        left = count_finished(state)
-        assert left < LOST_NODE_FILES + 1, "files were left for the second run"
+        assert count_finished(state) < LOST_GPU_FILES + 1, "files were left for the second run"
 
         cluster.restart_node2()
+        lost = cluster.node2_id
         again_log = tmp_path / "again.log"
-        handle = again_log.open("w")
-        again = subprocess.Popen([str(BIN / "binner"), *args], cwd=REPO, text=True, stdout=handle,
-                                 stderr=subprocess.STDOUT,
-                                 env={**cluster.env, "BINNER_LOG__FORMAT": "json", "BINNER_RAY__WAIT_FOR_RESOURCES_S": "180"})
-        wait_for(lambda: count_finished(state) >= left + 8 or again.poll() is not None, 180, "the second run to place files")
+        again = run_logged(cluster, again_log, *args, BINNER_RAY__WAIT_FOR_RESOURCES_S="180", BINNER_LOG__LEVEL="debug")
+        # The node is lost as soon as the window says it is starting its pools (2 s in): the window cannot end
+        # before OCR has run on that node (1.4 s a batch after its actor started), so the loss is seen mid-window
+        # (the head declares the node dead in 1.5 s; the window compares the cluster with its pools every second).
+        # Waiting for results instead raced them: from a node started again they come in bursts, even all at the end.
+        wait_for(lambda: window_started(state, again_log) or again.poll() is not None, 120,
+                 "the second run's window to start", every_s=0.05)
         assert again.poll() is None, again_log.read_text()[-3000:]
         assert cluster.kill_node2_raylet()
         wait_for(lambda: "waiting for the Ray cluster" in again_log.read_text() or again.poll() is not None, 60,
                  "the driver to wait for the lost GPU")
         assert again.poll() is None, again_log.read_text()[-3000:]
+        said = [event["event"] for event in events_of(again_log)]
+        assert any("stopping the window to size the pools again" in event for event in said), said
         cluster.restart_node2()
+        back = cluster.node2_id
         again.wait(timeout=240)
         assert again.returncode == 0, again_log.read_text()[-4000:]
-        assert_every_file_once(cluster, state, output, LOST_NODE_FILES)
+        assert "Started a local Ray instance" not in text + again_log.read_text()
+        assert_every_file_once(cluster, state, output, LOST_GPU_FILES)
+        # The same process ran OCR on the node once it was back (a node started again has a new id).
+        ocr_nodes = [json.loads(row["timings"] or "{}").get("ray_nodes", {}).get("ocr") for row in ledger_rows(state)
+                     if row["status"] == "done"]
+        assert back not in (first, lost) and back in ocr_nodes, (first, lost, back, ocr_nodes)
+        assert set(ocr_nodes) <= {first, lost, back}, (first, lost, back, ocr_nodes)
     finally:
         cluster.restart_node2()
 

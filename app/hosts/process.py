@@ -13,7 +13,8 @@ call can be ended by killing it (which frees its GPU memory too).
   SIGKILL) is seen at once, in a call or between calls: every call in flight raises ``WorkerCrashed``, a new child
   is started, set up and warmed, and ``on_restart`` is told why; the next calls wait for it.
 - A call that runs past ``stall_timeout_s`` gets its child killed and replaced, and raises ``WorkerStuck``.
-- The stage classes do not know any of this: whether a stage runs in a thread or a child is the wiring's call.
+- The stage classes do not know any of this: whether a stage runs in a thread or a child is ``app.build``'s call
+  (``isolation``, resolved by ``app.devices``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""One window of claimed rows as a Ray Dataset: loader tasks -> one actor pool per model stage -> finish tasks,
-and what those pools need from the cluster."""
+"""One window of claimed rows as a Ray Dataset: each stage in order (a stateless one as CPU tasks, one with models
+as an actor pool), then finish tasks; and what those pools need from the cluster."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from app.config import BinnerConfig, ConfigError
 from app.engine import probe_ceiling
 from app.hosts import concurrency_of
 from app.ray_data.actor import RayStage
-from app.ray_data.tasks import finish_batch, load_batch
+from app.ray_data.tasks import finish_batch, run_stateless
 from stages.base import Stage
 from stages.devices import on_cuda
 
@@ -21,7 +21,7 @@ ACTOR_RESTARTS = 4  # an actor lost with its node is started again elsewhere thi
 
 
 def stage_resources(stage: Stage) -> dict[str, Any]:
-    """Per-actor resources: one GPU for a CUDA device list, else one CPU; pool size = number of devices. A stage with
+    """Per-actor resources: one CPU, plus one GPU for a CUDA device list; pool size = number of devices. A stage with
     host phases takes several calls at once, so that its host work overlaps its device calls (``PhasedReplica``)."""
     import ray.data
 
@@ -31,15 +31,20 @@ def stage_resources(stage: Stage) -> dict[str, Any]:
     return {"num_gpus": 1 if on_cuda(stage.devices) else 0, "num_cpus": 1, "compute": pool}
 
 
+def pooled(stages: list[Stage]) -> list[Stage]:
+    """The stages that run as actor pools (one actor per device): those that keep models between batches."""
+    return [stage for stage in stages if not stage.stateless]
+
+
 def block_size(stages: list[Stage]) -> int:
-    """Rows per block: one loader batch."""
-    return max(1, stages[0].batch_policy.max_batch_size or 16)
+    """Rows per block: one batch of the first stage (the blocks are its input)."""
+    return max(1, stages[0].batch_policy.max_batch_size or probe_ceiling(stages[0]))
 
 
 def needed_resources(stages: list[Stage]) -> dict[str, int]:
-    """What the actor pools hold for the whole run, plus one CPU for the loader and finish tasks to move."""
+    """What the actor pools hold for the whole run, plus one CPU for the stateless stages' and finish tasks to move."""
     need = {"CPU": 1, "GPU": 0}
-    for stage in stages[1:]:
+    for stage in pooled(stages):
         size = max(1, len(stage.devices))
         need["CPU"] += size
         need["GPU"] += size if on_cuda(stage.devices) else 0
@@ -54,9 +59,8 @@ def cluster_resources() -> dict[str, int]:
     return {"CPU": int(have.get("CPU", 0)), "GPU": int(have.get("GPU", 0))}
 
 
-def missing_resources(stages: list[Stage]) -> str | None:
-    """Why the cluster cannot run these pools now (the pipeline would wait for ever), or None."""
-    have = cluster_resources()
+def missing_resources(stages: list[Stage], have: dict[str, int]) -> str | None:
+    """Why a cluster with ``have`` cannot run these pools (the pipeline would wait for ever), or None."""
     need = needed_resources(stages)
     short = [f"{need[kind]} {kind} (the cluster has {have[kind]})" for kind in ("CPU", "GPU") if need[kind] > have[kind]]
     if not short:
@@ -80,17 +84,17 @@ def fit_stages(stages: list[Stage], have: dict[str, int],
     for stage in fitted:
         stage.devices = list(stage.devices)
     while True:
-        need = needed_resources(fitted)
-        if need["CPU"] <= have["CPU"] and need["GPU"] <= have["GPU"]:
+        if missing_resources(fitted, have) is None:
             return fitted
-        several = [stage for stage in fitted[1:] if len(stage.devices) > 1]
+        several = [stage for stage in pooled(fitted) if len(stage.devices) > 1]
         if not several:
             return None
         max(several, key=lambda stage: len(stage.devices)).devices.pop()
 
 
 def build_dataset(blocks: list[Any], stages: list[Stage], config: BinnerConfig) -> Any:
-    """One window of rows (Arrow blocks, one loader batch each) as a Ray Dataset: loader tasks -> actor pools -> finish.
+    """One window of rows (Arrow blocks, one batch of the first stage each) as a Ray Dataset: every stage in order (a
+    stateless one as CPU tasks, the others as actor pools), then the finish tasks.
 
     Retries are bounded on purpose (Ray Data's own default restarts actors and retries their calls forever, so a
     file that crashes its worker natively would loop): a lost node costs a few retries, a poison file fails its
@@ -105,18 +109,20 @@ def build_dataset(blocks: list[Any], stages: list[Stage], config: BinnerConfig) 
 def _build_dataset(blocks: list[Any], stages: list[Stage], config: BinnerConfig) -> Any:
     import ray.data
 
-    loader, models = stages[0], stages[1:]
-    block_rows = block_size(stages)
-    ds = ray.data.from_arrow(blocks)  # one block per loader batch: the blocks spread over the nodes
-    ds = ds.map_batches(load_batch, batch_size=block_rows, batch_format="pyarrow", num_cpus=1,
-                        fn_kwargs={"stage": loader, "keep_image": bool(models)}, max_retries=TASK_RETRIES)
-    for index, stage in enumerate(models):
+    ds = ray.data.from_arrow(blocks)  # one block per batch of the first stage: the blocks spread over the nodes
+    for index, stage in enumerate(stages):
+        keep_image = index + 1 < len(stages)  # after the last stage no pixels travel
         cap = stage.batch_policy.max_batch_size or probe_ceiling(stage)
-        ds = ds.map_batches(RayStage, batch_size=cap, batch_format="pyarrow",
-                            fn_constructor_kwargs={"stage": stage, "thresholds": config.rules,
-                                                   "keep_image": index + 1 < len(models)},
-                            max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, **stage_resources(stage))
-    return ds.map_batches(finish_batch, batch_size=block_rows, batch_format="pyarrow", num_cpus=1,
+        if stage.stateless:
+            ds = ds.map_batches(run_stateless, batch_size=cap, batch_format="pyarrow", num_cpus=1,
+                                max_retries=TASK_RETRIES,
+                                fn_kwargs={"stage": stage, "thresholds": config.rules, "keep_image": keep_image})
+        else:
+            ds = ds.map_batches(RayStage, batch_size=cap, batch_format="pyarrow",
+                                fn_constructor_kwargs={"stage": stage, "thresholds": config.rules,
+                                                       "keep_image": keep_image},
+                                max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, **stage_resources(stage))
+    return ds.map_batches(finish_batch, batch_size=block_size(stages), batch_format="pyarrow", num_cpus=1,
                           max_retries=TASK_RETRIES,
                           fn_kwargs={"thresholds": config.rules, "output_root": str(config.output),
                                      "placement": config.placement, "max_attempts": config.max_attempts})

@@ -2,10 +2,11 @@
 
 Shape (Ray Data streams blocks between the steps, with backpressure and retries):
 
-    driver: ledger.claim_pending -> ray.data.from_arrow(window of rows, one block per loader batch)
-      -> loader          CPU ``map_batches`` tasks                               (tasks.py)
-      -> ocr, vision     actor pools: one ``Stage`` replica per actor             (actor.py)
-      -> finish          CPU tasks: rules + placement into the shared output     (tasks.py)
+    driver: ledger.claim_pending -> ray.data.from_arrow(window of rows, one block per batch of the first stage)
+      -> each stage in order:
+           stateless (the loader)    CPU ``map_batches`` tasks, a fresh replica per block    (tasks.py)
+           with models (ocr, vision) actor pools: one ``Stage`` replica per actor             (actor.py)
+      -> finish                      CPU tasks: rules + placement into the shared output     (tasks.py)
     driver: iter_batches -> ledger.record (durable) -> remove inputs (move mode) -> progress, summary
 
 Why it is built this way:
@@ -33,19 +34,25 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
 
-from app.config import BinnerConfig, ConfigError
-from app.devices import planned_replicas
+from app.config import BinnerConfig, ConfigError, with_model_paths_absolute
 from app.engine import FINISHED, RunStats, remove_inputs
 from app.progress import BinningProgress
 from app.ray_data.codec import row_record, schema
-from app.ray_data.dataset import block_size, build_dataset, cluster_resources, fit_stages, missing_resources
+from app.ray_data.dataset import (
+    block_size,
+    build_dataset,
+    cluster_resources,
+    fit_stages,
+    missing_resources,
+    needed_resources,
+    pooled,
+)
 from app.store import Ledger, Outcome, Placer
 from stages.base import Stage
 
@@ -114,10 +121,25 @@ def check_access(address: str, timeout_s: float = 15.0) -> None:
                          "the head node's GCS) and that `ray status` works from here")
 
 
-def connect(address: str | None, needed_cpus: int) -> None:
-    """Join the cluster at ``address``, or start a local Ray with enough CPU slots for the actor pools."""
+def no_auto_init() -> None:
+    """Ray calls made while this process is not connected fail instead of starting a local Ray.
+
+    A stopped window's Ray Data threads still call Ray after ``ray.shutdown``; by default each such call starts a
+    local Ray (``RAY_ENABLE_AUTO_CONNECT``), which raced the driver's own reconnection and left it attached to a
+    one-machine Ray whose pools never started. Ray reads the variable once, at import (and ``binner`` has imported
+    Ray by then), so its switch is set as well.
+    """
+    os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
+    from ray._private import auto_init_hook
+
+    auto_init_hook.enable_auto_connect = False
+
+
+def connect(address: str | None, needed_cpus: int = 0) -> None:
+    """Join the cluster at ``address``, or start a local Ray with at least ``needed_cpus`` CPU slots."""
     import ray
 
+    no_auto_init()
     if address:
         check_access(address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -139,15 +161,6 @@ def connect(address: str | None, needed_cpus: int) -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": on purpose
 
 
-def _absolute_weights(config: BinnerConfig) -> BinnerConfig:
-    """Relative weight paths are the driver's; workers run elsewhere, so hand them absolute paths."""
-    weights = Path(config.vision.detector.weights).expanduser()
-    if not weights.is_absolute() and weights.exists():
-        config = config.model_copy(deep=True)
-        config.vision.detector.weights = str(weights.absolute())
-    return config
-
-
 def _is_setup_failure(error: BaseException) -> str | None:
     """The stage's own start-up error when an actor could not set up its stage (Ray wraps it in its traceback)."""
     found = re.search(r"RayStageSetupError: (stage [^\n]*)", str(error))
@@ -164,15 +177,18 @@ class ClusterShrank(Exception):
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """Where a running window stands."""
+    """Where a running window stands; ``since_last_result_s`` is None before its first result (the pools are still
+    starting)."""
 
     done: int
     in_flight: int
-    since_last_result_s: float
+    since_last_result_s: float | None
     running_s: float
 
 
-CLUSTER_CHECK_S = 3.0  # how often a running window compares the cluster's resources with what its pools need
+CLUSTER_CHECK_S = 1.0  # how often a running window compares the cluster's resources with what its pools need
+TICK_S = 1.0  # how often a running window tells ``on_heartbeat`` where it stands
+POOLS_START_S = 60.0  # a window with no result yet after this long is said to be stalled, not starting
 
 
 class RayRun:
@@ -202,6 +218,7 @@ class RayRun:
         self.rebuild = rebuild  # the stages for a number of GPUs (``devices: auto`` follows the cluster)
         self.on_heartbeat = on_heartbeat
         self.more_coming = more_coming  # whether a scan may still record rows (then an empty claim is not the end)
+        self.cluster_check_s = CLUSTER_CHECK_S
         self.stats = RunStats()
         self.move_mode = self.config.placement == "move"
         self._claimed: dict[int, str] = {}
@@ -215,11 +232,11 @@ class RayRun:
         wait_s = self.config.ray.wait_for_resources_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + wait_s
         last_said = 0.0
-        while (problem := missing_resources(self.stages)) is not None:
-            fitted = fit_stages(self.stages, cluster_resources(), self.rebuild)
+        while (problem := missing_resources(self.stages, have := self._cluster())) is not None:
+            fitted = fit_stages(self.stages, have, self.rebuild)
             if fitted is not None:
                 log.warning("the Ray cluster has less room than the stages asked for; running smaller pools",
-                            problem=problem, devices={stage.name: stage.devices for stage in fitted[1:]})
+                            problem=problem, devices={stage.name: stage.devices for stage in pooled(fitted)})
                 self.stages = fitted
                 return
             now = time.monotonic()
@@ -229,13 +246,17 @@ class RayRun:
                                      "are still pending: run the same command again to resume once the cluster has room")
             if now - last_said >= min(30.0, self.config.ray.heartbeat_s):
                 log.warning("waiting for the Ray cluster to have room for the stages again", problem=problem,
-                            cluster=cluster_resources(), waited_s=round(wait_s - (deadline - now)),
+                            cluster=have, waited_s=round(wait_s - (deadline - now)),
                             gives_up_in_s=round(deadline - now))
                 last_said = now
             time.sleep(1.0)
 
+    def _cluster(self) -> dict[str, int]:
+        """The cluster's CPUs and GPUs now."""
+        return cluster_resources()
+
     def _claim(self, limit: int) -> list[Any]:
-        """Claim up to ``limit`` pending rows, page by page, as Arrow blocks of one loader batch each."""
+        """Claim up to ``limit`` pending rows, page by page, as Arrow blocks of one batch of the first stage each."""
         import pyarrow as pa
 
         per_block = block_size(self.stages)
@@ -259,17 +280,20 @@ class RayRun:
         backoff = 1.0
         failures = 0  # windows failed in a row
         while True:
-            self._wait_for_resources()
+            # Read before the claim: a scan that records its last rows and ends between the two is then seen
+            # as still going, and its last rows are claimed on the next turn.
+            more = self.more_coming is not None and self.more_coming()
             blocks = self._claim(window)
             if not blocks:
-                if self.more_coming is not None and self.more_coming():
+                if more:
                     time.sleep(0.5)  # the scan is still recording the tree: the next rows come soon
                     continue
                 return self.stats
             left = set(self._claimed)
             claimed = len(left)
-            started = time.monotonic()
             try:
+                self._wait_for_resources()  # only with rows to run: a node lost after the last rows is no matter
+                started = time.monotonic()
                 blocked = self._run_window(blocks, left)
             except RayEngineError:
                 self.ledger.recover_interrupted()
@@ -321,62 +345,100 @@ class RayRun:
             window = int(min(self.max_window, max(self.first_window, window * 2, rate * self.target_window_s)))
 
     def _run_window(self, blocks: list[Any], left: set[int]) -> str | None:
-        """One window through the cluster; results are recorded here, on the driver's thread, as they come.
-
-        Ray Data runs on a thread of its own, so that this one can watch: a heartbeat (rows done, rows in flight,
-        seconds since the last result) every ``ray.heartbeat_s``, and the cluster's resources every few seconds. A
-        cluster that has shrunk below what the pools need stops the window (``ClusterShrank``).
-        """
+        """One window through the cluster; results are recorded here, on the driver's thread, as they come."""
         dataset = build_dataset(blocks, self.stages, self.config)
+        return self._follow(dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1), left)
+
+    def _follow(self, batches: Iterable[Any], left: set[int]) -> str | None:
+        """Record the result tables of a window as they come, and watch it meanwhile.
+
+        The results are taken on a thread of their own, so that this one keeps time whether results come or not:
+        ``on_heartbeat`` every second, a heartbeat in the log (rows done, rows in flight, seconds since the last
+        result) every ``ray.heartbeat_s``, and the cluster's resources every few seconds. A cluster that has shrunk
+        below what the pools need stops the window (``ClusterShrank``). Returns the output's refusal, if any.
+        """
         results: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=4)
+        stop = threading.Event()
+
+        def hand_over(kind: str, value: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    results.put((kind, value), timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False  # the window was given up: nobody takes results any more
 
         def consume() -> None:
             try:
-                for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
-                    results.put(("table", table))
-                results.put(("end", None))
+                for table in batches:
+                    if not hand_over("table", table):
+                        return
+                hand_over("end", None)
             except BaseException as error:  # noqa: BLE001 - handed to the driver's thread as it is
-                results.put(("error", error))
+                hand_over("error", error)
 
         threading.Thread(target=consume, name="ray-window", daemon=True).start()
         blocked: str | None = None
         total = len(left)
-        started = last_result = last_beat = last_check = time.monotonic()
-        while True:
-            try:
-                kind, value = results.get(timeout=1.0)
-            except queue.Empty:
+        started = last_tick = last_beat = last_check = time.monotonic()
+        last_result: float | None = None
+        try:
+            while True:
+                due = min(last_tick + TICK_S, last_beat + self.config.ray.heartbeat_s,
+                          last_check + self.cluster_check_s)
+                try:
+                    kind, value = results.get(timeout=max(0.01, due - time.monotonic()))
+                except queue.Empty:
+                    kind, value = "nothing", None
+                if kind == "end":
+                    return blocked
+                if kind == "error":
+                    raise value
                 now = time.monotonic()
-                beat = Heartbeat(total - len(left), len(left), now - last_result, now - started)
-                if self.on_heartbeat is not None:
-                    self.on_heartbeat(beat)
+                if kind == "table":
+                    last_result = now
+                    outcomes: list[Outcome] = []
+                    for text in value.column("result").to_pylist():
+                        result = json.loads(text)
+                        if "blocked" in result:
+                            blocked = result["blocked"]
+                            continue
+                        outcomes.append(_outcome(result["outcome"]))
+                    self._record(outcomes)
+                    for outcome in outcomes:
+                        left.discard(outcome.id)
+                beat = Heartbeat(total - len(left), len(left), None if last_result is None else now - last_result,
+                                 now - started)
+                if now - last_tick >= TICK_S:
+                    last_tick = now
+                    if self.on_heartbeat is not None:
+                        self.on_heartbeat(beat)
                 if now - last_beat >= self.config.ray.heartbeat_s:
-                    # Said louder when nothing came back for a whole interval: a stalled window shows at once.
-                    say = log.warning if beat.since_last_result_s >= self.config.ray.heartbeat_s else log.info
-                    say("Ray window running" if say is log.info else "Ray window stalled: no result lately",
-                        rows_done=beat.done, rows_in_flight=beat.in_flight,
-                        seconds_since_last_result=round(beat.since_last_result_s, 1))
                     last_beat = now
-                if now - last_check >= CLUSTER_CHECK_S:
+                    self._say(beat)
+                if now - last_check >= self.cluster_check_s:
                     last_check = now
-                    if (problem := missing_resources(self.stages)) is not None:
+                    if (problem := missing_resources(self.stages, self._cluster())) is not None:
                         raise ClusterShrank(problem)
-                continue
-            if kind == "end":
-                return blocked
-            if kind == "error":
-                raise value
-            last_result = time.monotonic()
-            outcomes: list[Outcome] = []
-            for text in value.column("result").to_pylist():
-                result = json.loads(text)
-                if "blocked" in result:
-                    blocked = result["blocked"]
-                    continue
-                outcomes.append(_outcome(result["outcome"]))
-            self._record(outcomes)
-            for outcome in outcomes:
-                left.discard(outcome.id)
+        finally:
+            stop.set()
+
+    def _say(self, beat: Heartbeat) -> None:
+        """The heartbeat in the log; a warning when nothing came back for a whole interval (a stalled window shows
+        at once), but not while the pools are starting."""
+        fields = {"rows_done": beat.done, "rows_in_flight": beat.in_flight, "seconds_running": round(beat.running_s, 1)}
+        if beat.since_last_result_s is None:
+            if beat.running_s < POOLS_START_S:
+                log.info("Ray window starting the pools: no result yet", **fields)
+            else:
+                log.warning("Ray window stalled: no result yet", **fields)
+            return
+        fields["seconds_since_last_result"] = round(beat.since_last_result_s, 1)
+        if beat.since_last_result_s >= self.config.ray.heartbeat_s:
+            log.warning("Ray window stalled: no result lately", **fields)
+        else:
+            log.info("Ray window running", **fields)
 
     def _record(self, outcomes: list[Outcome]) -> None:
         """Durable ledger rows first, then (move mode) the inputs they describe go away."""
@@ -404,32 +466,47 @@ def run_on_ray(runtime: LedgerRun, address: str | None, total: int | None, show_
                more_coming: Callable[[], bool] | None = None) -> RunStats:
     """``binner once --engine ray``: connect, build the stages once for the cluster's GPUs, run to the end.
 
-    ``build_stages(config, gpu_count=, where=)`` is the wiring's: device lists are checked against the cluster's
-    GPU resources, not this driver's (a CPU-only driver may send ``cuda:N`` stages to GPU nodes).
+    ``build_stages(config, gpu_count=, where=)`` is ``app.build``'s: on a cluster, device lists are checked against
+    its GPU resources, not this driver's (a CPU-only driver may send ``cuda:N`` stages to GPU nodes); a local Ray is
+    this machine, and is started with enough CPU slots for the stages' pools.
     """
     import ray
 
-    config = _absolute_weights(runtime.config)
+    config = with_model_paths_absolute(runtime.config)  # the workers do not run in this driver's folder
     progress = BinningProgress(total, show_progress)
+
+    def build(gpus: int | None, where: str) -> list[Stage]:
+        try:
+            return build_stages(config, gpu_count=gpus, where=where)
+        except ConfigError as error:
+            raise RayEngineError(str(error)) from None
+
+    def join(stages: list[Stage]) -> None:
+        # One CPU slot more than the pools and one task need, so that a stage's task and a finish task run at once.
+        connect(address, needed_cpus=needed_resources(stages)["CPU"] + 1)
+
     try:
         with progress.shown("connecting to Ray"):
-            needed_cpus = 2 + planned_replicas(config, "ocr") + planned_replicas(config, "vision")
-            connect(address, needed_cpus=needed_cpus)
-            try:
-                stages = build_stages(config, gpu_count=gpu_count_of_cluster(), where="the Ray cluster")
-            except ConfigError as error:
-                raise RayEngineError(str(error)) from None
-            if problem := missing_resources(stages):
+            if address:
+                connect(address)
+                stages = build(gpu_count_of_cluster(), "the Ray cluster")
+            else:
+                stages = build(None, "this machine")
+                join(stages)
+            if problem := missing_resources(stages, cluster_resources()):
                 raise RayEngineError(problem)
             progress.phase("binning on Ray")
 
             def reconnect() -> None:
                 ray.shutdown()  # ends the stopped window's actors and tasks, and Ray Data's wait for them
-                connect(address, needed_cpus=needed_cpus)
+                join(run.stages)
 
             def heartbeat(beat: Heartbeat) -> None:
-                progress.phase(f"binning on Ray ({beat.in_flight} in flight, last result "
-                               f"{beat.since_last_result_s:.0f} s ago)")
+                if beat.since_last_result_s is None:
+                    progress.phase(f"binning on Ray (starting the pools, {beat.in_flight} in flight)")
+                else:
+                    progress.phase(f"binning on Ray ({beat.in_flight} in flight, last result "
+                                   f"{beat.since_last_result_s:.0f} s ago)")
 
             run = RayRun(runtime, stages, window_rows, reconnect=reconnect, on_heartbeat=heartbeat,
                          rebuild=lambda gpus: build_stages(config, gpu_count=gpus, where="the Ray cluster"),

@@ -1,5 +1,5 @@
-"""The Ray engine's stateless steps: the loader as CPU tasks, and finishing (rules + placement) as CPU tasks that
-run the local engine's own ``Finisher`` on the workers."""
+"""The Ray engine's tasks: a stateless stage (the loader) as CPU tasks, and finishing (rules + placement) as CPU tasks
+that run the local engine's own ``Finisher`` on the workers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from app.engine import Finisher
+from app.engine import Finisher, starting_batch_cap
 from app.ray_data.actor import node_id, run_contained
 from app.ray_data.codec import decode_items, encode_items, row_of
 from app.store import Placer
@@ -15,16 +15,18 @@ from stages.base import Stage
 from stages.rules import RuleThresholds
 
 
-def load_batch(table: Any, stage: Stage, keep_image: bool) -> Any:
-    """The loader as a plain CPU task (no model to keep): a fresh replica per block."""
-    from stages.loader import LoaderStage
-
-    # Built again rather than copied: its constructor also sets this process's Pillow pixel limit.
-    replica = LoaderStage(stage.options, ["cpu"], stage.batch_policy) if isinstance(stage, LoaderStage) else stage.replicate()
+def run_stateless(table: Any, stage: Stage, thresholds: RuleThresholds, keep_image: bool) -> Any:
+    """A stateless stage (``Stage.stateless``: no model to keep, the loader) as a plain CPU task: a fresh replica per
+    block, set up, its batch through the shared containment, then dropped."""
+    replica = stage.replicate()
     replica.setup("cpu")
-    pairs = decode_items(table)
+    try:
+        pairs = decode_items(table)
+        cap = starting_batch_cap(replica, lambda ceiling: replica.probe_batch_size("cpu", ceiling))
+        run_contained(replica, [item for item, _ in pairs], cap, thresholds)
+    finally:
+        replica.teardown()
     node = node_id()
-    run_contained(replica, [item for item, _ in pairs], max(1, replica.batch_policy.max_batch_size or 16))
     for _, carried in pairs:
         carried.nodes[stage.name] = node
     return encode_items(pairs, keep_image)
