@@ -64,6 +64,10 @@ class ImageItem:
     # Signals not computed for this item, with why (``{"caption": "confident_detection"}``): the decision did not
     # need them. Recorded with the decision, so ``explain`` and ``rebin`` know what is missing.
     not_computed: dict[str, str] = field(default_factory=dict)
+    # The input's (size, mtime_ns, inode, ctime_ns) as the loader opened it: the file whose bytes were hashed and
+    # decoded. Placement goes ahead only while the input is still that file (it changed while it was processed
+    # otherwise); what the file was when it was first seen does not matter, since these bytes are the ones binned.
+    opened: tuple[int, int, int, int] | None = None
 
     def fail(self, reason: str, message: str, stage: str = "", retryable: bool = False) -> None:
         self.failure = ItemFailure(reason=reason, message=message, stage=stage, retryable=retryable)

@@ -167,6 +167,7 @@ class LoaderStage(Stage):
                 code = "EISDIR" if stat.S_ISDIR(info.st_mode) else "EINVAL"
                 raise _Rejected("unreadable", f"{path}: not a regular file ([{code}] {_file_kind(info.st_mode)})")
             item.size = info.st_size
+            item.opened = (info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns)
             if info.st_size == 0:
                 raise _Rejected("empty_file", f"{path}: the file is empty (0 bytes)")
             if info.st_size > limit:

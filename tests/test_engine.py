@@ -443,3 +443,31 @@ def test_a_pending_input_re_pointed_at_an_outside_file_is_never_read(tmp_path: P
     assert row.status == "vanished" and row.sha256 is None
     written = [p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert b"\x89PNG outside secret" not in written and secret.read_bytes() == b"\x89PNG outside secret"
+
+
+@pytest.mark.parametrize("mode", ["hardlink", "move"])
+def test_a_placement_that_went_unrecorded_is_finished_in_one_pass(tmp_path: Path, mode: str) -> None:
+    """A run linked its inputs into the output and stopped before the ledger heard of it (a lost Ray window, a
+    kill -9): linking changed the inputs' ctime. The next pass finds the placed files and finishes each row at once;
+    before, every such file was 'changed while it was processed' and cost an attempt (enough node losses would
+    quarantine a good file as retries_exhausted)."""
+    import hashlib
+
+    from app.bench import make_images
+    from app.store import Placer
+    from stages.loader import LoaderOptions, LoaderStage
+
+    pipeline, ledger, _ = build(tmp_path, [LoaderStage(LoaderOptions(10_000_000, 10_000_000, 4096))], count=0)
+    inbox = tmp_path / "in"
+    make_images(inbox, 4, size=32)
+    ledger.intake(to_discovered(inbox, seen) for seen in scan(inbox))
+    placer = Placer(tmp_path / "out", mode)
+    for path in sorted(inbox.iterdir()):  # what the lost run did: placed, in B (no content model here), unrecorded
+        placer.place(path, path.name, "B", hashlib.sha256(path.read_bytes()).hexdigest())
+    pipeline.placer = placer  # type: ignore[assignment]
+    pipeline.move_mode = mode == "move"
+    run_until_idle(pipeline)
+    rows = list(ledger.rows())
+    assert [(row.status, row.attempts, row.last_error) for row in rows] == [("done", 1, None)] * 4
+    assert sorted(p.name for p in (tmp_path / "out" / "B").iterdir()) == sorted(row.rel_path for row in rows)
+    assert len(list(inbox.iterdir())) == (0 if mode == "move" else 4)

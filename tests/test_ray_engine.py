@@ -640,6 +640,7 @@ def test_items_cross_the_wire_as_arrow_rows_with_pixels_and_byte_paths() -> None
     item = ImageItem(key=7, source=source, size=10, sha256="ab" * 32, width=3, height=2)
     item.image = Image.new("RGB", (3, 2), (10, 20, 30))
     item.signals = {"ocr": {"char_count": 3}}
+    item.opened = (10, 5, 123, 6)  # the file the loader read: finishing checks the input is still that one
     carried = Carried(os.fsencode("caf\udce9.png"), 10, 5, 1, {"load": "node-a"})
     failed = ImageItem(key=8, source="/in/x.png")
     failed.fail("not_an_image", "nope", "load")
@@ -648,6 +649,7 @@ def test_items_cross_the_wire_as_arrow_rows_with_pixels_and_byte_paths() -> None
     assert os.fsencode(got.source) == b"/in/caf\xe9.png" and got_carried.rel_path == carried.rel_path
     assert got.image.size == (3, 2) and got.image.getpixel((2, 1)) == (10, 20, 30)
     assert got.signals == item.signals and got.sha256 == item.sha256 and got_carried.nodes == {"load": "node-a"}
+    assert got.opened == (10, 5, 123, 6) and got_failed.opened is None
     assert got_failed.failure is not None and got_failed.failure.reason == "not_an_image" and got_failed.image is None
     dropped = decode_items(encode_items([(item, carried)], keep_image=False))[0][0]
     assert dropped.image is None  # after the last model stage no pixels travel

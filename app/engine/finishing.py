@@ -131,7 +131,12 @@ class Finisher:
         if current is None:
             return Outcome(row.id, "vanished", last_error="the input file disappeared (or became a link) before it "
                            "could be placed")
-        if row.size is not None and not _same_identity(row, current):
+        # The file must still be the one the loader read. A loader that says which file that was is believed over
+        # the row: a placement that linked the input (move, hardlink) and then went unrecorded (a lost Ray window, a
+        # kill -9) changed its ctime, yet these are its bytes, and placing them again only finds them in place.
+        changed = current != item.opened if item.opened is not None else \
+            row.size is not None and not _same_identity(row, current)
+        if changed:
             return Outcome(row.id, "pending", size=current[0], mtime_ns=current[1], inode=current[2],
                            ctime_ns=current[3],
                            last_error="the input file changed while it was processed; it will be processed again")

@@ -25,7 +25,7 @@ def schema() -> Any:
         ("seen_at", pa.float64()), ("sha256", pa.string()),
         ("width", pa.int64()), ("height", pa.int64()), ("image_width", pa.int64()), ("image_height", pa.int64()),
         ("pixels", pa.large_binary()), ("signals", pa.string()), ("timings", pa.string()), ("failure", pa.string()),
-        ("not_computed", pa.string()), ("nodes", pa.string()),
+        ("not_computed", pa.string()), ("nodes", pa.string()), ("opened", pa.list_(pa.int64())),
     ])
 
 
@@ -39,6 +39,7 @@ def row_record(row: Row, max_attempts: int) -> dict[str, Any]:
         "seen_at": row.seen_at, "sha256": None, "width": None,
         "height": None, "image_width": None, "image_height": None, "pixels": None, "signals": "{}", "timings": "{}",
         "failure": json.dumps(failure.__dict__) if failure else None, "not_computed": "{}", "nodes": "{}",
+        "opened": None,
     }
 
 
@@ -67,6 +68,7 @@ def decode_items(table: Any) -> list[tuple[ImageItem, Carried]]:
         item.signals = json.loads(record["signals"] or "{}")
         item.timings = json.loads(record["timings"] or "{}")
         item.not_computed = json.loads(record["not_computed"] or "{}")
+        item.opened = tuple(record["opened"]) if record["opened"] is not None else None  # type: ignore[assignment]
         if record["failure"]:
             item.failure = ItemFailure(**json.loads(record["failure"]))
         elif record["pixels"] is not None:
@@ -99,6 +101,7 @@ def encode_items(pairs: list[tuple[ImageItem, Carried]], keep_image: bool) -> An
             "pixels": pixels, "signals": json.dumps(item.signals), "timings": json.dumps(item.timings),
             "failure": json.dumps(failure.__dict__) if failure is not None else None,
             "not_computed": json.dumps(item.not_computed), "nodes": json.dumps(carried.nodes),
+            "opened": list(item.opened) if item.opened is not None else None,
         }
         for name, value in values.items():
             columns[name].append(value)
