@@ -79,12 +79,6 @@ def resolve_devices(spec: str | list[str], role: Role, gpu_count: int | None = N
     return devices
 
 
-def planned_replicas(config: BinnerConfig, role: Role) -> int:
-    """How many replicas a model stage will have, without probing any GPU (an ``auto`` list counts as one)."""
-    spec = config.ocr.devices if role == "ocr" else config.vision.devices
-    return 1 if spec == "auto" else max(1, len(spec))
-
-
 def resolve_isolation(mode: str, devices: list[str], backend: str = "") -> Isolation:
     """``thread`` or ``process`` for a stage: PaddleOCR always gets a process; ``auto`` goes by device kind."""
     if backend == "paddleocr" or mode == "process":

@@ -63,8 +63,9 @@ def bin_once(config: BinnerConfig, engine: Literal["local", "ray"], ray_address:
         if engine == "ray":
             from app.ray_data import run_on_ray
 
+            progress = BinningProgress(None, show_progress, console)  # what earlier runs left, then what the scan finds
             stats = scan_beside(intake, lambda more_coming: run_on_ray(
-                runtime, ray_address, None, show_progress, build_stages, more_coming=more_coming))
+                runtime, ray_address, progress, build_stages, more_coming=more_coming), on_recorded=progress.add_total)
         else:
             stats = run_to_idle(runtime, None, show_progress, console, intake)
         seconds = time.monotonic() - started
@@ -76,15 +77,19 @@ def bin_once(config: BinnerConfig, engine: Literal["local", "ray"], ray_address:
     return OnceSummary(stats, seconds, remaining, intake.counts)
 
 
-def scan_beside(intake: StreamingIntake, run_engine: Callable[[Callable[[], bool]], RunStats]) -> RunStats:
+def scan_beside(intake: StreamingIntake, run_engine: Callable[[Callable[[], bool]], RunStats],
+                on_recorded: Callable[[int], None] | None = None) -> RunStats:
     """``run_engine(more_coming)`` (the Ray driver) over what ``intake`` records on a thread of its own meanwhile.
 
-    Interrupted rows are recovered before either starts. The scan stops as soon as the engine ends, for any reason;
+    Interrupted rows are recovered before either starts. ``on_recorded(n)`` gets the rows to do: first those earlier
+    runs left, then each chunk's, from the scan's thread. The scan stops as soon as the engine ends, for any reason;
     an error that ended the scan is raised once the engine has finished what was recorded (``ScanError``), so a run
     never reports success with part of the tree unrecorded.
     """
     intake.prepare()
-    scanner = threading.Thread(target=intake.run, name="binner-scan", daemon=True)
+    if on_recorded is not None:
+        on_recorded(intake.runtime.ledger.backlog()[0])
+    scanner = threading.Thread(target=intake.run, args=(on_recorded,), name="binner-scan", daemon=True)
     scanner.start()
     try:
         stats = run_engine(intake.more_coming)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -13,7 +14,8 @@ from stages.paths import shown
 
 
 class BinningProgress:
-    """A bar over ``total`` files; ``advance`` per finished file, ``phase`` names what is happening."""
+    """A bar over ``total`` files; ``advance`` per finished file, ``phase`` names what is happening, ``add_total``
+    (from any thread, before the bar is shown too) counts files the scan found."""
 
     def __init__(self, total: int | None, show: bool, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
@@ -23,11 +25,13 @@ class BinningProgress:
                              console=self.console, disable=not show)
         self._total = total
         self._task: TaskID | None = None
+        self._total_lock = threading.Lock()
 
     @contextmanager
     def shown(self, first_phase: str) -> Iterator[BinningProgress]:
         with self._bar:
-            self._task = self._bar.add_task(_described(first_phase), total=self._total, rate=0.0)
+            with self._total_lock:
+                self._task = self._bar.add_task(_described(first_phase), total=self._total, rate=0.0)
             yield self
 
     def phase(self, description: str) -> None:
@@ -36,9 +40,12 @@ class BinningProgress:
 
     def add_total(self, more: int) -> None:
         """The scan found ``more`` files to do."""
-        if self._task is not None and more:
-            current = self._bar.tasks[0].total or 0
-            self._bar.update(self._task, total=current + more)
+        if not more:
+            return
+        with self._total_lock:
+            self._total = (self._total or 0) + more
+            if self._task is not None:
+                self._bar.update(self._task, total=self._total)
 
     def advance(self, rate: float) -> None:
         if self._task is not None:

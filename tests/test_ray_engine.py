@@ -400,7 +400,7 @@ def test_model_paths_relative_to_the_driver_reach_the_workers_as_absolute_paths(
 def test_a_file_that_kills_its_worker_ends_quarantined_alone(tmp_path: Path) -> None:
     """The driver's window logic without a cluster: a window holding a file that crashes its Ray worker fails as a
     whole; it is run again, then split until that file fails alone. Only that file is charged attempts and ends
-    quarantined; every other file is done on its first attempt."""
+    quarantined, which the driver logs; every other file is done on its first attempt."""
     pytest.importorskip("pyarrow", reason="pyarrow comes with the [ray] extra")
     import json as json_module
     from types import SimpleNamespace
@@ -440,9 +440,15 @@ def test_a_file_that_kills_its_worker_ends_quarantined_alone(tmp_path: Path) -> 
             return None
 
     runtime = SimpleNamespace(config=config, ledger=ledger, placer=None)
-    stats = FakeClusterRun(runtime, build_stages(config), window_rows=32).run()
+    from structlog.testing import capture_logs
+
+    with capture_logs() as events:
+        stats = FakeClusterRun(runtime, build_stages(config), window_rows=32).run()
     rows = {row.id: row for row in ledger.rows()}
     assert rows[poison].status == "quarantined" and rows[poison].reason == "retries_exhausted"
+    # the driver says so in its own log (a finish task's log line stays on its worker's node)
+    (said,) = [event for event in events if event["event"] == "quarantined"]
+    assert said["file"] == f"/in/{poison - 1}.png" and said["reason"] == "retries_exhausted", said
     assert "ActorDiedError" in (rows[poison].last_error or "")
     assert all(row.status == "done" and row.attempts == 1 for key, row in rows.items() if key != poison)
     assert stats.finished == 40 and stats.quarantined == {"retries_exhausted": 1}

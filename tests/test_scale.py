@@ -26,7 +26,7 @@ from app.build import ScanError, StreamingIntake, build_runtime, intake_all
 from app.config import load_config
 from app.engine import RunStats
 from app.once import bin_once, scan_beside
-from app.store import Outcome
+from app.store import Outcome, scan, to_discovered
 from tests.daemon_harness import REPO, binner, error_lines, wait_for
 
 pytestmark = pytest.mark.system
@@ -305,6 +305,33 @@ def test_an_error_that_ends_the_scan_is_raised_once_the_engine_has_finished(tmp_
         with pytest.raises(RuntimeError, match="the cluster went away"):
             scan_beside(paused, failing_engine)
         assert paused.done.is_set() and paused.error is None
+    finally:
+        runtime.close()
+
+
+def test_the_ray_drivers_bar_counts_what_earlier_runs_left_and_what_the_scan_finds(tmp_path: Path) -> None:
+    """Beside the Ray driver the bar's total starts at the rows an earlier run left and grows with every chunk the
+    scan records, from the scan's thread, before and after the bar is shown (before, the Ray bar had no total)."""
+    from app.progress import BinningProgress
+
+    inbox = tmp_path / "in"
+    make_tree(inbox, 2500)
+    config = load_config(None, {**ZERO_COST, "input": inbox, "output": tmp_path / "out", "state_dir": tmp_path / "state"})
+    runtime = build_runtime(config, command="once", engine="ray")
+    try:
+        runtime.ledger.intake(to_discovered(inbox, seen) for seen in scan(inbox)  # what an earlier run recorded
+                              if seen.rel_path.startswith("d00000/"))
+        left = runtime.ledger.backlog()[0]
+        assert 0 < left < 2500
+        progress = BinningProgress(None, False)
+
+        def engine(more_coming: Callable[[], bool]) -> RunStats:
+            with progress.shown("binning on Ray"):
+                wait_for(lambda: not more_coming(), 30, "the scan to end")
+                return RunStats()
+
+        scan_beside(StreamingIntake(runtime), engine, on_recorded=progress.add_total)
+        assert progress._total == 2500 == runtime.ledger.backlog()[0]
     finally:
         runtime.close()
 

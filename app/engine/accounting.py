@@ -1,13 +1,19 @@
-"""What a finished file counts for: the run's summary (both engines) and the local engine's metrics."""
+"""What a finished file counts for: the run's summary and its log line (both engines, where the outcome is recorded:
+on Ray that is the driver, since a worker's log stays on its node), and the local engine's metrics."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
+import structlog
+
 from app.metrics import Metrics
 from app.store import Outcome, Row
+from stages.paths import shown
 from stages.rules import MODEL_OF_SIGNAL
+
+log = structlog.get_logger("binner.engine")
 
 FINISHED = ("done", "quarantined", "vanished", "refused")  # outcomes that end a file's journey through this run
 
@@ -45,6 +51,15 @@ class RunStats:
             self.vanished += 1
         else:
             self.retried += 1
+
+
+def say(path: str, outcome: Outcome) -> None:
+    """The log line of a file that did not end in a bin: the operator's trail of what went wrong, per file."""
+    if outcome.status == "quarantined":
+        log.warning("quarantined", file=shown(path), reason=outcome.reason, detail=shown(outcome.last_error or ""))
+    elif outcome.status == "refused":
+        log.error("cannot place or quarantine a file; it stays in the input until it changes or the next start",
+                  file=shown(path), reason=outcome.reason, detail=shown(outcome.last_error or ""))
 
 
 def observe(metrics: Metrics, row: Row, outcome: Outcome) -> None:

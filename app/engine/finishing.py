@@ -108,8 +108,6 @@ class Finisher:
                 if self.refuses_whole_output(error):  # the output as a whole refuses now: try again later
                     return Outcome(row.id, "pending", last_error=f"{message}; quarantine failed too: {error}")
                 message = f"{message}; quarantine failed too: {error}"
-        log.error("cannot place or quarantine a file; it stays in the input until it changes or the next start",
-                  file=row.shown_path, reason=reason, detail=shown(message))
         return Outcome(row.id, "refused", sha256=item.sha256, reason=item.failure.reason if item.failure else reason,
                        last_error=f"{message} (the input was left where it is)")
 
@@ -162,7 +160,6 @@ class Finisher:
                 output = str(self.placer.quarantine(Path(row.path), row.rel_path, reason, item.sha256))
             except FileNotFoundError:
                 return Outcome(row.id, "vanished", last_error=message)
-        log.warning("quarantined", file=row.shown_path, reason=reason, detail=shown(message))
         return Outcome(row.id, "quarantined", sha256=item.sha256, reason=reason, last_error=message,
                        output_path=output, signals=item.signals or None, timings=timings)
 

@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 import structlog
 
-from app.engine.accounting import FINISHED, RunStats, observe
+from app.engine.accounting import FINISHED, RunStats, observe, say
 from app.engine.admission import admit
 from app.engine.finishing import Finisher, PlacementBlocked, remove_inputs
 from app.engine.routing import next_stage
@@ -367,6 +367,7 @@ class Pipeline:
             self.wake()  # `once` waits for the pipeline to be idle: tell the feeder now, not at its 1 s poll
         self.last_progress = time.monotonic()
         self.stats.count(outcome)
+        say(row.path, outcome)
         observe(self.metrics, row, outcome)
         if outcome.status not in FINISHED:
             self.wake()  # back to pending: the feeder takes it again

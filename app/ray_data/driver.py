@@ -41,7 +41,7 @@ from typing import Any, Protocol
 import structlog
 
 from app.config import BinnerConfig, ConfigError, with_model_paths_absolute
-from app.engine import FINISHED, RunStats, remove_inputs
+from app.engine import FINISHED, RunStats, remove_inputs, say
 from app.progress import BinningProgress
 from app.ray_data.codec import row_record, schema
 from app.ray_data.dataset import (
@@ -451,6 +451,7 @@ class RayRun:
             if outcome.status in FINISHED:
                 self._suspects.discard(outcome.id)
             self.stats.count(outcome)
+            say(self._claimed.get(outcome.id, f"row {outcome.id}"), outcome)
             if self.on_finished is not None:
                 self.on_finished(outcome)
 
@@ -461,19 +462,20 @@ def gpu_count_of_cluster() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def run_on_ray(runtime: LedgerRun, address: str | None, total: int | None, show_progress: bool,
+def run_on_ray(runtime: LedgerRun, address: str | None, progress: BinningProgress,
                build_stages: Callable[..., list[Stage]], window_rows: int = WINDOW_ROWS,
                more_coming: Callable[[], bool] | None = None) -> RunStats:
     """``binner once --engine ray``: connect, build the stages once for the cluster's GPUs, run to the end.
 
     ``build_stages(config, gpu_count=, where=)`` is ``app.build``'s: on a cluster, device lists are checked against
     its GPU resources, not this driver's (a CPU-only driver may send ``cuda:N`` stages to GPU nodes); a local Ray is
-    this machine, and is started with enough CPU slots for the stages' pools.
+    this machine, and is started with enough CPU slots for the stages' pools. ``progress`` is the caller's bar, whose
+    total the scan grows (``more_coming()`` is true while it does).
     """
     import ray
 
     config = with_model_paths_absolute(runtime.config)  # the workers do not run in this driver's folder
-    progress = BinningProgress(total, show_progress)
+    scanning = more_coming or (lambda: False)
 
     def build(gpus: int | None, where: str) -> list[Stage]:
         try:
@@ -495,18 +497,19 @@ def run_on_ray(runtime: LedgerRun, address: str | None, total: int | None, show_
                 join(stages)
             if problem := missing_resources(stages, cluster_resources()):
                 raise RayEngineError(problem)
-            progress.phase("binning on Ray")
+            progress.phase("binning on Ray (scanning the input)" if scanning() else "binning on Ray")
 
             def reconnect() -> None:
                 ray.shutdown()  # ends the stopped window's actors and tasks, and Ray Data's wait for them
                 join(run.stages)
 
             def heartbeat(beat: Heartbeat) -> None:
+                still = "; scanning the input" if scanning() else ""
                 if beat.since_last_result_s is None:
-                    progress.phase(f"binning on Ray (starting the pools, {beat.in_flight} in flight)")
+                    progress.phase(f"binning on Ray (starting the pools, {beat.in_flight} in flight{still})")
                 else:
                     progress.phase(f"binning on Ray ({beat.in_flight} in flight, last result "
-                                   f"{beat.since_last_result_s:.0f} s ago)")
+                                   f"{beat.since_last_result_s:.0f} s ago{still})")
 
             run = RayRun(runtime, stages, window_rows, reconnect=reconnect, on_heartbeat=heartbeat,
                          rebuild=lambda gpus: build_stages(config, gpu_count=gpus, where="the Ray cluster"),
