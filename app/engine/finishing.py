@@ -50,6 +50,32 @@ class PlacementBlocked(Exception):
         self.remaining = remaining
 
 
+class PlacementPause:
+    """A refused output write pauses placement and tries again after a wait that doubles while it keeps failing (1 s
+    up to 30 s); one placement that succeeds ends the pause. The same for both engines' sinks."""
+
+    FIRST_S, LONGEST_S = 1.0, 30.0
+
+    def __init__(self) -> None:
+        self.wait_s = self.FIRST_S
+        self.paused = False
+
+    def blocked(self, error: str, **context: Any) -> float:
+        """Say that placement pauses, and why; the seconds to wait before trying again."""
+        wait, self.paused = self.wait_s, True
+        log.error("placement paused: the output directory refused a write; will retry", error=error, retry_in_s=wait,
+                  **context)
+        self.wait_s = min(wait * 2, self.LONGEST_S)
+        return wait
+
+    def placed(self) -> bool:
+        """A placement went through: True when that ends a pause (said in the log)."""
+        ended, self.paused, self.wait_s = self.paused, False, self.FIRST_S
+        if ended:
+            log.info("placement resumed")
+        return ended
+
+
 class Finisher:
     """Rules + placement for finished items; runs on the sink thread (or a Ray worker), never on the event loop."""
 

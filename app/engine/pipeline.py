@@ -24,7 +24,7 @@ import structlog
 
 from app.engine.accounting import FINISHED, RunStats, observe, say
 from app.engine.admission import admit
-from app.engine.finishing import Finisher, PlacementBlocked, remove_inputs
+from app.engine.finishing import Finisher, PlacementBlocked, PlacementPause, remove_inputs
 from app.engine.routing import next_stage
 from app.engine.runner import Hosting, StageRunner, set_up_runners
 from app.metrics import Metrics
@@ -310,7 +310,7 @@ class Pipeline:
 
     # --- sink -----------------------------------------------------------------------------------
     async def _sink(self) -> None:
-        backoff = 1.0
+        pause = PlacementPause()
         while True:
             try:
                 batch = await next_batch(self.sink_queue, 64, SINK_MAX_WAIT_S)
@@ -330,21 +330,16 @@ class Pipeline:
                     self._account(row, outcome)
                 if blocked is None:
                     batch = []
-                    if self.placement_paused:
-                        log.info("placement resumed")
+                    if pause.placed():
                         self.placement_paused = False
                         self.metrics.placement_paused.set(0)
-                    backoff = 1.0
                     continue
                 batch = blocked.remaining
                 self.placement_paused = True
                 self.metrics.placement_paused.set(1)
                 code = errno.errorcode.get(blocked.error.errno or 0, "EIO")
                 self.metrics.placement_errors.labels(error=code).inc()
-                log.error("placement paused: the output directory refused a write; will retry",
-                          error=str(blocked.error), errno=code, retry_in_s=backoff, waiting=len(batch))
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                await anyio.sleep(pause.blocked(str(blocked.error), errno=code, waiting=len(batch)))
 
     def _finish_batch(self, items: list[ImageItem]) -> tuple[list[tuple[Row, Outcome]], PlacementBlocked | None]:
         """Place each item, record the batch durably (one fsynced commit), and only then remove inputs (move mode).

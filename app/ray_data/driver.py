@@ -41,7 +41,7 @@ from typing import Any, Protocol
 import structlog
 
 from app.config import BinnerConfig, ConfigError, with_model_paths_absolute
-from app.engine import FINISHED, RunStats, remove_inputs, say
+from app.engine import FINISHED, PlacementPause, RunStats, remove_inputs, say
 from app.progress import BinningProgress
 from app.ray_data.codec import row_record, schema
 from app.ray_data.dataset import (
@@ -277,7 +277,7 @@ class RayRun:
 
     def run(self) -> RunStats:
         window = self.first_window
-        backoff = 1.0
+        pause = PlacementPause()
         failures = 0  # windows failed in a row
         while True:
             # Read before the claim: a scan that records its last rows and ends between the two is then seen
@@ -329,12 +329,9 @@ class RayRun:
             failures = 0
             if blocked:
                 self.ledger.recover_interrupted()
-                log.error("placement paused: the output directory refused a write; will retry", error=blocked,
-                          retry_in_s=backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                time.sleep(pause.blocked(blocked))
                 continue
-            backoff = 1.0
+            pause.placed()
             if left:  # nothing failed, yet rows did not come back: release them (never seen in practice)
                 self.ledger.recover_interrupted()
             if self._suspects:  # bisecting: the culprit is in the other half (same size) until it has been charged
