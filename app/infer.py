@@ -11,6 +11,7 @@ the stored detections are the ones its caption check reads.
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from contextlib import ExitStack
@@ -25,7 +26,7 @@ from app.config import BinnerConfig
 from app.engine import StageRunner, next_stage, set_up_runners
 from app.metrics import Metrics
 from app.store import Row, merged_signals
-from queues import BoundedQueue
+from queues import BoundedQueue, QueueClosed
 from stages.base import ImageItem
 
 log = structlog.get_logger("binner.rebin")
@@ -42,6 +43,7 @@ class MissingSignals:
         self.stages, self.hosting = build_hosted_stages(config)
         self.capacities = config.queues.model_dump()
         self.metrics = Metrics()
+        self.drain_timeout_s = config.drain_timeout_s
         self.queues: list[BoundedQueue[ImageItem]] = []
         self.runners: list[StageRunner] = []
         self._running: list[Future[None]] = []
@@ -71,9 +73,10 @@ class MissingSignals:
         try:
             await runner.run()
         except BaseException as error:  # a runner that stops early would leave a call waiting for its items
-            self._broken = error
+            self._broken = self._broken or error  # the first: the others stopped because it did
             if self._all_back is not None:
                 self._all_back.set()
+            await self.queues[index].close()  # and whoever still hands it items is refused, not left blocked
             raise
         finally:
             if index + 1 < len(self.queues):
@@ -97,9 +100,15 @@ class MissingSignals:
         self._open = len(items)
         self._all_back = anyio.Event()
         entry = self._router(-1)
-        for item in items:
-            await entry(item)
-        await self._all_back.wait()
+        try:
+            for item in items:
+                if self._broken is not None:
+                    break
+                await entry(item)
+            if self._broken is None:
+                await self._all_back.wait()
+        except QueueClosed:  # the stage it went to had stopped
+            pass
         if self._broken is not None:
             raise RuntimeError(f"a model stage stopped: {self._broken}") from self._broken
 
@@ -132,11 +141,18 @@ class MissingSignals:
         return done
 
     def close(self) -> None:
-        """Drain the runners, free the models and end the event loop."""
+        """Drain the runners, free the models and end the event loop. A runner that does not end within the drain
+        time is cancelled; an interruption here (a second Ctrl-C) cancels whatever still runs on the loop."""
         try:
             self._portal.call(self._stop)
             for running in self._running:
-                running.exception()  # waits for the runner to end; its error, if any, was reported by the call
+                try:
+                    running.exception(timeout=self.drain_timeout_s)  # its error, if any, reached the call that saw it
+                except concurrent.futures.TimeoutError:
+                    log.warning("a model stage did not finish its work in time; stopping it", timeout_s=self.drain_timeout_s)
+                    running.cancel()
             self._portal.call(self._teardown)
-        finally:
-            self._exit.close()
+        except BaseException as error:
+            self._exit.__exit__(type(error), error, error.__traceback__)  # stops the loop, cancelling what runs on it
+            raise
+        self._exit.close()

@@ -657,3 +657,38 @@ def test_rebin_lists_computes_and_moves_exactly_the_files_a_raised_threshold_lea
     assert on_disk == sorted(row["output_path"] for row in after.values() if row["output_path"])
     status = json.loads(binner("status", "--config", str(raised), "--json").stdout)
     assert sum(status["bins"].values()) + sum(status["quarantined"].values()) == len(on_disk)
+
+
+@pytest.mark.timeout(60)
+def test_rebin_infer_stops_with_an_error_when_a_model_stage_dies(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage whose runner dies (not a failing item, which containment handles: the runner itself) must end the
+    call with an error and let `close` return; before, the items handed to it waited for ever, and so did rebin."""
+    from app import bench
+    from app.engine import StageRunner
+    from app.infer import MissingSignals
+
+    real_run = StageRunner.run
+
+    async def dies_on_vision(runner: StageRunner) -> None:
+        if runner.stage.name == "vision":
+            raise RuntimeError("the vision host went away")
+        await real_run(runner)
+
+    monkeypatch.setattr(StageRunner, "run", dies_on_vision)
+    config = load_config(None, {
+        "input": tmp_path / "in", "create_input": True, "output": tmp_path / "out", "state_dir": tmp_path / "state",
+        "drain_timeout_s": 5, "ocr": {"backend": "synthetic", "devices": ["cpu"], "synthetic_ms": [0, 0]},
+        "vision": {"backend": "synthetic", "devices": ["cpu"], "batch_size": 2, "synthetic_ms": [0, 0]}})
+    bench.make_images(tmp_path / "out" / "B", 40, size=24)  # more than the vision queue holds
+    rows = [Row(id=index, path=str(path), rel_path=path.name, size=1, mtime_ns=1, sha256=None, status="done",
+                attempts=1, bin="B", rule="incidental_text", reason=None, decision=None, output_path=str(path),
+                signals={"ocr": LITTLE_TEXT, "not_computed": {"detections": "incidental_text"}}, last_error=None,
+                timings=None, seen_at=0.0, updated_at=0.0, finished_at=None)
+            for index, path in enumerate(sorted((tmp_path / "out" / "B").glob("*.png")), 1)]
+    models = MissingSignals(config)
+    try:
+        with pytest.raises(RuntimeError, match="a model stage stopped: the vision host went away"):
+            models(rows)
+    finally:
+        models.close()
