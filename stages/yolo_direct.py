@@ -24,6 +24,10 @@ _COEF_SCALE = 1 << _COEF_BITS
 _TAP_CACHE_SIZE = 512  # (source, target) side lengths whose resize taps stay on the device
 _NMS_PAIRS_PER_CHUNK = 1 << 24  # pairwise IoU entries computed at once (a few float32 temporaries of this size)
 _NMS_ROUNDS = 4  # suppression rounds between two checks that the greedy answer is reached (deeper chains are rare)
+# Above this many candidates in one image the pairwise IoU matrix (candidates squared, several float32 temporaries)
+# grows past tens of MB: those batches go through torchvision's NMS an image at a time, as Ultralytics does (a low
+# ``vision.detector.confidence`` makes thousands of candidates; the default leaves a few dozen).
+_NMS_DENSE_MAX = 2048
 
 Taps = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # first, second source index; their weights
 
@@ -83,6 +87,17 @@ def _float32_at_most(value: float) -> float:
     if float(single) > value:
         single = np.nextafter(single, np.float32(-np.inf))
     return float(single)
+
+
+def _sparse_keep(boxes: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor, iou_thres: float) -> torch.Tensor:
+    """``_greedy_keep``'s answer through torchvision's NMS kernel, one image at a time (a sync per image, memory
+    linear in the candidates): what Ultralytics' own NMS runs, for images with too many candidates for the matrix."""
+    from torchvision.ops import nms
+
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    for image, count in enumerate(counts.tolist()):
+        keep[image, nms(boxes[image, :count], scores[image, :count], iou_thres)] = True
+    return keep
 
 
 def _greedy_keep(boxes: torch.Tensor, areas: torch.Tensor, valid: torch.Tensor, iou_limit: float) -> torch.Tensor:
@@ -164,13 +179,16 @@ def batched_non_max_suppression(
     label = classes.gather(1, order).float()
     shifted = corners + (label * (0 if agnostic else max_wh))[..., None]  # Ultralytics' boxes + c, in float32
     areas = (shifted[..., 2] - shifted[..., 0]) * (shifted[..., 3] - shifted[..., 1])
-    iou_limit = _float32_at_most(iou_thres)
-    per_chunk = max(1, _NMS_PAIRS_PER_CHUNK // (most * most))
-    keep = torch.cat([
-        _greedy_keep(shifted[start : start + per_chunk], areas[start : start + per_chunk],
-                     valid[start : start + per_chunk], iou_limit)
-        for start in range(0, batch, per_chunk)
-    ])
+    if most > _NMS_DENSE_MAX:
+        keep = _sparse_keep(shifted, confidence, counts, iou_thres)
+    else:
+        iou_limit = _float32_at_most(iou_thres)
+        per_chunk = max(1, _NMS_PAIRS_PER_CHUNK // (most * most))
+        keep = torch.cat([
+            _greedy_keep(shifted[start : start + per_chunk], areas[start : start + per_chunk],
+                         valid[start : start + per_chunk], iou_limit)
+            for start in range(0, batch, per_chunk)
+        ])
     rank = keep.cumsum(dim=1)
     keep &= rank <= max_det
     # Kept rows to the front of each image's row block (slot kept_max collects the others and is dropped): no sync.

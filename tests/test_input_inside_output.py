@@ -153,28 +153,29 @@ def test_a_bind_mount_is_seen_through(tmp_path: Path, mounted: str) -> None:
     assert (out / "B" / "a.png").read_bytes() == b"placed"
 
 
-def test_the_mount_table_gives_each_folder_one_place(tmp_path: Path) -> None:
-    """The same judgement from a mount table given as data, so it holds where bind mounts cannot be made: a mount
-    that shows OUT/B at MNT puts MNT inside OUT, and a folder not created yet is judged where it will be."""
+def test_the_mount_table_is_believed_only_where_the_file_system_confirms_it(tmp_path: Path) -> None:
+    """A mount table given as data (the real bind mounts are the test above): NFS names ``/`` as the folder every
+    export of a server shows, so two exports of one server mounted side by side (input and output on a NAS) share a
+    device and a "place"; they must not look nested. A table that says MNT shows OUT/B is believed only if OUT/B is
+    MNT's very folder (same device and inode); octal escapes in paths are read back."""
     from app.store.folders import is_within, read_mounts
 
-    out, mnt, elsewhere = tmp_path / "out", tmp_path / "mnt", tmp_path / "elsewhere"
-    for folder in (out / "B", mnt, elsewhere):
+    inbox, out, mnt = tmp_path / "nas-in", tmp_path / "nas-out", tmp_path / "mnt"
+    for folder in (inbox, out / "B", mnt):
         folder.mkdir(parents=True)
-    table = tmp_path / "mountinfo"
     spaced = tmp_path / "with space"
     spaced.mkdir()
-    escaped = str(spaced).replace(" ", "\\040")
+    table = tmp_path / "mountinfo"
     table.write_text(f"20 1 0:40 / / rw - ext4 /dev/x rw\n"
-                     f"30 20 0:40 {out}/B {mnt} rw - ext4 /dev/x rw\n"
-                     f"31 20 0:41 / {escaped} rw - tmpfs tmpfs rw\n")
+                     f"30 20 0:52 / {inbox} rw - nfs4 server:/vol/in rw\n"
+                     f"31 20 0:52 / {out} rw - nfs4 server:/vol/out rw\n"
+                     f"32 20 0:40 {out}/B {mnt} rw - ext4 /dev/x rw\n"
+                     f"33 20 0:41 / {str(spaced).replace(' ', chr(92) + '040')} rw - tmpfs tmpfs rw\n")
     mounts = read_mounts(table)
-    assert mounts[2] == ("0:41", "/", str(spaced)), "octal escapes in paths are read back"
-    assert is_within(mnt, out, mounts) and is_within(mnt / "sub", out, mounts)
-    assert not is_within(out, mnt, mounts) and not is_within(elsewhere, out, mounts)
-    assert not is_within(spaced, out, mounts) and not is_within(out, spaced, mounts), "another file system"
-    assert is_within(tmp_path / "state" / "new", tmp_path / "state", mounts)
-    assert not is_within(tmp_path / "out2", out, mounts), "a sibling whose name starts the same is outside"
+    assert mounts[4] == ("0:41", "/", str(spaced)), "octal escapes in paths are read back"
+    assert not is_within(inbox, out, mounts) and not is_within(out, inbox, mounts), "two NFS exports side by side"
+    assert not is_within(mnt, out, mounts), "the table says so, but MNT is not OUT/B's folder"
+    assert is_within(out / "B" / "new", out, mounts) and not is_within(tmp_path / "nas-out2", out, mounts)
 
 
 def test_a_state_directory_inside_the_input_is_refused_before_it_is_created(tmp_path: Path) -> None:

@@ -267,10 +267,15 @@ def _ultralytics_nms(prediction: torch.Tensor, iou: float = 0.5, **options: Any)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("options", [{}, {"agnostic": True}, {"max_det": 7}, {"max_det": 1000}, {"max_nms": 200}],
                          ids=["default", "agnostic", "max_det 7", "max_det 1000", "max_nms 200"])
-def test_batched_nms_gives_ultralytics_rows(dtype: torch.dtype, options: dict[str, Any]) -> None:
-    """The whole batch at once keeps exactly the rows, in the order, that Ultralytics' per-image NMS keeps."""
+@pytest.mark.parametrize("dense", [True, False], ids=["matrix", "per-image kernel"])
+def test_batched_nms_gives_ultralytics_rows(dtype: torch.dtype, options: dict[str, Any], dense: bool,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole batch at once keeps exactly the rows, in the order, that Ultralytics' per-image NMS keeps; so does
+    the per-image kernel that images with too many candidates for the pairwise matrix go through."""
     if dtype == torch.float16 and "max_nms" in options:
         pytest.skip("fp16 scores tie at the max_nms cut, where Ultralytics' unstable argsort picks arbitrarily")
+    if not dense:
+        monkeypatch.setattr("stages.yolo_direct._NMS_DENSE_MAX", 8)
     prediction = _prediction(4, 6, 600, seed=1, dtype=dtype)
     expected = _ultralytics_nms(prediction, **options)
     rows, counts = batched_non_max_suppression(prediction, 0.3, 0.5, **options)

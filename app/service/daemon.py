@@ -543,6 +543,7 @@ def serve(config: BinnerConfig, config_file: Path | None) -> int:
     try:
         code = int(run_async(daemon.main))
     except BaseException as error:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # ending: no SIGHUP may cut the last line short (see main)
         problem = _user_problem(error)
         if problem is None:
             raise

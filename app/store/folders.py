@@ -95,7 +95,11 @@ def is_within(inner: Path, outer: Path, mounts: list[tuple[str, str, str]] | Non
     """Whether folder ``inner`` is ``outer`` or lies below it, as the file system sees it: real paths (``..`` and
     symlinked parents resolved), device and inode numbers of ``inner``'s parents (``outer`` mounted a second time
     above ``inner``), and each path's place on its file system from the mount table (a folder inside ``outer``
-    bind-mounted elsewhere). A folder not created yet is judged where it will be created."""
+    bind-mounted elsewhere). A folder not created yet is judged where it will be created.
+
+    What the mount table suggests is believed only once the file system confirms it: the folder it names below
+    ``outer`` must be ``inner``'s folder itself (same device and inode). Some mounts do not say which folder they
+    show (NFS gives ``/`` for every export of a server), and two such mounts must not look nested."""
     inner_existing, inner_rest = _existing_part(inner)
     outer_existing, outer_rest = _existing_part(outer)
     if not outer_rest.parts:
@@ -104,8 +108,16 @@ def is_within(inner: Path, outer: Path, mounts: list[tuple[str, str, str]] | Non
             return True
     if _below(PurePosixPath(inner_existing, inner_rest), PurePosixPath(outer_existing, outer_rest)):
         return True
+    if outer_rest.parts:  # nothing can be mounted inside a folder that does not exist yet
+        return False
     mounts = read_mounts() if mounts is None else mounts
-    inner_place, outer_place = place_on_file_system(inner, mounts), place_on_file_system(outer, mounts)
+    inner_place, outer_place = place_on_file_system(inner_existing, mounts), place_on_file_system(outer_existing, mounts)
     if inner_place is None or outer_place is None or inner_place[0] != outer_place[0]:
         return False
-    return _below(inner_place[1], outer_place[1])
+    if not _below(inner_place[1], outer_place[1]):
+        return False
+    seen_from_outer = outer_existing / inner_place[1].relative_to(outer_place[1])
+    try:
+        return os.path.samestat(os.stat(seen_from_outer), os.stat(inner_existing))
+    except OSError:
+        return False
