@@ -328,8 +328,8 @@ class StreamingIntake:
         rows it made pending. Returns the counts, also in ``counts``. An error ends the scan and is kept in
         ``error`` (a thread has nobody to raise it to): ``raise_error()`` hands it on."""
         config, counts, ledger = self.runtime.config, self.counts, self.runtime.ledger
+        chunks = iter_scan(config.input)
         try:
-            chunks = iter_scan(config.input)
             while True:
                 while ledger.backlog()[0] > self.ahead and not self._stop.is_set():
                     self._stop.wait(SCAN_PAUSE_POLL_S)
@@ -349,6 +349,7 @@ class StreamingIntake:
             self.error = error
             log.debug("the scan of the input stopped on an error", input=str(config.input), exc_info=error)
         finally:
+            chunks.close()  # a scan stopped early closes the folders it still had open now, not at garbage collection
             self.done.set()
         return counts
 

@@ -204,8 +204,15 @@ def test_a_look_taken_before_a_row_finished_is_stale_and_records_nothing(tmp_pat
     ledger.record([Outcome(row.id, "done", sha256="ab", bin="A", output_path="/out/A/a.png", ctime_ns=6)])
     stale = ledger.intake([before])
     assert (stale.new, stale.requeued, stale.already_finished) == (0, 0, []), "the stale look recorded a new row"
+    # A look from before the finish that is not the placed file as it was (other content, another inode: replaced
+    # while its row was finishing) is a change all the same: a new generation, not ignored.
+    replaced = Discovered("/in/a.png", "a.png", 12, 2, 101, 5, seen_at=time.time() - 60)
+    assert ledger.intake([replaced]).requeued == 1 and ledger.counts()["status"] == {"done": 1, "pending": 1}
+    ledger.claim_pending(1)
+    ledger.recover_interrupted()
     after = Discovered("/in/a.png", "a.png", 10, 1, 100, 7, seen_at=time.time())  # changed since: a new generation
-    assert ledger.intake([after]).requeued == 1 and ledger.counts()["status"] == {"done": 1, "pending": 1}
+    assert ledger.intake([after]).requeued == 0, "the pending row takes the look (its identity is updated)"
+    assert ledger.counts()["status"] == {"done": 1, "pending": 1}
 
 
 def test_names_of_any_bytes_are_stored_faithfully(tmp_path: Path) -> None:

@@ -455,6 +455,48 @@ def test_a_file_that_kills_its_worker_ends_quarantined_alone(tmp_path: Path) -> 
     assert windows[:3] == [32, 32, 16] and windows.count(1) >= config.max_attempts, windows
 
 
+def test_a_ledger_that_cannot_record_stops_the_run_without_charging_any_file(tmp_path: Path) -> None:
+    """The driver's own failure (its state disk full) is not a lost window: before, the window ran again, then was
+    bisected as if a file killed its worker, and a file was charged for it. Now the run stops with one line that
+    names the ledger and says how to resume, and every row is back to pending, uncharged."""
+    pytest.importorskip("pyarrow", reason="pyarrow comes with the [ray] extra")
+    import sqlite3
+    from types import SimpleNamespace
+
+    from app.build import build_stages
+    from app.config import load_config
+    from app.ray_data import RayEngineError, RayRun
+    from app.store import Discovered, Ledger, Outcome
+
+    config = load_config(None, {"input": tmp_path / "in", "output": tmp_path / "out", "state_dir": tmp_path / "state",
+                                "ocr": {"backend": "synthetic", "devices": ["cpu"]},
+                                "vision": {"backend": "synthetic", "devices": ["cpu"]}})
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger.intake(Discovered(f"/in/{index}.png", f"{index}.png", 1, 1) for index in range(10))
+    windows: list[int] = []
+
+    class FullStateDisk(RayRun):
+        def _wait_for_resources(self, timeout_s: float = 0) -> None:
+            pass
+
+        def _run_window(self, blocks: list, left: set[int]) -> str | None:
+            records = [record for block in blocks for record in block.to_pylist()]
+            windows.append(len(records))
+            self.ledger.record = failing  # type: ignore[method-assign]
+            self._record([Outcome(record["key"], "done", bin="B", rule="weak") for record in records])
+            return None
+
+    def failing(outcomes: list) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    runtime = SimpleNamespace(config=config, ledger=ledger, placer=None)
+    with pytest.raises(RayEngineError, match="could not record .* disk is full.*run the same command again"):
+        FullStateDisk(runtime, build_stages(config), window_rows=32).run()
+    del ledger.record  # the ledger's own method again
+    assert windows == [10], "one window, not run again nor bisected"
+    assert [(row.status, row.attempts, row.last_error) for row in ledger.rows()] == [("pending", 0, None)] * 10
+
+
 def synthetic_config(tmp_path: Path, ocr: object = ("cpu",), vision: object = ("cpu",), **ray: float):  # noqa: ANN201
     from app.config import load_config
 

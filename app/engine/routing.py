@@ -14,7 +14,7 @@ from stages.base import ImageItem, Stage
 from stages.rules import RuleThresholds, unneeded
 
 
-def needs(stage: Stage, item: ImageItem, thresholds: RuleThresholds, later: frozenset[str] = frozenset()) -> bool:
+def needs(stage: Stage, item: ImageItem, thresholds: RuleThresholds, later: frozenset[str]) -> bool:
     """Whether ``stage`` must run on ``item`` under ``thresholds`` (``later``: the signals the stages after it write;
     none for the last model stage). A stage whose signals the item already carries has nothing to do. When the rules
     need none of its signals, records in ``item.not_computed`` which were not computed, and why."""

@@ -37,13 +37,15 @@ def assigned_gpus() -> list[int | str]:
 
 
 def run_contained(stage: Stage, items: list[ImageItem], cap: int | BatchCap, thresholds: RuleThresholds | None = None,
-                  call: Callable[[list[ImageItem]], list[ImageItem]] | None = None) -> int:
+                  call: Callable[[list[ImageItem]], list[ImageItem]] | None = None,
+                  later: frozenset[str] = frozenset()) -> int:
     """Run the items ``stage`` needs through ``call`` (default: the stage's ``process_batch``), failures contained;
-    returns the (possibly lowered) batch cap."""
+    returns the (possibly lowered) batch cap. ``later``: the signals the stages after this one write (as
+    ``engine.next_stage`` passes them), so that the same items skip the same stages as in the local engine."""
     rules = thresholds or RuleThresholds()
     for item in items:
         item.rules = rules
-    active = [item for item in items if needs(stage, item, rules)]
+    active = [item for item in items if needs(stage, item, rules, later)]
     holder = cap if isinstance(cap, BatchCap) else BatchCap(max(1, cap))
     if active:
         contain(call or stage.process_batch, active, stage=stage.name, device=stage.device or "cpu", cap=holder)
@@ -53,9 +55,11 @@ def run_contained(stage: Stage, items: list[ImageItem], cap: int | BatchCap, thr
 class RayStage:
     """One ``Stage`` replica per actor; ``__call__`` maps one Arrow block."""
 
-    def __init__(self, stage: Stage, thresholds: RuleThresholds, keep_image: bool) -> None:
+    def __init__(self, stage: Stage, thresholds: RuleThresholds, keep_image: bool,
+                 later: frozenset[str] = frozenset()) -> None:
         self.thresholds = thresholds
         self.keep_image = keep_image
+        self.later = later
         device = actor_device(stage.devices, assigned_gpus())
         self.replica = PhasedReplica(stage.replicate(), device)
         self.stage = self.replica.stage
@@ -70,7 +74,8 @@ class RayStage:
 
     def __call__(self, table: Any) -> Any:
         pairs = decode_items(table)
-        run_contained(self.stage, [item for item, _ in pairs], self.cap, self.thresholds, call=self.replica.run)
+        run_contained(self.stage, [item for item, _ in pairs], self.cap, self.thresholds, call=self.replica.run,
+                      later=self.later)
         for _item, carried in pairs:
             carried.nodes[self.stage.name] = self.node
         return encode_items(pairs, self.keep_image)

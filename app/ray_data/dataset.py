@@ -112,15 +112,17 @@ def _build_dataset(blocks: list[Any], stages: list[Stage], config: BinnerConfig)
     ds = ray.data.from_arrow(blocks)  # one block per batch of the first stage: the blocks spread over the nodes
     for index, stage in enumerate(stages):
         keep_image = index + 1 < len(stages)  # after the last stage no pixels travel
+        later = frozenset().union(*(after.produces for after in stages[index + 1:]))  # as engine.next_stage has it
         cap = stage.batch_policy.max_batch_size or probe_ceiling(stage)
         if stage.stateless:
             ds = ds.map_batches(run_stateless, batch_size=cap, batch_format="pyarrow", num_cpus=1,
                                 max_retries=TASK_RETRIES,
-                                fn_kwargs={"stage": stage, "thresholds": config.rules, "keep_image": keep_image})
+                                fn_kwargs={"stage": stage, "thresholds": config.rules, "keep_image": keep_image,
+                                           "later": later})
         else:
             ds = ds.map_batches(RayStage, batch_size=cap, batch_format="pyarrow",
                                 fn_constructor_kwargs={"stage": stage, "thresholds": config.rules,
-                                                       "keep_image": keep_image},
+                                                       "keep_image": keep_image, "later": later},
                                 max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, **stage_resources(stage))
     return ds.map_batches(finish_batch, batch_size=block_size(stages), batch_format="pyarrow", num_cpus=1,
                           max_retries=TASK_RETRIES,

@@ -30,6 +30,7 @@ import logging
 import os
 import queue
 import re
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -53,7 +54,7 @@ from app.ray_data.dataset import (
     needed_resources,
     pooled,
 )
-from app.store import Ledger, Outcome, Placer
+from app.store import Ledger, Outcome, Placer, shown
 from stages.base import Stage
 
 log = structlog.get_logger("binner.ray")
@@ -130,9 +131,12 @@ def no_auto_init() -> None:
     Ray by then), so its switch is set as well.
     """
     os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
-    from ray._private import auto_init_hook
-
-    auto_init_hook.enable_auto_connect = False
+    try:
+        from ray._private import auto_init_hook
+    except ImportError:  # another Ray than the pinned 2.60 moved it: the variable is the public switch
+        return
+    if hasattr(auto_init_hook, "enable_auto_connect"):
+        auto_init_hook.enable_auto_connect = False
 
 
 def connect(address: str | None, needed_cpus: int = 0) -> None:
@@ -330,6 +334,7 @@ class RayRun:
             if blocked:
                 self.ledger.recover_interrupted()
                 time.sleep(pause.blocked(blocked))
+                window = min(window, self.first_window)  # each try runs the models again: small ones while paused
                 continue
             pause.placed()
             if left:  # nothing failed, yet rows did not come back: release them (never seen in practice)
@@ -438,12 +443,23 @@ class RayRun:
             log.info("Ray window running", **fields)
 
     def _record(self, outcomes: list[Outcome]) -> None:
-        """Durable ledger rows first, then (move mode) the inputs they describe go away."""
+        """Durable ledger rows first, then (move mode) the inputs they describe go away.
+
+        A failure here is the driver's own (its state disk, its view of the input), not the window's: it stops the
+        run with one line, rather than being taken for a lost window and run again (and charged to its files)."""
         if not outcomes:
             return
-        self.ledger.record(outcomes)
-        remove_inputs(self.runtime.placer, self.move_mode,
-                      ((path, outcome) for outcome in outcomes if (path := self._claimed.get(outcome.id)) is not None))
+        try:
+            self.ledger.record(outcomes)
+            remove_inputs(self.runtime.placer, self.move_mode,
+                          ((path, outcome) for outcome in outcomes
+                           if (path := self._claimed.get(outcome.id)) is not None))
+        except (sqlite3.Error, OSError) as error:
+            raise RayEngineError(
+                f"the driver could not record what the cluster finished ({type(error).__name__}: {error}) in "
+                f"{shown(self.config.ledger_path)}; files already placed stay in place and are recorded by the next "
+                "run: fix the state directory's disk (free space, permissions), then run the same command again"
+            ) from error
         for outcome in outcomes:
             if outcome.status in FINISHED:
                 self._suspects.discard(outcome.id)

@@ -15,7 +15,8 @@ from stages.base import Stage
 from stages.rules import RuleThresholds
 
 
-def run_stateless(table: Any, stage: Stage, thresholds: RuleThresholds, keep_image: bool) -> Any:
+def run_stateless(table: Any, stage: Stage, thresholds: RuleThresholds, keep_image: bool,
+                  later: frozenset[str] = frozenset()) -> Any:
     """A stateless stage (``Stage.stateless``: no model to keep, the loader) as a plain CPU task: a fresh replica per
     block, set up, its batch through the shared containment, then dropped."""
     replica = stage.replicate()
@@ -23,7 +24,7 @@ def run_stateless(table: Any, stage: Stage, thresholds: RuleThresholds, keep_ima
     try:
         pairs = decode_items(table)
         cap = starting_batch_cap(replica, lambda ceiling: replica.probe_batch_size("cpu", ceiling))
-        run_contained(replica, [item for item, _ in pairs], cap, thresholds)
+        run_contained(replica, [item for item, _ in pairs], cap, thresholds, later=later)
     finally:
         replica.teardown()
     node = node_id()

@@ -17,7 +17,7 @@ import errno
 import os
 import stat as stat_module
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +91,7 @@ def observe(root: Path, root_real: Path, path: Path) -> Observation | None:
     return _observation(path, relative.as_posix(), real, st, seen_at)
 
 
-def iter_scan(root: Path, chunk: int = SCAN_CHUNK) -> Iterator[list[Observation]]:
+def iter_scan(root: Path, chunk: int = SCAN_CHUNK) -> Generator[list[Observation], None, None]:
     """Every candidate regular file under ``root``, in chunks of at most ``chunk`` (memory stays flat).
 
     Directories are listed with ``os.scandir`` and entered only when they are real directories; symlinks

@@ -317,6 +317,14 @@ def _loaded_signals(signals: dict[str, Any] | None) -> dict[str, Any] | None:
     return signals
 
 
+def _placed_since(stored: tuple[Any, ...], seen: tuple[Any, ...]) -> bool:
+    """Whether ``seen`` is the stored file as it was before binner placed it: the same size, mtime and inode, and a
+    ctime no later than the stored one (linking it for placement moved its ctime on). Any other look is a change."""
+    size, mtime_ns, inode, ctime_ns = stored
+    return ((size, mtime_ns) == seen[:2] and inode in (None, seen[2])
+            and (ctime_ns is None or seen[3] is None or seen[3] <= ctime_ns))
+
+
 def _same_file(stored: tuple[Any, ...], seen: tuple[Any, ...]) -> bool:
     """Size and mtime must match; inode and ctime too where both sides know them (older rows may not)."""
     return all(a == b for a, b in zip(stored, seen, strict=True) if a is not None and b is not None) and \
@@ -555,10 +563,10 @@ class Ledger:
                     self._insert(db, entry, now)
                     result.new += 1
                     continue
-                if (row["status"] not in ("pending", "processing") and entry.seen_at is not None
-                        and row["updated_at"] > entry.seen_at):
-                    continue  # finished after the stat (placing changes ctime, moving removes it): a stale look
                 stored = (row["size"], row["mtime_ns"], row["inode"], row["ctime_ns"])
+                if (row["status"] not in ("pending", "processing") and entry.seen_at is not None
+                        and row["updated_at"] > entry.seen_at and _placed_since(stored, entry.identity)):
+                    continue  # the file before its placement, finished after the stat: a stale look
                 same = _same_file(stored, entry.identity)
                 if row["status"] in ("pending", "processing"):
                     if stored != entry.identity:
