@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -397,53 +399,64 @@ def test_model_paths_relative_to_the_driver_reach_the_workers_as_absolute_paths(
     assert config.vision.detector.weights == "weights/det.pt", "the driver's own configuration is left as it is"
 
 
-def test_a_file_that_kills_its_worker_ends_quarantined_alone(tmp_path: Path) -> None:
-    """The driver's window logic without a cluster: a window holding a file that crashes its Ray worker fails as a
-    whole; it is run again, then split until that file fails alone. Only that file is charged attempts and ends
-    quarantined, which the driver logs; every other file is done on its first attempt."""
+def run_without_a_cluster(tmp_path: Path, files: int, window: Callable[[list[dict]], list]) -> tuple[Any, Any, list]:
+    """The driver's window logic (``RayRun``) over ``files`` pending rows with no cluster: ``window(records)`` stands
+    for the cluster, giving each window's outcomes (or raising as a failed window). Returns the run's stats (or the
+    error it raised), the ledger and the size of every window."""
     pytest.importorskip("pyarrow", reason="pyarrow comes with the [ray] extra")
-    import json as json_module
     from types import SimpleNamespace
 
     from app.build import build_stages
-    from app.config import load_config
     from app.ray_data import RayRun
-    from app.store import Discovered, Ledger, Outcome
 
-    config = load_config(None, {"input": tmp_path / "in", "output": tmp_path / "out", "state_dir": tmp_path / "state",
-                                "ocr": {"backend": "synthetic", "devices": ["cpu"]},
-                                "vision": {"backend": "synthetic", "devices": ["cpu"]}})
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
-    ledger.intake(Discovered(f"/in/{index}.png", f"{index}.png", 1, 1) for index in range(40))
-    poison = 23
-    windows: list[int] = []
+    config, ledger = synthetic_config(tmp_path), pending_ledger(tmp_path, files)
+    sizes: list[int] = []
 
-    class FakeClusterRun(RayRun):
+    class Clusterless(RayRun):
         def _wait_for_resources(self, timeout_s: float = 0) -> None:
             pass
 
         def _run_window(self, blocks: list, left: set[int]) -> str | None:
             records = [record for block in blocks for record in block.to_pylist()]
-            windows.append(len(records))
-            outcomes = []
-            for record in records:
-                if record["failure"]:  # past its attempts: the finish task quarantines it without running it
-                    failure = json_module.loads(record["failure"])
-                    outcomes.append(Outcome(record["key"], "quarantined", reason=failure["reason"],
-                                            last_error=failure["message"]))
-                elif record["key"] == poison:
-                    raise RuntimeError("ray.exceptions.ActorDiedError: the worker process died unexpectedly")
-                else:
-                    outcomes.append(Outcome(record["key"], "done", bin="B", rule="weak"))
+            sizes.append(len(records))
+            outcomes = window(records)
             self._record(outcomes)
             left.difference_update(outcome.id for outcome in outcomes)
             return None
 
     runtime = SimpleNamespace(config=config, ledger=ledger, placer=None)
+    try:
+        result: Any = Clusterless(runtime, build_stages(config), window_rows=32).run()
+    except Exception as error:  # noqa: BLE001 - the caller asserts on it
+        result = error
+    return result, ledger, sizes
+
+
+def test_a_file_that_kills_its_worker_ends_quarantined_alone(tmp_path: Path) -> None:
+    """The driver's window logic without a cluster: a window holding a file that crashes its Ray worker fails as a
+    whole; it is run again, then split until that file fails alone. Only that file is charged attempts and ends
+    quarantined, which the driver logs; every other file is done on its first attempt."""
     from structlog.testing import capture_logs
 
+    from app.store import Outcome
+
+    poison = 23
+
+    def window(records: list[dict]) -> list:
+        outcomes = []
+        for record in records:
+            if record["failure"]:  # past its attempts: the finish task quarantines it without running it
+                failure = json.loads(record["failure"])
+                outcomes.append(Outcome(record["key"], "quarantined", reason=failure["reason"],
+                                        last_error=failure["message"]))
+            elif record["key"] == poison:
+                raise RuntimeError("ray.exceptions.ActorDiedError: the worker process died unexpectedly")
+            else:
+                outcomes.append(Outcome(record["key"], "done", bin="B", rule="weak"))
+        return outcomes
+
     with capture_logs() as events:
-        stats = FakeClusterRun(runtime, build_stages(config), window_rows=32).run()
+        stats, ledger, windows = run_without_a_cluster(tmp_path, 40, window)
     rows = {row.id: row for row in ledger.rows()}
     assert rows[poison].status == "quarantined" and rows[poison].reason == "retries_exhausted"
     # the driver says so in its own log (a finish task's log line stays on its worker's node)
@@ -452,49 +465,41 @@ def test_a_file_that_kills_its_worker_ends_quarantined_alone(tmp_path: Path) -> 
     assert "ActorDiedError" in (rows[poison].last_error or "")
     assert all(row.status == "done" and row.attempts == 1 for key, row in rows.items() if key != poison)
     assert stats.finished == 40 and stats.quarantined == {"retries_exhausted": 1}
-    assert windows[:3] == [32, 32, 16] and windows.count(1) >= config.max_attempts, windows
+    assert windows[:3] == [32, 32, 16] and windows.count(1) >= 3, windows  # max_attempts: 3
 
 
 def test_a_ledger_that_cannot_record_stops_the_run_without_charging_any_file(tmp_path: Path) -> None:
     """The driver's own failure (its state disk full) is not a lost window: before, the window ran again, then was
     bisected as if a file killed its worker, and a file was charged for it. Now the run stops with one line that
     names the ledger and says how to resume, and every row is back to pending, uncharged."""
-    pytest.importorskip("pyarrow", reason="pyarrow comes with the [ray] extra")
-    import sqlite3
-    from types import SimpleNamespace
+    from app.ray_data import RayEngineError
+    from app.store import Ledger, Outcome
 
-    from app.build import build_stages
-    from app.config import load_config
-    from app.ray_data import RayEngineError, RayRun
-    from app.store import Discovered, Ledger, Outcome
-
-    config = load_config(None, {"input": tmp_path / "in", "output": tmp_path / "out", "state_dir": tmp_path / "state",
-                                "ocr": {"backend": "synthetic", "devices": ["cpu"]},
-                                "vision": {"backend": "synthetic", "devices": ["cpu"]}})
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
-    ledger.intake(Discovered(f"/in/{index}.png", f"{index}.png", 1, 1) for index in range(10))
-    windows: list[int] = []
-
-    class FullStateDisk(RayRun):
-        def _wait_for_resources(self, timeout_s: float = 0) -> None:
-            pass
-
-        def _run_window(self, blocks: list, left: set[int]) -> str | None:
-            records = [record for block in blocks for record in block.to_pylist()]
-            windows.append(len(records))
-            self.ledger.record = failing  # type: ignore[method-assign]
-            self._record([Outcome(record["key"], "done", bin="B", rule="weak") for record in records])
-            return None
-
-    def failing(outcomes: list) -> None:
+    def full(_ledger: Ledger, outcomes: list) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
-    runtime = SimpleNamespace(config=config, ledger=ledger, placer=None)
-    with pytest.raises(RayEngineError, match="could not record .* disk is full.*run the same command again"):
-        FullStateDisk(runtime, build_stages(config), window_rows=32).run()
-    del ledger.record  # the ledger's own method again
+    def window(records: list[dict]) -> list:
+        Ledger.record = full  # type: ignore[method-assign]  # the state disk fills while the window runs
+        return [Outcome(record["key"], "done", bin="B", rule="weak") for record in records]
+
+    real_record = Ledger.record
+    try:
+        error, ledger, windows = run_without_a_cluster(tmp_path, 10, window)
+    finally:
+        Ledger.record = real_record  # type: ignore[method-assign]
+    assert isinstance(error, RayEngineError), error
+    assert re.search("could not record .* disk is full.*run the same command again", str(error)), error
     assert windows == [10], "one window, not run again nor bisected"
     assert [(row.status, row.attempts, row.last_error) for row in ledger.rows()] == [("pending", 0, None)] * 10
+
+
+def pending_ledger(tmp_path: Path, files: int):  # noqa: ANN201
+    """A ledger with ``files`` pending rows (``/in/0.png`` ...), for the driver's window logic without a cluster."""
+    from app.store import Discovered, Ledger
+
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger.intake(Discovered(f"/in/{index}.png", f"{index}.png", 1, 1) for index in range(files))
+    return ledger
 
 
 def synthetic_config(tmp_path: Path, ocr: object = ("cpu",), vision: object = ("cpu",), **ray: float):  # noqa: ANN201
