@@ -90,6 +90,11 @@ class WorkerStuck(WorkerCrashed):
     """The call ran past its time limit (``stall_timeout_s``): its process was killed and replaced."""
 
 
+#: Batches in flight per replica of a stage with host phases: one being prepared, one on the device, one finished.
+#: The engine's hosts drive a replica so (``app.hosts.PhasedReplica``); a stage sizes its memory probe by it.
+OVERLAP_DEPTH = 3
+
+
 class Stage(ABC):
     """One step of the pipeline; one instance (one model copy) per device, owned by one thread."""
 

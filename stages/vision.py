@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from stages.base import BatchPolicy, ImageItem, OutOfDeviceMemory, Stage, is_out_of_memory, run_phases
+from stages.base import OVERLAP_DEPTH, BatchPolicy, ImageItem, OutOfDeviceMemory, Stage, is_out_of_memory, run_phases
 from stages.devices import parse_device
 from stages.devices import torch_device as torch_device_of
 from stages.rules import signals_of, unneeded
@@ -162,9 +162,9 @@ class VisionStage(Stage):
     name = "vision"
     # BLIP's decoding is launch-bound: a step costs about the same at 32 images as at 256, so the probe starts high.
     max_auto_batch = 512
-    # Batches whose frames a replica holds on the device at once: the engine's overlap depth (app.hosts.OVERLAP_DEPTH;
-    # one on the device, the others uploaded and waiting for it or still being finished). The memory probe holds as many.
-    batches_in_flight = 3
+    # Batches whose frames a replica holds on the device at once: the overlap depth the engine drives it with (one on
+    # the device, the others uploaded and waiting for it or still being finished). The memory probe holds as many.
+    batches_in_flight = OVERLAP_DEPTH
 
     def __init__(
         self,

@@ -6,10 +6,10 @@ from app.engine.admission import admit, final_failure
 from app.engine.containment import AUTO_BATCH_CEILING, BatchCap, CallObserver, contain, probe_ceiling, starting_batch_cap
 from app.engine.finishing import DISK_ERRNOS, Finisher, PlacementBlocked, PlacementPause, remove_inputs
 from app.engine.pipeline import MetricsObserver, Pipeline
-from app.engine.routing import needs, next_stage
+from app.engine.routing import later_signals, needs, next_stage
 from app.engine.runner import Hosting, StageRunner, StageSetupError, set_up_runners
 
 __all__ = ["AUTO_BATCH_CEILING", "DISK_ERRNOS", "FINISHED", "BatchCap", "CallObserver", "Finisher", "Hosting",
            "MetricsObserver", "Pipeline", "PlacementBlocked", "PlacementPause", "RunStats", "StageRunner",
-           "StageSetupError", "admit", "contain", "final_failure", "needs", "next_stage", "probe_ceiling",
+           "StageSetupError", "admit", "contain", "final_failure", "later_signals", "needs", "next_stage", "probe_ceiling",
            "remove_inputs", "say", "set_up_runners", "starting_batch_cap"]

@@ -30,10 +30,14 @@ def needs(stage: Stage, item: ImageItem, thresholds: RuleThresholds, later: froz
     return False
 
 
+def later_signals(stages: Sequence[Stage], index: int) -> frozenset[str]:
+    """What the stages after ``stages[index]`` write: the signals that may still come once it has run."""
+    return frozenset().union(*(stage.produces for stage in stages[index + 1:]))
+
+
 def next_stage(stages: Sequence[Stage], after: int, item: ImageItem, thresholds: RuleThresholds) -> int | None:
     """The index of the next stage after ``after`` that ``item`` needs under ``thresholds``, or None: it is decided."""
     for index in range(after + 1, len(stages)):
-        later = frozenset().union(*(stage.produces for stage in stages[index + 1:]))
-        if needs(stages[index], item, thresholds, later):
+        if needs(stages[index], item, thresholds, later_signals(stages, index)):
             return index
     return None

@@ -14,12 +14,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
-from stages.base import ImageItem, Stage
+from stages.base import OVERLAP_DEPTH, ImageItem, Stage
 
 R = TypeVar("R")
-
-#: Batches in flight per replica when a stage has host phases: one being prepared, one on the device, one finished.
-OVERLAP_DEPTH = 3
 
 
 class PhaseObserver(Protocol):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app.config import BinnerConfig, ConfigError
-from app.engine import probe_ceiling
+from app.engine import later_signals, probe_ceiling
 from app.hosts import concurrency_of
 from app.ray_data.actor import RayStage
 from app.ray_data.tasks import finish_batch, run_stateless
@@ -112,7 +112,7 @@ def _build_dataset(blocks: list[Any], stages: list[Stage], config: BinnerConfig)
     ds = ray.data.from_arrow(blocks)  # one block per batch of the first stage: the blocks spread over the nodes
     for index, stage in enumerate(stages):
         keep_image = index + 1 < len(stages)  # after the last stage no pixels travel
-        later = frozenset().union(*(after.produces for after in stages[index + 1:]))  # as engine.next_stage has it
+        later = later_signals(stages, index)
         cap = stage.batch_policy.max_batch_size or probe_ceiling(stage)
         if stage.stateless:
             ds = ds.map_batches(run_stateless, batch_size=cap, batch_format="pyarrow", num_cpus=1,

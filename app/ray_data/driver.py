@@ -356,7 +356,7 @@ class RayRun:
 
         The results are taken on a thread of their own, so that this one keeps time whether results come or not:
         ``on_heartbeat`` every second, a heartbeat in the log (rows done, rows in flight, seconds since the last
-        result) every ``ray.heartbeat_s``, and the cluster's resources every few seconds. A cluster that has shrunk
+        result) every ``ray.heartbeat_s``, and the cluster's resources every ``cluster_check_s``. A cluster that has shrunk
         below what the pools need stops the window (``ClusterShrank``). Returns the output's refusal, if any.
         """
         results: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=4)
