@@ -16,7 +16,7 @@ from rich.console import Console
 
 from app.build import Runtime, StreamingIntake, build_runtime, build_stages, preflight_weights
 from app.config import BinnerConfig
-from app.engine import FINISHED, RunStats
+from app.engine import FINISHED, RunStats, first_error
 from app.logs import lines_above
 from app.progress import BinningProgress
 from app.service import drain_message, run_async, stop_on_signals
@@ -186,8 +186,7 @@ async def _run_local(runtime: Runtime, total: int | None, show_progress: bool, c
 
 def _stopped_message(runtime: Runtime, error: BaseException) -> str:
     """What stopped the run, in one line: the first error inside the task groups, where it happened, what to do."""
-    while isinstance(error, BaseExceptionGroup) and error.exceptions:
-        error = error.exceptions[0]
+    error = first_error(error)
     log.debug("the run stopped on an error", exc_info=error)
     where = f" (the ledger {runtime.config.ledger_path})" if isinstance(error, sqlite3.Error) else ""
     return (f"the run stopped on an error{where}: {type(error).__name__}: {error}; files not finished stay in the "

@@ -212,15 +212,20 @@ class StageSetupError(Exception):
     """A stage could not load its models (missing weights, unknown device, bad configuration)."""
 
 
+def first_error(error: BaseException) -> BaseException:
+    """The error a task group's exception group was raised for: its first, however deeply the groups nest."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
+
+
 async def set_up_runners(runners: list[StageRunner]) -> None:
     """Load and warm every runner's model copies, stage after stage; a failure names the stage and what went wrong."""
     for runner in runners:
         try:
             await runner.setup()
         except BaseExceptionGroup as group:
-            first = group.exceptions[0]
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
+            first = first_error(group)
             raise StageSetupError(f"stage {runner.stage.name} could not start: {first}") from first
         except Exception as error:
             raise StageSetupError(f"stage {runner.stage.name} could not start: {error}") from error
