@@ -659,10 +659,10 @@ def test_a_window_whose_results_keep_coming_still_beats_and_checks_the_cluster(t
     recorded: list[int] = []
     run._record = lambda outcomes: recorded.extend(outcome.id for outcome in outcomes)
     run.cluster_check_s = 0.3
-    left = set(range(1, 13))
-    with capture_logs() as logs:
-        assert run._follow(result_tables(12, 0.15, 1.2, []), left) is None
-    assert recorded == list(range(1, 13)) and not left
+    left = set(range(1, 37))
+    with capture_logs() as logs:  # results 0.05 s apart: a pause of 0.25 s still is not a stall of 0.3 s
+        assert run._follow(result_tables(36, 0.05, 1.2, []), left) is None
+    assert recorded == list(range(1, 37)) and not left
     said = [entry["event"] for entry in logs if entry["event"].startswith("Ray window")]
     first_running = said.index("Ray window running")
     assert first_running >= 2 and set(said[:first_running]) == {"Ray window starting the pools: no result yet"}, said

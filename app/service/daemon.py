@@ -345,9 +345,11 @@ class Daemon:
             self.pipeline.wake()
 
     def _watch_degraded(self, why: str) -> None:
-        if self.watch_problem is None and self.runtime is not None:
-            self.runtime.metrics.watch_degraded.set(1)
+        """The reason first, then the gauge: whoever sees the gauge at 1 finds /healthz already degraded."""
+        was_ok = self.watch_problem is None
         self.watch_problem = why
+        if was_ok and self.runtime is not None:
+            self.runtime.metrics.watch_degraded.set(1)
 
     def _watch_ok(self) -> None:
         if self.watch_problem is not None:
