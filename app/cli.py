@@ -340,23 +340,28 @@ def explain(file: str = typer.Argument(..., help="input path, output path, relat
     """Why a file went where it went: bin, rule, the values it compared, and the signals."""
     _, ledger = open_ledger(config, state)
     from app.store import missing_signals
+    from stages.rules import criteria_of
 
     rows = ledger.find(str(Path(file).absolute())) or ledger.find(file)
     if not rows:
         fail(f"{file}: not in the ledger; `binner status` shows what is there")
     for row in rows:
+        decision = row.decision
+        if decision and "criteria" not in decision and row.rule and row.signals is not None:
+            # the ledger keeps the signals, not the criteria compared: measured again from them
+            decision = {**decision, "criteria": criteria_of(row.signals, row.rule)}
         record = {
             "input": row.path, "status": row.status, "bin": row.bin, "rule": row.rule,
             "quarantine_reason": row.reason, "output": row.output_path, "attempts": row.attempts,
-            "decision": row.decision, "last_error": row.last_error, "timings": row.timings,
+            "decision": decision, "last_error": row.last_error, "timings": row.timings,
             "signals": _signal_summary(row.signals or {}),
         }
         if as_json:
             record["signals"] = row.signals
             emit_json(record)
             continue
-        lines = [f"  bin {row.bin} by rule '{row.rule}': {row.decision.get('reason')}"] if row.decision else []
-        lines += [f"    {key}: {readable(value)}" for key, value in ((row.decision or {}).get("criteria") or {}).items()]
+        lines = [f"  bin {row.bin} by rule '{row.rule}': {decision.get('reason')}"] if decision else []
+        lines += [f"    {key}: {readable(value)}" for key, value in ((decision or {}).get("criteria") or {}).items()]
         if row.reason:
             what = "left in the input, the output refused it" if row.status == "refused" else "quarantined"
             lines.append(f"  {what}: {row.reason}: {row.last_error}")

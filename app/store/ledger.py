@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stages.paths import shown
-from stages.rules import criteria_of
 
 Status = Literal["pending", "processing", "done", "quarantined", "vanished", "refused"]
 FINISHED: tuple[str, ...] = ("done", "quarantined", "vanished", "refused")
@@ -188,9 +187,7 @@ class Row:
             data[key] = json.loads(data[key]) if data[key] else None
         data["signals"] = _loaded_signals(data["signals"])
         if data["decision"] is not None:  # bin and rule are columns; older rows may also hold criteria
-            decision = data["decision"] = {"bin": data.get("bin"), "rule": data.get("rule"), **data["decision"]}
-            if "criteria" not in decision and decision["rule"] and data["signals"] is not None:
-                decision["criteria"] = criteria_of(data["signals"], decision["rule"])
+            data["decision"] = {"bin": data.get("bin"), "rule": data.get("rule"), **data["decision"]}
         for key in ("path", "rel_path", "output_path"):
             data[key] = py_path(data[key])
         return cls(**data)
@@ -287,8 +284,8 @@ def _name_of(rel_path: str | bytes) -> str | bytes:
 
 
 # What a row stores, without what it would store twice: the decision's bin and rule are columns, its criteria are
-# the signals' own values (``Row.from_sql`` measures them again with ``criteria_of``); the OCR text is its lines'
-# texts joined; timings keep 0.1 ms. ``Row.from_sql`` gives the same shapes back.
+# the signals' own values (``explain``, their one reader, measures them again with ``rules.criteria_of``); the OCR
+# text is its lines' texts joined; timings keep 0.1 ms. ``Row.from_sql`` gives the same shapes back, criteria aside.
 def _stored_decision(decision: dict[str, Any] | None) -> dict[str, Any] | None:
     if not decision:
         return decision

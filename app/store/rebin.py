@@ -68,12 +68,12 @@ def computable_missing(signals: dict[str, Any], produced: frozenset[str]) -> dic
     return {signal: why for signal, why in missing_signals(signals).items() if signal in produced}
 
 
-def decision_from_stored(signals: dict[str, Any], rules: RuleThresholds, produced: frozenset[str]) -> Decision | None:
-    """The bin under ``rules`` from stored signals, or None when a signal that was not computed, and that an enabled
-    model (``produced``) could compute now, could change it. A signal whose model is disabled now can never come: the
-    rules pass the criteria that read it, as the engine does."""
-    return settled(signals, rules.model_copy(update={"signals": "needed"}),
-                   frozenset(computable_missing(signals, produced)))
+def decision_from_stored(signals: dict[str, Any], needed: RuleThresholds, produced: frozenset[str]) -> Decision | None:
+    """The bin under ``needed`` (the rules with ``signals: needed``: a stored decision is settled, whatever its rules
+    were) from stored signals, or None when a signal that was not computed, and that an enabled model (``produced``)
+    could compute now, could change it. A signal whose model is disabled now can never come: the rules pass the
+    criteria that read it, as the engine does."""
+    return settled(signals, needed, frozenset(computable_missing(signals, produced)))
 
 
 def rebin_all(config: BinnerConfig, ledger: Ledger, dry_run: bool = False, infer: Inference | None = None,
@@ -88,6 +88,7 @@ def rebin_all(config: BinnerConfig, ledger: Ledger, dry_run: bool = False, infer
     if not dry_run:
         report.owed_removals = finish_owed_removals(ledger, placer)
     rules, produced = config.rules, config.produced_signals
+    needed = rules.model_copy(update={"signals": "needed"})  # once, not per row
     batch = _Moves(ledger, placer, report, on_move, dry_run)
     waiting: list[Row] = []
     for row in ledger.rows("done"):
@@ -95,7 +96,7 @@ def rebin_all(config: BinnerConfig, ledger: Ledger, dry_run: bool = False, infer
         if not signals:
             report.unchanged += 1
             continue
-        decision = decision_from_stored(signals, rules, produced)
+        decision = decision_from_stored(signals, needed, produced)
         if decision is None:  # a signal it did not compute could change the bin under these thresholds
             if infer is not None and not dry_run:
                 waiting.append(row)
