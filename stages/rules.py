@@ -200,8 +200,8 @@ SKIP_WORDS = {"text_dominant": "the text decided C", "incidental_text": "inciden
 
 def unneeded(produces: frozenset[str], signals: dict[str, Any], t: RuleThresholds, coming: frozenset[str]) -> str | None:
     """Why signals ``produces`` are not needed for this image's decision (``"confident_detection"``), or None when
-    one of them still is. ``coming``: every signal an enabled model may still write for it, ``produces`` included.
-    Nothing written (the loader) is always needed."""
+    one of them still is. ``coming``: the signals the enabled models of the stages after it may still write
+    (``produces`` is added here). Nothing written (the loader) is always needed."""
     if not produces:
         return None
     decision = settled(signals, t, coming | produces)

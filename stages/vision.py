@@ -352,19 +352,29 @@ class VisionStage(Stage):
         return detections
 
     def _caption(self, frames: list[Any], min_new_tokens: int | None = None) -> list[str]:
+        output = self._generate(self._blip_inputs(frames), min_new_tokens)
+        return [text.strip() for text in self.blip_processor.batch_decode(output, skip_special_tokens=True)]
+
+    def _blip_inputs(self, frames: list[Any]) -> dict[str, Any]:
+        """BLIP's ``generate`` inputs for ``frames`` on the device: pixel values, and the prompt's tokens if any."""
         options = self.captioner_options
-        assert options is not None and self.blip is not None
+        assert options is not None
         inputs: dict[str, Any] = {"pixel_values": self._blip_pixels(frames, self.torch_device, self.dtype)}
         if options.prompt:
             text = self.blip_processor.tokenizer([options.prompt] * len(frames), return_tensors="pt")
             inputs.update({key: text[key].to(self.torch_device) for key in ("input_ids", "attention_mask") if key in text})
+        return inputs
+
+    def _generate(self, inputs: dict[str, Any], min_new_tokens: int | None = None) -> Any:
+        """BLIP's ``generate`` with the stage's options and KV cache (``blip_cache``): the tokens, prompt included."""
+        options = self.captioner_options
+        assert options is not None and self.blip is not None
         extra: dict[str, Any] = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
         if self.blip_cache == "static":
             # BLIP's generate drops the prompt's last token ([SEP]); without a prompt the decoder starts from [DEC]
             start = int(inputs["input_ids"].shape[1]) - 1 if "input_ids" in inputs else 1
             extra["past_key_values"] = self._static_cache(start + options.max_new_tokens)
-        output = self.blip.generate(**inputs, max_new_tokens=options.max_new_tokens, **extra)
-        return [text.strip() for text in self.blip_processor.batch_decode(output, skip_special_tokens=True)]
+        return self.blip.generate(**inputs, max_new_tokens=options.max_new_tokens, **extra)
 
     def _static_cache(self, length: int) -> Any:
         """A KV cache for one ``generate``: preallocated for ``length`` tokens in the decoder's self-attention, dynamic
@@ -438,7 +448,7 @@ class VisionStage(Stage):
             return True
         produced = self.produces - {"detections"}
         merged = {**item.signals, **found}
-        reason = unneeded(produced, merged, item.rules, produced)
+        reason = unneeded(produced, merged, item.rules, frozenset())  # the last model stage: nothing comes after it
         if reason is None:
             return True
         for signal in sorted(produced - merged.keys()):
@@ -555,8 +565,8 @@ class VisionStage(Stage):
                         "or vision.precision, or give vision a GPU of its own")
                 size //= 2
         finally:
-            # The probe pinned up to three batches of the largest frames; the host allocator would keep them page-locked
-            # for the process's life. Free blocks only (CUDA builds have it; the CPU build has no pinned cache).
+            # The probe pinned up to ``batches_in_flight`` batches of the largest frames; the host allocator would keep
+            # them page-locked for the process's life. Free blocks only (CUDA builds have it; the CPU build has no pinned cache).
             release_pinned = getattr(torch._C, "_host_emptyCache", None)
             if release_pinned is not None:
                 release_pinned()

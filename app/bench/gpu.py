@@ -599,16 +599,6 @@ def _view(stage: Any, keep: set[str]) -> Any:
     return view
 
 
-def _blip_inputs(stage: Any, frames: list[Any]) -> dict[str, Any]:
-    """BLIP's ``generate`` inputs for ``frames`` on the device, as ``VisionStage._caption`` builds them."""
-    inputs: dict[str, Any] = {"pixel_values": stage._blip_pixels(frames, stage.torch_device, stage.dtype)}
-    prompt = stage.captioner_options.prompt
-    if prompt:
-        text = stage.blip_processor.tokenizer([prompt] * len(frames), return_tensors="pt")
-        inputs.update({key: text[key].to(stage.torch_device) for key in ("input_ids", "attention_mask") if key in text})
-    return inputs
-
-
 def _uploaded(stage: Any, images: list[Any], device: str) -> list[Any]:
     """The images as the stage's uint8 frames on the device, the upload finished."""
     frames, _ready = stage._upload(images)
@@ -622,14 +612,12 @@ def _blip_network(stage: Any, frames: list[Any], calls: int, device: str, sample
     (``blip_cache``); with the decoding steps. ``outputs`` receives the warm-up call's tokens."""
     import torch
 
-    inputs = _blip_inputs(stage, frames)
+    inputs = stage._blip_inputs(frames)
     _sync(device)
     tokens = stage.captioner_options.max_new_tokens
-    start = int(inputs["input_ids"].shape[1]) - 1 if "input_ids" in inputs else 1  # as VisionStage._caption sizes it
 
     def generate() -> Any:
-        cache = {"past_key_values": stage._static_cache(start + tokens)} if stage.blip_cache == "static" else {}
-        return stage.blip.generate(**inputs, max_new_tokens=tokens, **cache)
+        return stage._generate(inputs)
 
     with torch.inference_mode():
         output = generate()
